@@ -1,0 +1,954 @@
+/*
+ * kvmc-agent: the guest side of "kvmc-agent protocol 1" (see docs/agent-protocol.md).
+ *
+ * It runs as PID 1 of the microVM (exec'd by the initramfs /init), talks to the host over
+ * a named virtio-serial port, starts container processes chroot'ed into the container
+ * rootfs, relays their stdio, reaps every zombie, and powers the VM off when the main
+ * process (id 1) is over. For tests it can instead connect to a unix socket (--port).
+ *
+ * Single-threaded, one poll() loop. Built static against libc only; that is why the
+ * passwd/group lookup is a hand parser (getpwnam in a static binary wants NSS modules).
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/random.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_PAYLOAD (1u << 20)
+#define OUT_CHUNK (32 * 1024)
+#define MAX_PROCS 16
+#define DRAIN_MS 200         /* wait for pipes held open by grandchildren after a death */
+#define ACK_MS 5000          /* wait for EXIT_ACK of the main process before ending */
+#define HUP_BACKOFF_MS 20    /* device mode: pause on the port while no host is attached */
+#define STDIN_HIGH (4u << 20) /* stop reading the port while this much stdin is queued */
+#define MAX_GROUPS 64
+
+enum { T_RUN = 0x01, T_STDIN, T_SIGNAL, T_SHUTDOWN, T_EXIT_ACK,
+       T_READY = 0x10, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_ERROR };
+
+struct proc {
+	int used;
+	uint16_t id;
+	pid_t pid;
+	int exec_fd, out_fd, err_fd, in_fd; /* -1 once closed */
+	char *in_buf;                       /* stdin bytes not yet accepted by the pipe */
+	size_t in_len;
+	int in_eof;                         /* close the pipe once in_buf is empty */
+	int exited, status;
+	int64_t died_ms, fork_ms;
+};
+
+/* What a child reports through its CLOEXEC pipe when it could not exec. */
+struct exec_report {
+	int code;
+	char msg[500];
+};
+
+static struct proc procs[MAX_PROCS];
+static const char *root = "/";
+static int port_fd = -1, socket_mode, no_poweroff, is_pid1;
+static int sig_pipe[2] = { -1, -1 };
+static int64_t port_pause_until;             /* device mode HUP backoff */
+static int main_started, main_exit_sent, main_acked;
+static int64_t end_deadline = -1, shutdown_deadline = -1;
+static int shutdown_requested, shutdown_killed;
+static size_t stdin_queued;
+static pid_t pgids[64]; /* every process group we started: orphans outlive their slot */
+static unsigned npgids;
+static unsigned char rbuf[8 + MAX_PAYLOAD];
+static size_t rlen;
+
+static void logmsg(const char *fmt, ...)
+{
+	va_list ap;
+	fputs("kvmc-agent: ", stderr);
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+}
+
+/* CLOCK_BOOTTIME: counts from kernel start, including suspend; clock_settime can't move it. */
+static int64_t uptime_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_BOOTTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void put_be32(unsigned char *p, uint32_t v)
+{
+	p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static uint32_t get_be32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void set_nonblock(int fd)
+{
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+static _Noreturn void finish(void);
+
+/* Blocking write of one whole frame: frames must never interleave on the port. */
+static void send_frame(int type, uint16_t id, const void *payload, size_t len)
+{
+	unsigned char hdr[8] = { type, 0, id >> 8, id & 0xff };
+	put_be32(hdr + 4, len);
+	struct iovec iov[2] = { { hdr, 8 }, { (void *)payload, len } };
+	size_t total = 8 + len, done = 0;
+	while (done < total) {
+		ssize_t n = writev(port_fd, iov, 2);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN) {
+				struct pollfd pf = { port_fd, POLLOUT, 0 };
+				poll(&pf, 1, 100);
+				continue;
+			}
+			logmsg("write to host: %s", strerror(errno));
+			if (socket_mode)
+				finish(); /* the host is gone: nobody can ever collect output */
+			return;
+		}
+		done += n;
+		for (int i = 0; i < 2 && n > 0; i++) { /* advance the iovecs past n bytes */
+			size_t k = (size_t)n < iov[i].iov_len ? (size_t)n : iov[i].iov_len;
+			iov[i].iov_base = (char *)iov[i].iov_base + k;
+			iov[i].iov_len -= k;
+			n -= k;
+		}
+	}
+}
+
+static void send_text(int type, uint16_t id, const char *fmt, ...)
+{
+	char buf[600];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf, sizeof buf, fmt, ap);
+	va_end(ap);
+	send_frame(type, id, buf, n < 0 ? 0 : (size_t)n >= sizeof buf ? sizeof buf - 1 : (size_t)n);
+}
+
+static void send_exit(uint16_t id, int kind, uint32_t value)
+{
+	unsigned char p[5] = { kind };
+	put_be32(p + 1, value);
+	send_frame(T_EXIT, id, p, 5);
+	if (id == 1) {
+		main_exit_sent = 1;
+		if (end_deadline < 0)
+			end_deadline = uptime_ms() + ACK_MS;
+	}
+}
+
+static struct proc *find_proc(uint16_t id)
+{
+	for (int i = 0; i < MAX_PROCS; i++)
+		if (procs[i].used && procs[i].id == id)
+			return &procs[i];
+	return NULL;
+}
+
+static void kill_proc(struct proc *p, int sig)
+{
+	if (p->pid > 0 && !p->exited) {
+		kill(-p->pid, sig); /* its session/process group: reaches its children too */
+		kill(p->pid, sig);  /* in case it left its group */
+	}
+}
+
+/* Kill everything we started, including orphaned grandchildren (still in their groups). */
+static void kill_all(int sig)
+{
+	for (int i = 0; i < MAX_PROCS; i++)
+		if (procs[i].used)
+			kill_proc(&procs[i], sig);
+	for (unsigned i = 0; i < npgids && i < 64; i++)
+		kill(-pgids[i], sig);
+	if (is_pid1)
+		kill(-1, sig); /* as PID 1 this hits every process but us */
+}
+
+static void reap(void)
+{
+	int st;
+	pid_t pid;
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+		for (int i = 0; i < MAX_PROCS; i++) {
+			struct proc *p = &procs[i];
+			if (p->used && p->pid == pid && !p->exited) {
+				p->exited = 1;
+				p->status = st;
+				p->died_ms = uptime_ms();
+			}
+		}
+		/* Anything else is an orphan we inherited as PID 1 / subreaper: just reaped. */
+	}
+}
+
+/* After SIGKILL to everything: collect the dead (up to 1 s) so none outlives us. */
+static void reap_all(void)
+{
+	for (int i = 0; i < 100 && waitpid(-1, NULL, WNOHANG) >= 0; i++)
+		usleep(10000);
+}
+
+/* The end of the VM (or of the test agent): kill what is left, flush, power off. */
+static _Noreturn void finish(void)
+{
+	kill_all(SIGKILL);
+	reap_all();
+	if (is_pid1 && !no_poweroff) {
+		sync();
+		static const char *subs[] = { "/dev/pts", "/dev/shm", "/dev", "/proc", "/sys", "" };
+		char path[4096];
+		for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
+			snprintf(path, sizeof path, "%s%s", root, subs[i]);
+			if (umount2(path, 0) < 0 && errno != EINVAL && errno != ENOENT)
+				umount2(path, MNT_DETACH);
+		}
+		sync();
+		reboot(RB_POWER_OFF);
+		logmsg("reboot(RB_POWER_OFF): %s", strerror(errno));
+		for (;;) /* PID 1 must never exit: that panics the kernel */
+			pause();
+	}
+	exit(0);
+}
+
+/* ---------- child side of RUN (runs after fork, single-threaded, so stdio is fine) ---------- */
+
+static _Noreturn void child_fail(int fd, int code, const char *fmt, ...)
+{
+	struct exec_report r = { .code = code };
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(r.msg, sizeof r.msg, fmt, ap);
+	va_end(ap);
+	if (write(fd, &r, sizeof r) < 0) { /* nothing more we can do */ }
+	_exit(code);
+}
+
+static int all_digits(const char *s)
+{
+	if (!*s)
+		return 0;
+	for (; *s; s++)
+		if (*s < '0' || *s > '9')
+			return 0;
+	return 1;
+}
+
+/* Split a colon-separated line in place; returns the number of fields. */
+static int split_line(char *line, char **f, int max)
+{
+	int n = 0;
+	line[strcspn(line, "\n")] = 0;
+	f[n++] = line;
+	for (char *c = line; *c && n < max; c++)
+		if (*c == ':') {
+			*c = 0;
+			f[n++] = c + 1;
+		}
+	return n;
+}
+
+struct user_info {
+	uid_t uid;
+	gid_t gid;
+	char name[256], home[1024];
+	int found; /* a passwd entry matched */
+};
+
+/* Look the user up in /etc/passwd (already chroot'ed) by name or by uid. */
+static int lookup_passwd(const char *name, long uid, struct user_info *u)
+{
+	FILE *f = fopen("/etc/passwd", "re");
+	char line[4096], *fl[7];
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof line, f)) {
+		if (split_line(line, fl, 7) < 7)
+			continue;
+		if (name ? strcmp(fl[0], name) == 0 : atol(fl[2]) == uid && all_digits(fl[2])) {
+			u->uid = strtoul(fl[2], NULL, 10);
+			u->gid = strtoul(fl[3], NULL, 10);
+			snprintf(u->name, sizeof u->name, "%s", fl[0]);
+			snprintf(u->home, sizeof u->home, "%s", fl[5]);
+			u->found = 1;
+			fclose(f);
+			return 1;
+		}
+	}
+	fclose(f);
+	return 0;
+}
+
+/*
+ * Resolve docker's `user` forms (name, uid, uid:gid, name:group, ...) and the supplementary
+ * groups: every /etc/group entry listing the user by name (only if passwd knows the user).
+ */
+static void resolve_user(int efd, const char *spec, struct user_info *u, gid_t *groups, int *ngroups)
+{
+	char ubuf[256], *gpart;
+	snprintf(ubuf, sizeof ubuf, "%s", spec && *spec ? spec : "0");
+	if ((gpart = strchr(ubuf, ':')))
+		*gpart++ = 0;
+	memset(u, 0, sizeof *u);
+	strcpy(u->home, "/");
+	if (all_digits(ubuf)) {
+		if (!lookup_passwd(NULL, atol(ubuf), u))
+			u->uid = strtoul(ubuf, NULL, 10); /* unknown numeric uid: allowed, gid 0 */
+	} else if (!lookup_passwd(ubuf, 0, u)) {
+		child_fail(efd, 126, "unable to find user %s: no matching entries in passwd file", ubuf);
+	}
+	FILE *f = fopen("/etc/group", "re");
+	char line[8192], *fl[4];
+	int gfound = gpart ? all_digits(gpart) : 1;
+	if (gpart && gfound)
+		u->gid = strtoul(gpart, NULL, 10);
+	groups[0] = u->gid;
+	*ngroups = 1;
+	while (f && fgets(line, sizeof line, f)) {
+		if (split_line(line, fl, 4) < 4)
+			continue;
+		if (gpart && !gfound && strcmp(fl[0], gpart) == 0) {
+			u->gid = groups[0] = strtoul(fl[2], NULL, 10);
+			gfound = 1;
+		}
+		if (!u->found || *ngroups >= MAX_GROUPS)
+			continue;
+		for (char *m = strtok(fl[3], ","); m; m = strtok(NULL, ","))
+			if (strcmp(m, u->name) == 0)
+				groups[(*ngroups)++] = strtoul(fl[2], NULL, 10);
+	}
+	if (f)
+		fclose(f);
+	if (!gfound)
+		child_fail(efd, 126, "unable to find group %s: no matching entries in group file", gpart);
+}
+
+static void mkdir_p(const char *path)
+{
+	char buf[4096];
+	snprintf(buf, sizeof buf, "%s", path);
+	for (char *s = buf + 1; *s; s++)
+		if (*s == '/') {
+			*s = 0;
+			mkdir(buf, 0755);
+			*s = '/';
+		}
+	mkdir(buf, 0755);
+}
+
+static const char *env_get(char **env, const char *name)
+{
+	size_t n = strlen(name);
+	for (; *env; env++)
+		if (strncmp(*env, name, n) == 0 && (*env)[n] == '=')
+			return *env + n + 1;
+	return NULL;
+}
+
+/* execve with PATH search in the *container's* PATH (execvpe would use ours). */
+static _Noreturn void exec_in_path(int efd, char **argv, char **env)
+{
+	const char *cmd = argv[0];
+	if (strchr(cmd, '/')) {
+		execve(cmd, argv, env);
+		if (errno == ENOENT)
+			child_fail(efd, 127, "exec: \"%s\": stat %s: no such file or directory", cmd, cmd);
+		child_fail(efd, 126, "exec: \"%s\": %s", cmd, strerror(errno));
+	}
+	const char *path = env_get(env, "PATH");
+	int denied = 0;
+	char full[4096];
+	for (const char *d = path ? path : ""; path; d++) {
+		size_t len = strcspn(d, ":");
+		snprintf(full, sizeof full, "%.*s/%s", (int)len, len ? d : ".", cmd);
+		execve(full, argv, env);
+		if (errno == EACCES)
+			denied = 1;
+		else if (errno != ENOENT && errno != ENOTDIR && errno != ELOOP && errno != ENAMETOOLONG)
+			child_fail(efd, 126, "exec: \"%s\": %s", cmd, strerror(errno));
+		d += len;
+		if (!*d)
+			break;
+	}
+	if (denied)
+		child_fail(efd, 126, "exec: \"%s\": permission denied", cmd);
+	child_fail(efd, 127, "exec: \"%s\": executable file not found in $PATH", cmd);
+}
+
+struct run_spec {
+	char **argv, **env; /* env has room for 3 more entries */
+	int nenv;
+	const char *cwd, *user, *hostname;
+};
+
+static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int err_w, int efd)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	for (int sig = 1; sig < NSIG; sig++)
+		signal(sig, SIG_DFL); /* we ignore SIGPIPE; the container must not inherit that */
+	setsid();
+	if (in_r < 0 && (in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) /* before chroot: may lack /dev */
+		child_fail(efd, 126, "open /dev/null: %s", strerror(errno));
+	dup2(in_r, 0);
+	dup2(out_w, 1);
+	dup2(err_w, 2);
+	if (chroot(root) < 0 || chdir("/") < 0)
+		child_fail(efd, 126, "chroot %s: %s", root, strerror(errno));
+
+	struct user_info u;
+	gid_t groups[MAX_GROUPS];
+	int ngroups;
+	resolve_user(efd, s->user, &u, groups, &ngroups);
+
+	const char *cwd = s->cwd && *s->cwd ? s->cwd : "/";
+	mkdir_p(cwd); /* docker creates a missing WORKDIR */
+	if (chdir(cwd) < 0)
+		child_fail(efd, 126, "chdir to cwd (\"%s\") failed: %s", cwd, strerror(errno));
+
+	char home[1100], host[300];
+	if (!env_get(s->env, "PATH"))
+		s->env[s->nenv++] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+	if (!env_get(s->env, "HOME")) {
+		snprintf(home, sizeof home, "HOME=%s", u.home[0] ? u.home : "/");
+		s->env[s->nenv++] = home;
+	}
+	if (s->hostname && !env_get(s->env, "HOSTNAME")) {
+		snprintf(host, sizeof host, "HOSTNAME=%s", s->hostname);
+		s->env[s->nenv++] = host;
+	}
+	s->env[s->nenv] = NULL;
+
+	if (setgroups(ngroups, groups) < 0 || setgid(u.gid) < 0 || setuid(u.uid) < 0)
+		child_fail(efd, 126, "cannot switch to user %s: %s", s->user ? s->user : "0", strerror(errno));
+	exec_in_path(efd, s->argv, s->env);
+}
+
+/* ---------- parent side of the frames ---------- */
+
+static void add_seed(const char *hex)
+{
+	size_t n = strlen(hex) / 2;
+	struct rand_pool_info *info = calloc(1, sizeof *info + n + 4);
+	if (!info)
+		return;
+	unsigned char *bytes = (unsigned char *)info->buf;
+	for (size_t i = 0; i < n; i++)
+		sscanf(hex + 2 * i, "%2hhx", &bytes[i]);
+	info->entropy_count = n * 8;
+	info->buf_size = n;
+	int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	int ok = fd >= 0 && ioctl(fd, RNDADDENTROPY, info) == 0;
+	if (fd >= 0 && write(fd, bytes, n) < 0)
+		ok = 0;
+	if (!ok && is_pid1)
+		logmsg("seeding the RNG failed: %s", strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	free(info);
+}
+
+/* A RUN that cannot even fork: report it like an exec failure so the host gets its EXIT. */
+static void run_failed(uint16_t id, const char *msg)
+{
+	send_text(T_ERROR, id, "%s", msg);
+	send_exit(id, 0, 126);
+}
+
+static void do_run(uint16_t id, const unsigned char *payload, size_t len)
+{
+	struct proc *p = NULL;
+	if (id == 0 || find_proc(id)) { /* no EXIT: that would be mistaken for the live one's */
+		send_text(T_ERROR, id, "RUN: process id %u is reserved or already running", id);
+		return;
+	}
+	for (int i = 0; i < MAX_PROCS && !p; i++)
+		if (!procs[i].used)
+			p = &procs[i];
+	if (!p) {
+		run_failed(id, "RUN: too many processes (max 16)");
+		return;
+	}
+
+	/* Copy: the payload lives in the input buffer, and items need a trailing NUL. */
+	char *buf = malloc(len + 1);
+	size_t nitems = 0;
+	if (!buf) {
+		run_failed(id, "RUN: out of memory");
+		return;
+	}
+	memcpy(buf, payload, len);
+	buf[len] = 0;
+	for (size_t i = 0; i <= len; i++)
+		nitems += buf[i] == 0;
+	struct run_spec s = { .argv = calloc(nitems + 1, sizeof(char *)),
+			      .env = calloc(nitems + 4, sizeof(char *)) };
+	int argc = 0, want_stdin = 0;
+	for (char *it = buf, *next; s.argv && s.env && it < buf + len; it = next) {
+		next = it + strlen(it) + 1; /* before we split at '=' */
+		char *val = strchr(it, '=');
+		if (!val)
+			continue;
+		*val++ = 0;
+		if (!strcmp(it, "arg")) s.argv[argc++] = val;
+		else if (!strcmp(it, "env")) s.env[s.nenv++] = val;
+		else if (!strcmp(it, "cwd")) s.cwd = val;
+		else if (!strcmp(it, "user")) s.user = val;
+		else if (!strcmp(it, "hostname")) s.hostname = val;
+		else if (!strcmp(it, "stdin")) want_stdin = !strcmp(val, "1");
+		else if (!strcmp(it, "seed")) add_seed(val);
+		else if (!strcmp(it, "time_ns")) {
+			long long ns = atoll(val);
+			struct timespec ts = { ns / 1000000000, ns % 1000000000 };
+			if (clock_settime(CLOCK_REALTIME, &ts) < 0)
+				logmsg("clock_settime: %s", strerror(errno));
+		} else
+			logmsg("RUN: ignoring unknown key %s", it);
+	}
+	int in[2] = { -1, -1 }, out[2], err[2], ex[2];
+	if (!s.argv || !s.env || argc == 0) {
+		run_failed(id, argc ? "RUN: out of memory" : "RUN: no arg given");
+		goto done;
+	}
+	if (s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
+		logmsg("sethostname: %s", strerror(errno));
+	if ((want_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
+	    pipe2(err, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
+		run_failed(id, "RUN: pipe failed"); /* fd leak on this path is acceptable: EMFILE */
+		goto done;
+	}
+	int64_t fork_ms = uptime_ms();
+	pid_t pid = fork();
+	if (pid == 0)
+		child_main(&s, in[0], out[1], err[1], ex[1]);
+	close(out[1]);
+	close(err[1]);
+	close(ex[1]);
+	if (in[0] >= 0)
+		close(in[0]);
+	if (pid < 0) {
+		close(out[0]), close(err[0]), close(ex[0]);
+		if (in[1] >= 0)
+			close(in[1]);
+		run_failed(id, "RUN: fork failed");
+		goto done;
+	}
+	*p = (struct proc){ .used = 1, .id = id, .pid = pid, .exec_fd = ex[0], .out_fd = out[0],
+			    .err_fd = err[0], .in_fd = in[1], .fork_ms = fork_ms };
+	set_nonblock(out[0]);
+	set_nonblock(err[0]);
+	set_nonblock(ex[0]);
+	if (in[1] >= 0)
+		set_nonblock(in[1]);
+	pgids[npgids++ % 64] = pid; /* setsid() in the child makes pid its group id */
+	if (id == 1)
+		main_started = 1;
+	if (shutdown_requested) /* a RUN racing a SHUTDOWN loses */
+		kill_proc(p, SIGTERM);
+done:
+	free(s.argv);
+	free(s.env);
+	free(buf);
+}
+
+static void close_stdin(struct proc *p)
+{
+	if (p->in_fd >= 0)
+		close(p->in_fd);
+	p->in_fd = -1;
+	stdin_queued -= p->in_len;
+	free(p->in_buf);
+	p->in_buf = NULL;
+	p->in_len = 0;
+}
+
+static void do_stdin(struct proc *p, const unsigned char *data, size_t len)
+{
+	if (!p || p->in_fd < 0 || p->in_eof)
+		return;
+	if (len == 0) {
+		p->in_eof = 1;
+		if (p->in_len == 0)
+			close_stdin(p);
+		return;
+	}
+	char *nb = realloc(p->in_buf, p->in_len + len);
+	if (!nb) {
+		logmsg("stdin for %u dropped: out of memory", p->id);
+		return;
+	}
+	memcpy(nb + p->in_len, data, len);
+	p->in_buf = nb;
+	p->in_len += len;
+	stdin_queued += len;
+}
+
+static void flush_stdin(struct proc *p)
+{
+	ssize_t n = write(p->in_fd, p->in_buf, p->in_len);
+	if (n < 0 && errno != EAGAIN && errno != EINTR) {
+		close_stdin(p); /* EPIPE: the process stopped reading; drop the rest */
+		return;
+	}
+	if (n > 0) {
+		memmove(p->in_buf, p->in_buf + n, p->in_len - n);
+		p->in_len -= n;
+		stdin_queued -= n;
+	}
+	if (p->in_len == 0 && p->in_eof)
+		close_stdin(p);
+}
+
+static void begin_shutdown(uint32_t timeout_s)
+{
+	shutdown_requested = 1;
+	shutdown_deadline = uptime_ms() + (int64_t)timeout_s * 1000;
+	for (int i = 0; i < MAX_PROCS; i++)
+		if (procs[i].used)
+			kill_proc(&procs[i], SIGTERM);
+}
+
+static void dispatch(int type, uint16_t id, const unsigned char *payload, size_t len)
+{
+	struct proc *p = find_proc(id);
+	switch (type) {
+	case T_RUN:
+		do_run(id, payload, len);
+		break;
+	case T_STDIN:
+		do_stdin(p, payload, len);
+		break;
+	case T_SIGNAL:
+		if (p && len == 4 && p->pid > 0 && !p->exited)
+			kill(p->pid, (int)get_be32(payload)); /* the process only, like `docker kill` */
+		break;
+	case T_SHUTDOWN:
+		begin_shutdown(len == 4 ? get_be32(payload) : 10);
+		break;
+	case T_EXIT_ACK:
+		if (id == 1 && main_exit_sent)
+			main_acked = 1;
+		break;
+	default:
+		logmsg("protocol error: unknown frame type 0x%02x (ignored)", type);
+	}
+}
+
+/* Parse every complete frame in rbuf. */
+static void handle_input(void)
+{
+	size_t off = 0;
+	while (rlen - off >= 8) {
+		unsigned char *h = rbuf + off;
+		uint32_t len = get_be32(h + 4);
+		if (len > MAX_PAYLOAD) {
+			logmsg("protocol error: frame payload of %u bytes (max %u)", len, MAX_PAYLOAD);
+			if (socket_mode)
+				finish();
+			rlen = 0; /* device mode: we cannot resync, drop what we have */
+			return;
+		}
+		if (rlen - off - 8 < len)
+			break;
+		dispatch(h[0], (uint16_t)(h[2] << 8 | h[3]), h + 8, len);
+		off += 8 + len;
+	}
+	memmove(rbuf, rbuf + off, rlen - off);
+	rlen -= off;
+}
+
+static void read_port(void)
+{
+	ssize_t n = read(port_fd, rbuf + rlen, sizeof rbuf - rlen);
+	if (n > 0) {
+		rlen += n;
+		handle_input();
+	} else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+		if (socket_mode) {
+			logmsg("host closed the connection");
+			finish(); /* nobody can ever collect output: kill everything, exit */
+		}
+		/* virtio-serial: EOF just means no host is attached right now. */
+		port_pause_until = uptime_ms() + HUP_BACKOFF_MS;
+	}
+}
+
+/* Returns 0 at EOF or error (the fd is then closed), 1 if data or nothing was read. */
+static int pump_output(struct proc *p, int *fd, int type)
+{
+	static char buf[OUT_CHUNK];
+	ssize_t n = read(*fd, buf, sizeof buf);
+	if (n > 0) {
+		send_frame(type, p->id, buf, n);
+		return 1;
+	}
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return 1;
+	close(*fd);
+	*fd = -1;
+	return 0;
+}
+
+static void read_exec_pipe(struct proc *p)
+{
+	struct exec_report r;
+	ssize_t n = read(p->exec_fd, &r, sizeof r);
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (n > 0) {
+		r.msg[sizeof r.msg - 1] = 0;
+		send_text(T_ERROR, p->id, "%s", r.msg);
+	} else {
+		send_text(T_STARTED, p->id, "pid=%d uptime_ms=%lld", (int)p->pid, (long long)p->fork_ms);
+	}
+	close(p->exec_fd);
+	p->exec_fd = -1;
+}
+
+/* Send EXIT once the process is dead, exec is resolved and its output drained (or 200 ms). */
+static void maybe_finish_proc(struct proc *p, int64_t now)
+{
+	if (!p->exited || p->exec_fd >= 0)
+		return;
+	if (p->out_fd >= 0 || p->err_fd >= 0) {
+		if (now < p->died_ms + DRAIN_MS)
+			return;
+		/* A grandchild holds the pipes: send what is readable now, then give up on them. */
+		for (int i = 0; i < 16 && p->out_fd >= 0 && pump_output(p, &p->out_fd, T_STDOUT); i++)
+			;
+		for (int i = 0; i < 16 && p->err_fd >= 0 && pump_output(p, &p->err_fd, T_STDERR); i++)
+			;
+		if (p->out_fd >= 0)
+			close(p->out_fd);
+		if (p->err_fd >= 0)
+			close(p->err_fd);
+	}
+	close_stdin(p);
+	uint16_t id = p->id;
+	int st = p->status;
+	memset(p, 0, sizeof *p);
+	if (WIFSIGNALED(st))
+		send_exit(id, 1, WTERMSIG(st));
+	else
+		send_exit(id, 0, WEXITSTATUS(st));
+}
+
+static void on_sigchld(int sig)
+{
+	(void)sig;
+	int saved = errno;
+	if (write(sig_pipe[1], "", 1) < 0) { /* pipe full: a wakeup is already pending */ }
+	errno = saved;
+}
+
+static int find_port(const char *name, char *dev, size_t devlen)
+{
+	DIR *d = opendir("/sys/class/virtio-ports");
+	struct dirent *e;
+	char path[512], buf[256];
+	int found = 0;
+	while (d && !found && (e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+		FILE *f = fopen(path, "re");
+		if (!f)
+			continue;
+		if (fgets(buf, sizeof buf, f) && (buf[strcspn(buf, "\n")] = 0, !strcmp(buf, name))) {
+			snprintf(dev, devlen, "/dev/%s", e->d_name);
+			found = 1;
+			/* The initramfs may have no devtmpfs on /dev: make the node from sysfs. */
+			snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/dev", e->d_name);
+			FILE *df = fopen(path, "re");
+			unsigned maj, min;
+			if (access(dev, F_OK) < 0 && df && fscanf(df, "%u:%u", &maj, &min) == 2) {
+				mkdir("/dev", 0755);
+				mknod(dev, S_IFCHR | 0600, makedev(maj, min));
+			}
+			if (df)
+				fclose(df);
+		}
+		fclose(f);
+	}
+	if (d)
+		closedir(d);
+	return found;
+}
+
+static int open_port(const char *port_path, const char *port_name)
+{
+	if (port_path) {
+		int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		struct sockaddr_un sa = { .sun_family = AF_UNIX };
+		snprintf(sa.sun_path, sizeof sa.sun_path, "%s", port_path);
+		if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+			return -1;
+		return fd;
+	}
+	char dev[300];
+	for (int i = 0; i < 50; i++) { /* the port can appear after we start: wait ~5 s */
+		if (find_port(port_name, dev, sizeof dev))
+			return open(dev, O_RDWR | O_CLOEXEC);
+		usleep(100000);
+	}
+	errno = ENODEV;
+	return -1;
+}
+
+int main(int argc, char **argv)
+{
+	const char *port_path = NULL, *port_name = NULL;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
+		else if (!strcmp(argv[i], "--port") && i + 1 < argc) port_path = argv[++i];
+		else if (!strcmp(argv[i], "--port-name") && i + 1 < argc) port_name = argv[++i];
+		else if (!strcmp(argv[i], "--no-poweroff")) no_poweroff = 1;
+		else {
+			fprintf(stderr, "usage: kvmc-agent --root DIR (--port-name NAME | --port SOCKET) "
+					"[--no-poweroff]\n");
+			return 2;
+		}
+	}
+	if (!port_path == !port_name) {
+		fprintf(stderr, "kvmc-agent: give exactly one of --port-name and --port\n");
+		return 2;
+	}
+	is_pid1 = getpid() == 1;
+	socket_mode = port_path != NULL;
+	/* Without a console, fds 0-2 may be closed; keep our pipes from landing on them. */
+	for (int fd = 0; fd <= 2;)
+		if ((fd = open("/dev/null", O_RDWR)) > 2 || fd < 0) {
+			if (fd > 2)
+				close(fd);
+			break;
+		}
+	if (!is_pid1)
+		prctl(PR_SET_CHILD_SUBREAPER, 1); /* tests: orphans come back to us, as with PID 1 */
+	signal(SIGPIPE, SIG_IGN);
+	if (pipe2(sig_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+		return 1;
+	struct sigaction sa = { .sa_handler = on_sigchld, .sa_flags = SA_RESTART | SA_NOCLDSTOP };
+	sigaction(SIGCHLD, &sa, NULL);
+
+	if ((port_fd = open_port(port_path, port_name)) < 0) {
+		logmsg("cannot open port %s: %s", port_path ? port_path : port_name, strerror(errno));
+		if (is_pid1 && !no_poweroff)
+			finish();
+		return 1;
+	}
+	send_text(T_READY, 0, "kvmc-agent/1 uptime_ms=%lld", (long long)uptime_ms());
+
+	for (;;) {
+		struct pollfd pf[2 + MAX_PROCS * 4];
+		struct { struct proc *p; int which; } who[2 + MAX_PROCS * 4];
+		int n = 0;
+		int64_t now = uptime_ms(), wake = -1;
+#define WAKE_AT(t) (wake = (wake < 0 || (t) < wake) ? (t) : wake)
+#define WATCH(fd_, ev, p_, w) (pf[n] = (struct pollfd){ fd_, ev, 0 }, who[n].p = p_, who[n++].which = w)
+
+		if (main_exit_sent && (main_acked || now >= end_deadline))
+			finish();
+		if (shutdown_requested) {
+			int live = 0;
+			for (int i = 0; i < MAX_PROCS; i++)
+				live += procs[i].used;
+			if (!live && (!main_started || main_acked))
+				finish();
+			if (!live && end_deadline < 0)
+				end_deadline = now + ACK_MS;
+			if (!live && now >= end_deadline)
+				finish();
+			if (live && !shutdown_killed && now >= shutdown_deadline) {
+				shutdown_killed = 1;
+				kill_all(SIGKILL);
+			}
+			WAKE_AT(live ? (shutdown_killed ? now + 100 : shutdown_deadline) : end_deadline);
+		}
+		if (end_deadline >= 0)
+			WAKE_AT(end_deadline);
+
+		WATCH(sig_pipe[0], POLLIN, NULL, 0);
+		if (now >= port_pause_until && stdin_queued < STDIN_HIGH)
+			WATCH(port_fd, POLLIN, NULL, 1);
+		else if (now < port_pause_until)
+			WAKE_AT(port_pause_until);
+		for (int i = 0; i < MAX_PROCS; i++) {
+			struct proc *p = &procs[i];
+			if (!p->used)
+				continue;
+			if (p->exec_fd >= 0) WATCH(p->exec_fd, POLLIN, p, 0);
+			if (p->out_fd >= 0) WATCH(p->out_fd, POLLIN, p, 1);
+			if (p->err_fd >= 0) WATCH(p->err_fd, POLLIN, p, 2);
+			if (p->in_fd >= 0 && p->in_len) WATCH(p->in_fd, POLLOUT, p, 3);
+			if (p->exited)
+				WAKE_AT(p->died_ms + DRAIN_MS);
+		}
+		int timeout = wake < 0 ? -1 : wake <= now ? 0 : (int)(wake - now);
+		if (poll(pf, n, timeout) < 0 && errno != EINTR) {
+			logmsg("poll: %s", strerror(errno));
+			sleep(1);
+			continue;
+		}
+		for (int i = 0; i < n; i++) {
+			struct proc *p = who[i].p;
+			if (!pf[i].revents)
+				continue;
+			if (!p && who[i].which == 0) {
+				char drain[64];
+				while (read(sig_pipe[0], drain, sizeof drain) > 0)
+					;
+				reap();
+			} else if (!p) {
+				read_port(); /* POLLHUP alone: read() sees the EOF and backs off */
+			} else if (!p->used) {
+				continue; /* finished earlier in this round */
+			} else if (who[i].which == 0) {
+				read_exec_pipe(p);
+			} else if (who[i].which == 1 && p->out_fd >= 0) {
+				pump_output(p, &p->out_fd, T_STDOUT);
+			} else if (who[i].which == 2 && p->err_fd >= 0) {
+				pump_output(p, &p->err_fd, T_STDERR);
+			} else if (who[i].which == 3 && p->in_fd >= 0) {
+				flush_stdin(p);
+			}
+		}
+		reap(); /* cheap, and covers a SIGCHLD that raced the pipe */
+		now = uptime_ms();
+		for (int i = 0; i < MAX_PROCS; i++)
+			if (procs[i].used)
+				maybe_finish_proc(&procs[i], now);
+	}
+}

@@ -1,0 +1,351 @@
+"""Host side of "kvmc-agent protocol 1", spoken with the guest agent over virtio-serial.
+
+The wire format is described in ``docs/agent-protocol.md``; the guest side is
+``images/agent/kvmc-agent.c``. On the host the port is QEMU's unix socket for the
+``org.kvmc.agent`` virtio-serial port (tests use a plain unix socket the agent connects to).
+
+Everything here is stdlib only: frame encoding/decoding, a small connection object and
+:func:`attach_process`, which relays one process's stdio until it exits.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import BinaryIO
+
+from kvmc.errors import AgentProtocolError, GuestError
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD = 1 << 20
+OUTPUT_CHUNK = 32 * 1024
+"""The agent never sends STDOUT/STDERR payloads larger than this."""
+MAIN_PROCESS_ID = 1
+"""The container's main process: when it ends, the VM ends."""
+
+_HEADER = struct.Struct(">BBHI")  # type, flags, process id, payload length
+HEADER_SIZE = _HEADER.size
+
+
+class FrameType(IntEnum):
+    """Frame types; 0x0_ go host to guest, 0x1_ guest to host."""
+
+    RUN = 0x01
+    STDIN = 0x02
+    SIGNAL = 0x03
+    SHUTDOWN = 0x04
+    EXIT_ACK = 0x05
+    READY = 0x10
+    STARTED = 0x11
+    STDOUT = 0x12
+    STDERR = 0x13
+    EXIT = 0x14
+    ERROR = 0x15
+
+
+HOST_TO_GUEST = frozenset(t for t in FrameType if t < 0x10)
+GUEST_TO_HOST = frozenset(t for t in FrameType if t >= 0x10)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame."""
+
+    type: FrameType
+    proc_id: int
+    payload: bytes
+    flags: int = 0
+
+
+def encode_frame(type: int, proc_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    """Return the bytes of one frame; raise AgentProtocolError if it cannot be sent."""
+    try:
+        ftype = FrameType(type)
+    except ValueError:
+        raise AgentProtocolError(f"unknown agent frame type 0x{type:02x}") from None
+    if len(payload) > MAX_PAYLOAD:
+        raise AgentProtocolError(f"agent frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if not 0 <= proc_id <= 0xFFFF or not 0 <= flags <= 0xFF:
+        raise AgentProtocolError(f"agent frame process id {proc_id} or flags {flags} out of range")
+    return _HEADER.pack(ftype, flags, proc_id, len(payload)) + payload
+
+
+class FrameReader:
+    """Incremental frame decoder: :meth:`feed` bytes, then take frames with :meth:`next_frame`.
+
+    ``accept`` is the set of types this side may receive (guest-to-host by default); anything
+    else, or a payload length over :data:`MAX_PAYLOAD`, raises AgentProtocolError. After an
+    error the stream cannot be resynchronised: close the connection.
+    """
+
+    def __init__(self, accept: frozenset[FrameType] = GUEST_TO_HOST) -> None:
+        self._buf = bytearray()
+        self._accept = accept
+
+    def feed(self, data: bytes) -> None:
+        """Append received bytes."""
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        """Return the next complete frame, or None if more bytes are needed."""
+        if len(self._buf) < HEADER_SIZE:
+            return None
+        ftype, flags, proc_id, length = _HEADER.unpack_from(self._buf)
+        if ftype not in self._accept:
+            raise AgentProtocolError(f"agent sent a frame of unknown type 0x{ftype:02x}")
+        if length > MAX_PAYLOAD:
+            raise AgentProtocolError(f"agent sent a frame of {length} bytes (max {MAX_PAYLOAD})")
+        if len(self._buf) < HEADER_SIZE + length:
+            return None
+        payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
+        del self._buf[: HEADER_SIZE + length]
+        return Frame(FrameType(ftype), proc_id, payload, flags)
+
+
+@dataclass
+class ProcessSpec:
+    """What to run: the payload of a RUN frame."""
+
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    stdin: bool = False
+    time_ns: int | None = None
+    seed: bytes | None = None
+
+    def encode(self) -> bytes:
+        """Return the RUN payload: NUL-terminated ``key=value`` items."""
+        if not self.args:
+            raise ValueError("a process needs at least one argument")
+        items = [("arg", a) for a in self.args] + [("env", e) for e in self.env]
+        for key, value in (("cwd", self.cwd), ("user", self.user), ("hostname", self.hostname)):
+            if value is not None:
+                items.append((key, value))
+        if self.stdin:
+            items.append(("stdin", "1"))
+        if self.time_ns is not None:
+            items.append(("time_ns", str(self.time_ns)))
+        if self.seed:
+            items.append(("seed", self.seed.hex()))
+        out = bytearray()
+        for key, value in items:
+            raw = value.encode()
+            if b"\0" in raw:
+                raise ValueError(f"NUL byte in {key} {value!r}")
+            out += key.encode() + b"=" + raw + b"\0"
+        return bytes(out)
+
+
+@dataclass
+class ProcessResult:
+    """How a process ended, docker style: ``exit_code`` is the code or 128+signal."""
+
+    exit_code: int
+    signal: int | None = None
+    error: str | None = None
+    pid: int | None = None
+    started_uptime_ms: int | None = None
+    ready_uptime_ms: int | None = None
+
+
+def _uptime(payload: bytes) -> int | None:
+    for word in payload.decode(errors="replace").split():
+        if word.startswith("uptime_ms="):
+            return int(word.removeprefix("uptime_ms="))
+    return None
+
+
+def parse_ready(payload: bytes) -> int | None:
+    """Check a READY payload's protocol version; return the guest uptime it carries (ms)."""
+    text = payload.decode(errors="replace")
+    if not text.startswith(f"kvmc-agent/{PROTOCOL_VERSION} ") and text != f"kvmc-agent/{PROTOCOL_VERSION}":
+        raise AgentProtocolError(f"guest agent speaks {text.split(' ')[0]!r}, kvmc needs kvmc-agent/{PROTOCOL_VERSION}")
+    return _uptime(payload)
+
+
+def parse_exit(payload: bytes) -> tuple[int, int | None]:
+    """Decode an EXIT payload into (docker exit code, signal or None)."""
+    if len(payload) != 5 or payload[0] not in (0, 1):
+        raise AgentProtocolError(f"malformed EXIT payload {payload!r}")
+    kind, value = struct.unpack(">BI", payload)
+    return (value, None) if kind == 0 else (128 + value, value)
+
+
+class AgentConnection:
+    """A connection to one guest agent. Sending is thread-safe; read from one thread only."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._reader = FrameReader()
+        self._backlog: deque[Frame] = deque()
+        self._send_lock = threading.Lock()
+        self.ready_uptime_ms: int | None = None
+
+    @classmethod
+    def connect(cls, socket_path: str, timeout: float = 10.0) -> AgentConnection:
+        """Connect to a unix socket (QEMU's chardev), retrying until it exists and listens."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(socket_path)
+                return cls(sock)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise GuestError(f"cannot connect to the guest agent at {socket_path}: {exc}") from exc
+                time.sleep(0.05)
+
+    def fileno(self) -> int:
+        """The socket's file descriptor (for selectors)."""
+        return self.sock.fileno()
+
+    def send(self, type: FrameType, proc_id: int, payload: bytes = b"") -> None:
+        """Send one frame."""
+        data = encode_frame(type, proc_id, payload)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def run(self, proc_id: int, spec: ProcessSpec) -> None:
+        """Ask the agent to start a process under ``proc_id`` (1 = the container's main process)."""
+        self.send(FrameType.RUN, proc_id, spec.encode())
+
+    def send_stdin(self, proc_id: int, data: bytes) -> None:
+        """Send bytes to the process's stdin (only if it was started with ``stdin=True``)."""
+        for i in range(0, len(data), MAX_PAYLOAD):
+            self.send(FrameType.STDIN, proc_id, data[i : i + MAX_PAYLOAD])
+
+    def close_stdin(self, proc_id: int) -> None:
+        """Close the process's stdin (an empty STDIN frame)."""
+        self.send(FrameType.STDIN, proc_id, b"")
+
+    def signal(self, proc_id: int, signum: int) -> None:
+        """Deliver a signal to the process (not to its children)."""
+        self.send(FrameType.SIGNAL, proc_id, struct.pack(">I", signum))
+
+    def shutdown(self, timeout_s: int) -> None:
+        """SIGTERM every process, SIGKILL after ``timeout_s`` seconds, then power the VM off."""
+        self.send(FrameType.SHUTDOWN, 0, struct.pack(">I", timeout_s))
+
+    def ack_exit(self, proc_id: int) -> None:
+        """Tell the agent its EXIT for ``proc_id`` arrived (for id 1 this ends the VM)."""
+        self.send(FrameType.EXIT_ACK, proc_id)
+
+    def read_frame(self, timeout: float | None = None) -> Frame | None:
+        """Return the next frame, or None after ``timeout`` seconds (None waits forever).
+
+        Raises GuestError when the agent closes the connection, AgentProtocolError on a
+        frame outside the protocol.
+        """
+        if self._backlog:
+            return self._backlog.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (frame := self._reader.next_frame()) is None:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.sock], [], [], remaining)[0]:
+                return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise GuestError("the guest agent closed the connection")
+            self._reader.feed(data)
+        if frame.type == FrameType.READY:
+            self.ready_uptime_ms = parse_ready(frame.payload)
+        return frame
+
+    def wait_ready(self, timeout: float) -> str:
+        """Wait for READY and return its payload text; other frames stay queued for read_frame."""
+        deadline = time.monotonic() + timeout
+        held: list[Frame] = []
+        try:
+            while True:
+                frame = self.read_frame(max(0.0, deadline - time.monotonic()))
+                if frame is None:
+                    raise GuestError(f"the guest agent did not become ready within {timeout:g}s")
+                if frame.type == FrameType.READY:
+                    return frame.payload.decode(errors="replace")
+                held.append(frame)
+        finally:
+            self._backlog.extendleft(reversed(held))
+
+    def close(self) -> None:
+        """Close the connection (in test/socket mode the agent then kills its processes)."""
+        self.sock.close()
+
+    def __enter__(self) -> AgentConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pump_stdin(conn: AgentConnection, proc_id: int, stdin: BinaryIO, done: threading.Event) -> None:
+    read = getattr(stdin, "read1", stdin.read)
+    try:
+        while not done.is_set():
+            data = read(OUTPUT_CHUNK)
+            if not data:
+                break
+            if not done.is_set():
+                conn.send_stdin(proc_id, data)
+        if not done.is_set():
+            conn.close_stdin(proc_id)
+    except (OSError, ValueError):
+        pass  # connection or stream closed under us: the process outcome says the rest
+
+
+def attach_process(
+    conn: AgentConnection,
+    proc_id: int,
+    *,
+    stdin: BinaryIO | None,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+    timeout: float | None = None,
+) -> ProcessResult:
+    """Relay one process's stdio until its EXIT, acknowledge it and return the result.
+
+    ``stdin`` is pumped from a daemon thread (EOF closes the process's stdin); pass None
+    when the process was started without ``stdin=True``. READY is recorded if seen but not
+    required: after a snapshot restore an earlier connection consumed it. Frames for other
+    process ids are dropped. ``timeout`` bounds the wait between two frames.
+    """
+    result = ProcessResult(exit_code=-1, ready_uptime_ms=conn.ready_uptime_ms)
+    done = threading.Event()
+    if stdin is not None:
+        threading.Thread(target=_pump_stdin, args=(conn, proc_id, stdin, done), daemon=True).start()
+    try:
+        while True:
+            frame = conn.read_frame(timeout)
+            if frame is None:
+                raise GuestError(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
+            if frame.type == FrameType.READY:
+                result.ready_uptime_ms = conn.ready_uptime_ms
+                continue
+            if frame.proc_id != proc_id:
+                continue
+            if frame.type in (FrameType.STDOUT, FrameType.STDERR):
+                stream = stdout if frame.type == FrameType.STDOUT else stderr
+                stream.write(frame.payload)
+                stream.flush()
+            elif frame.type == FrameType.STARTED:
+                text = frame.payload.decode(errors="replace")
+                result.started_uptime_ms = _uptime(frame.payload)
+                pid = dict(w.split("=", 1) for w in text.split() if "=" in w).get("pid")
+                result.pid = int(pid) if pid else None
+            elif frame.type == FrameType.ERROR:
+                result.error = frame.payload.decode(errors="replace")
+            elif frame.type == FrameType.EXIT:
+                result.exit_code, result.signal = parse_exit(frame.payload)
+                done.set()
+                conn.ack_exit(proc_id)
+                return result
+    finally:
+        done.set()

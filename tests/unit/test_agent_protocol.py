@@ -1,0 +1,374 @@
+"""kvmc-agent protocol 1, end to end: the real static agent, a real busybox chroot, real
+fork/exec, driven through kvmc.agent over a unix socket ("socket mode"). Plus frame
+encoding tests. Needs root (chroot), gcc/make and busybox-static."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from kvmc.agent import (
+    MAX_PAYLOAD,
+    AgentConnection,
+    FrameReader,
+    FrameType,
+    ProcessResult,
+    ProcessSpec,
+    attach_process,
+    encode_frame,
+    parse_exit,
+)
+from kvmc.errors import AgentProtocolError, GuestError
+
+REPO = Path(__file__).resolve().parents[2]
+BUSYBOX = Path("/bin/busybox")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+
+
+# ---------- frame encoding (no agent needed) ----------
+
+
+def test_encode_frame_header_layout() -> None:
+    assert encode_frame(FrameType.STDIN, 0x0102, b"hi") == b"\x02\x00\x01\x02\x00\x00\x00\x02hi"
+
+
+def test_encode_rejects_oversized_and_unknown() -> None:
+    with pytest.raises(AgentProtocolError):
+        encode_frame(FrameType.STDIN, 1, b"x" * (MAX_PAYLOAD + 1))
+    with pytest.raises(AgentProtocolError):
+        encode_frame(0x42, 1)
+    encode_frame(FrameType.STDIN, 1, b"x" * MAX_PAYLOAD)  # the maximum itself is fine
+
+
+def test_reader_decodes_split_frames() -> None:
+    data = encode_frame(FrameType.STDOUT, 7, b"hello") + encode_frame(FrameType.EXIT, 7, b"\0\0\0\0\3")
+    reader = FrameReader()
+    frames = []
+    for byte in data:  # one byte at a time: frames straddle reads
+        reader.feed(bytes([byte]))
+        while (f := reader.next_frame()) is not None:
+            frames.append(f)
+    assert [(f.type, f.proc_id, f.payload) for f in frames] == [
+        (FrameType.STDOUT, 7, b"hello"),
+        (FrameType.EXIT, 7, b"\0\0\0\0\3"),
+    ]
+    assert parse_exit(frames[1].payload) == (3, None)
+    assert parse_exit(b"\1\0\0\0\x09") == (137, 9)
+
+
+def test_reader_rejects_oversized_frame() -> None:
+    reader = FrameReader()
+    reader.feed(struct.pack(">BBHI", FrameType.STDOUT, 0, 1, MAX_PAYLOAD + 1))
+    with pytest.raises(AgentProtocolError):
+        reader.next_frame()
+
+
+def test_reader_rejects_unknown_and_wrong_direction_types() -> None:
+    for ftype in (0x42, FrameType.RUN):  # RUN is host-to-guest only
+        reader = FrameReader()
+        reader.feed(struct.pack(">BBHI", ftype, 0, 1, 0))
+        with pytest.raises(AgentProtocolError):
+            reader.next_frame()
+
+
+def test_connection_raises_on_bad_frame_from_peer() -> None:
+    a, b = socket.socketpair()
+    with AgentConnection(a) as conn:
+        b.sendall(struct.pack(">BBHI", FrameType.STDERR, 0, 1, 1 << 30))
+        with pytest.raises(AgentProtocolError):
+            conn.read_frame(timeout=2)
+    b.close()
+
+
+def test_spec_encoding() -> None:
+    spec = ProcessSpec(args=["sh", "-c", "x"], env=["A=1"], cwd="/w", user="app", stdin=True, seed=b"\x01\xff")
+    assert spec.encode() == b"arg=sh\0arg=-c\0arg=x\0env=A=1\0cwd=/w\0user=app\0stdin=1\0seed=01ff\0"
+    with pytest.raises(ValueError):
+        ProcessSpec(args=[]).encode()
+
+
+# ---------- end to end against the real agent ----------
+
+
+@pytest.fixture(scope="session")
+def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("gcc") or not shutil.which("make"):
+        pytest.skip("gcc and make are needed to build the agent")
+    out = tmp_path_factory.mktemp("agent")
+    subprocess.run(["make", "-s", "-C", str(REPO / "images/agent"), f"OUT={out}"], check=True)
+    return out / "kvmc-agent"
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    if not BUSYBOX.exists():
+        subprocess.run(["apt-get", "install", "-y", "-q", "busybox-static"], check=True, capture_output=True)
+    root = tmp_path_factory.mktemp("rootfs")
+    root.chmod(0o755)  # pytest makes 0700 dirs; the chroot's / must be searchable by app/nobody
+    (root / "bin").mkdir()
+    shutil.copy2(BUSYBOX, root / "bin/busybox")
+    subprocess.run(["chroot", str(root), "/bin/busybox", "--install", "-s", "/bin"], check=True)
+    (root / "etc").mkdir()
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+        "app:x:1000:1000:App User:/home/app:/bin/sh\n"
+    )
+    (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\napp:x:1000:\nextra:x:2000:app,other\n")
+    (root / "home/app").mkdir(parents=True)
+    (root / "bin/notexec").write_text("#!/bin/sh\necho nope\n")
+    (root / "bin/notexec").chmod(0o644)
+    return root
+
+
+class Agent:
+    """A running agent subprocess and the host's connection to it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], conn: AgentConnection) -> None:
+        self.proc = proc
+        self.conn = conn
+
+    def run(self, args: list[str], proc_id: int = 1, stdin: bytes | None = None, **kw: object) -> tuple[ProcessResult, bytes, bytes]:
+        """Run one process to completion; return (result, stdout, stderr)."""
+        self.conn.run(proc_id, ProcessSpec(args=args, stdin=stdin is not None, **kw))  # type: ignore[arg-type]
+        out, err = io.BytesIO(), io.BytesIO()
+        result = attach_process(
+            self.conn, proc_id, stdin=None if stdin is None else io.BytesIO(stdin), stdout=out, stderr=err, timeout=10
+        )
+        return result, out.getvalue(), err.getvalue()
+
+
+@contextmanager
+def start_agent(
+    agent_bin: Path, rootfs: Path, wrapper: tuple[str, ...] = (), flags: tuple[str, ...] = ("--no-poweroff",)
+) -> Iterator[Agent]:
+    sockdir = tempfile.mkdtemp(prefix="kvmc-agent-")  # short path: sun_path is 108 bytes
+    path = os.path.join(sockdir, "port")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+    proc = subprocess.Popen(
+        [*wrapper, str(agent_bin), "--port", path, "--root", str(rootfs), *flags],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        sock, _ = listener.accept()
+        with AgentConnection(sock) as conn:
+            yield Agent(proc, conn)
+    finally:
+        listener.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=5)
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def agent(agent_bin: Path, rootfs: Path) -> Iterator[Agent]:
+    with start_agent(agent_bin, rootfs) as a:
+        yield a
+
+
+@needs_root
+def test_stdout_stderr_separate_and_exit_code(agent: Agent) -> None:
+    res, out, err = agent.run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (res.exit_code, res.signal, res.error) == (3, None, None)
+    assert (out, err) == (b"out\n", b"err\n")
+    assert res.pid and res.started_uptime_ms is not None
+    assert res.ready_uptime_ms is not None  # READY came first, even though RUN was sent before it
+
+
+@needs_root
+def test_ready_reports_version(agent: Agent) -> None:
+    assert agent.conn.wait_ready(5).startswith("kvmc-agent/1 uptime_ms=")
+
+
+@needs_root
+def test_env_cwd_and_defaults(agent: Agent) -> None:
+    res, out, _ = agent.run(["sh", "-c", 'echo "$FOO|$PWD|$HOME|$PATH"'], proc_id=2, env=["FOO=bar baz"], cwd="/new/dir")
+    assert res.exit_code == 0
+    assert out == b"bar baz|/new/dir|/root|/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    # The container's PATH is searched inside the chroot, not the agent's.
+    res, out, _ = agent.run(["busybox", "echo", "found"], proc_id=3, env=["PATH=/nowhere:/bin"])
+    assert (res.exit_code, out) == (0, b"found\n")
+
+
+@needs_root
+def test_users(agent: Agent) -> None:
+    cases = {
+        "app": b"1000 1000 1000 2000 /home/app\n",
+        "1000:1000": b"1000 1000 1000 2000 /home/app\n",
+        "nobody": b"65534 65534 65534 /nonexistent\n",
+        "4242": b"4242 0 0 /\n",
+        "app:nogroup": b"1000 65534 65534 2000 /home/app\n",
+    }
+    for i, (user, expected) in enumerate(cases.items(), start=2):
+        res, out, err = agent.run(["sh", "-c", 'echo $(id -u) $(id -g) $(id -G) $HOME'], proc_id=i, user=user)
+        assert (res.exit_code, out, err) == (0, expected, b""), (user, res.error)
+
+
+@needs_root
+def test_unknown_user_is_126(agent: Agent) -> None:
+    res, out, _ = agent.run(["true"], user="ghost")
+    assert res.exit_code == 126
+    assert res.error == "unable to find user ghost: no matching entries in passwd file"
+
+
+@needs_root
+def test_stdin_piped(agent: Agent) -> None:
+    data = b"line one\n" + b"x" * 200_000 + b"\nend\n"
+    res, out, _ = agent.run(["cat"], stdin=data)
+    assert (res.exit_code, out) == (0, data)
+
+
+@needs_root
+def test_stdin_default_is_dev_null(agent: Agent) -> None:
+    res, out, _ = agent.run(["cat"])
+    assert (res.exit_code, out) == (0, b"")
+
+
+@needs_root
+def test_missing_command_127(agent: Agent) -> None:
+    res, _, _ = agent.run(["no-such-command"], proc_id=2)
+    assert res.exit_code == 127
+    assert res.error == 'exec: "no-such-command": executable file not found in $PATH'
+    res, _, _ = agent.run(["/no/such"], proc_id=3)
+    assert res.exit_code == 127 and res.error and "no such file or directory" in res.error
+
+
+@needs_root
+def test_not_executable_126(agent: Agent) -> None:
+    res, _, _ = agent.run(["/bin/notexec"], proc_id=2)
+    assert res.exit_code == 126 and res.error == 'exec: "/bin/notexec": Permission denied'
+    res, _, _ = agent.run(["notexec"], proc_id=3)
+    assert res.exit_code == 126 and res.error == 'exec: "notexec": permission denied'
+    assert res.started_uptime_ms is None
+
+
+@needs_root
+def test_signal_sigterm_143(agent: Agent) -> None:
+    agent.conn.run(1, ProcessSpec(args=["sleep", "100"]))
+    while (f := agent.conn.read_frame(5)) is not None and f.type != FrameType.STARTED:
+        pass
+    agent.conn.signal(1, signal.SIGTERM)
+    res = attach_process(agent.conn, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=5)
+    assert (res.exit_code, res.signal) == (143, 15)
+
+
+@needs_root
+def test_killed_by_signal_reports_kind_1(agent: Agent) -> None:
+    res, _, _ = agent.run(["sh", "-c", "kill -KILL $$"])
+    assert (res.exit_code, res.signal) == (137, 9)
+
+
+@needs_root
+def test_grandchild_holding_pipes_does_not_block_exit(agent: Agent) -> None:
+    t0 = time.monotonic()
+    res, out, _ = agent.run(["sh", "-c", "sleep 30 & echo hi"])
+    assert (res.exit_code, out) == (0, b"hi\n")
+    assert time.monotonic() - t0 < 3
+
+
+@needs_root
+def test_concurrent_processes_and_exit_after_main_ack(agent: Agent) -> None:
+    conn = agent.conn
+    conn.run(2, ProcessSpec(args=["sh", "-c", "sleep 0.3; echo two"]))
+    conn.run(3, ProcessSpec(args=["sh", "-c", "echo three"]))
+    outs: dict[int, bytes] = {2: b"", 3: b""}
+    exits: dict[int, tuple[int, int | None]] = {}
+    while len(exits) < 2:
+        f = conn.read_frame(5)
+        assert f is not None
+        if f.type == FrameType.STDOUT:
+            outs[f.proc_id] += f.payload
+        elif f.type == FrameType.EXIT:
+            exits[f.proc_id] = parse_exit(f.payload)
+            conn.ack_exit(f.proc_id)
+    assert outs == {2: b"two\n", 3: b"three\n"} and exits == {2: (0, None), 3: (0, None)}
+    assert agent.proc.poll() is None  # non-main processes don't end the agent
+    res, out, _ = agent.run(["echo", "main"])
+    assert (res.exit_code, out) == (0, b"main\n")
+    assert agent.proc.wait(timeout=3) == 0  # exits once the main EXIT is acked
+
+
+@needs_root
+def test_shutdown_sigterm_then_sigkill(agent: Agent) -> None:
+    # The shell survives SIGTERM (its sleeps don't), so only the SIGKILL after 1 s ends it.
+    script = "trap 'echo term' TERM; echo trapped; while :; do sleep 0.1; done"
+    agent.conn.run(1, ProcessSpec(args=["sh", "-c", script]))
+    while (f := agent.conn.read_frame(5)) is not None and f.type != FrameType.STDOUT:
+        pass  # wait for "trapped": a SIGTERM before the trap is set would just kill the shell
+    t0 = time.monotonic()
+    agent.conn.shutdown(1)
+    res = attach_process(agent.conn, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=5)
+    assert (res.exit_code, res.signal) == (137, 9)
+    assert 0.9 < time.monotonic() - t0 < 3
+    assert agent.proc.wait(timeout=3) == 0
+
+
+@needs_root
+def test_unknown_frame_ignored_oversized_frame_closes(agent: Agent) -> None:
+    agent.conn.sock.sendall(struct.pack(">BBHI", 0x42, 0, 1, 3) + b"abc")  # skipped by the agent
+    res, out, _ = agent.run(["echo", "still here"], proc_id=2)
+    assert (res.exit_code, out) == (0, b"still here\n")
+    agent.conn.sock.sendall(struct.pack(">BBHI", FrameType.STDIN, 0, 2, MAX_PAYLOAD + 1))
+    with pytest.raises(GuestError):
+        while agent.conn.read_frame(5) is not None:
+            pass
+    assert agent.proc.wait(timeout=3) == 0
+    assert b"protocol error" in agent.proc.stderr.read()  # type: ignore[union-attr]
+
+
+@needs_root
+def test_host_disconnect_kills_processes(agent: Agent) -> None:
+    agent.conn.run(1, ProcessSpec(args=["sleep", "100"]))
+    f = agent.conn.read_frame(5)
+    while f is not None and f.type != FrameType.STARTED:
+        f = agent.conn.read_frame(5)
+    assert f is not None
+    pid = int(f.payload.split()[0].removeprefix(b"pid="))
+    agent.conn.close()
+    assert agent.proc.wait(timeout=3) == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@needs_root
+def test_hostname_in_own_uts_namespace(agent_bin: Path, rootfs: Path) -> None:
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) missing")
+    with start_agent(agent_bin, rootfs, wrapper=("unshare", "--uts")) as a:
+        res, out, _ = a.run(["sh", "-c", 'echo "$(hostname) $HOSTNAME"'], hostname="box1", seed=b"\x12\x34")
+        assert (res.exit_code, out) == (0, b"box1 box1\n")
+
+
+@needs_root
+def test_pid1_reaps_and_powers_off_its_namespace(agent_bin: Path, rootfs: Path) -> None:
+    """As PID 1 (of a new PID namespace: reboot() there only ends the namespace)."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) missing")
+    wrapper = ("unshare", "--pid", "--fork", "--mount-proc")
+    with start_agent(agent_bin, rootfs, wrapper=wrapper, flags=()) as a:
+        # The orphaned `sleep` is reparented to the agent; the 200 ms drain rule still applies.
+        res, out, _ = a.run(["sh", "-c", "sleep 100 & echo $$"])
+        assert (res.exit_code, out) == (0, b"2\n")  # the agent is 1, its first child 2
+        t0 = time.monotonic()
+        a.proc.wait(timeout=5)
+        assert time.monotonic() - t0 < 3
