@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Build kvmc's guest artefacts into OUTDIR: the kernel (Debian's linux-image-cloud-amd64,
+# extracted with dpkg-deb, never installed into the host's /boot), an initramfs with busybox,
+# the virtio modules in dependency order and the static guest agent, and guest.json naming
+# them with their digests.
+#
+# The build is cached: it is skipped when the inputs (kernel package version, agent source,
+# init script, this script) hash to the digest recorded in OUTDIR/inputs.sha256.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: images/build.sh OUTDIR}
+kpkg=${KVMC_KERNEL_PACKAGE:-linux-image-cloud-amd64}
+# Modules the guest needs, by name; their dependencies are added from modules.dep.
+modules=(virtio_mmio virtio_blk virtio_console virtio_net virtio-rng)
+
+need() { command -v "$1" >/dev/null || { echo "images/build.sh: $1 is missing: run 'make setup' (apt-get install $2)" >&2; exit 1; }; }
+need dpkg-deb dpkg; need cpio cpio; need depmod kmod; need gcc gcc; need /bin/busybox busybox-static
+
+# Resolve the versioned kernel package the meta package depends on.
+kver_pkg=$(apt-cache depends "$kpkg" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+[ -n "$kver_pkg" ] || { echo "images/build.sh: cannot resolve $kpkg (run apt-get update)" >&2; exit 1; }
+kver_deb=$(apt-cache policy "$kver_pkg" | awk '/Candidate:/{print $2}')
+
+inputs=$( { echo "$kver_pkg $kver_deb"; cat "$here/build.sh" "$here/initramfs/init" "$here/agent/"*.c "$here/agent/Makefile"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] && [ -f "$out/guest.json" ]; then
+    echo "guest artefacts up to date in $out"
+    exit 0
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$out"
+
+echo "==> fetching $kver_pkg ($kver_deb)"
+(cd "$work" && apt-get download -q "$kver_pkg" >/dev/null 2>&1) || { echo "images/build.sh: apt-get download $kver_pkg failed" >&2; exit 1; }
+dpkg-deb -x "$work"/linux-image-*.deb "$work/kernel"
+kver=$(ls "$work/kernel/lib/modules")
+depmod -b "$work/kernel" "$kver"
+
+echo "==> building the agent"
+make -s -C "$here/agent" OUT="$work" >/dev/null
+
+echo "==> assembling the initramfs"
+root="$work/initramfs"
+mkdir -p "$root"/{bin,dev,proc,sys,newroot,lib/modules}
+cp /bin/busybox "$root/bin/busybox"
+cp "$here/initramfs/init" "$root/init"
+cp "$work/kvmc-agent" "$root/kvmc-agent"
+# Dependency order: modules.dep lists "mod: deps..." with the deepest dependency last.
+moddir="$work/kernel/lib/modules/$kver"
+declare -A seen=()
+order=()
+add_module() {  # $1: path relative to moddir
+    local path=$1 deps dep
+    [ -n "${seen[$path]:-}" ] && return
+    seen[$path]=1
+    deps=$(awk -F': *' -v m="$path" '$1 == m {print $2}' "$moddir/modules.dep")
+    for dep in $(echo "$deps" | tr ' ' '\n' | tac); do add_module "$dep"; done
+    order+=("$path")
+}
+for m in "${modules[@]}"; do
+    path=$(awk -F: -v m="/$m.ko" 'index($1, m) && substr($1, length($1) - length(m) + 1) == m {print $1; exit}' "$moddir/modules.dep")
+    [ -n "$path" ] || { echo "images/build.sh: module $m not in $kver_pkg" >&2; exit 1; }
+    add_module "$path"
+done
+: > "$root/modules.load"
+for path in "${order[@]}"; do
+    cp "$moddir/$path" "$root/lib/modules/$(basename "$path")"
+    basename "$path" >> "$root/modules.load"
+done
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$work/initramfs.img"
+
+cp "$work"/kernel/boot/vmlinuz-* "$out/vmlinuz.tmp" && mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$work/initramfs.img" "$out/initramfs.img"
+cat > "$out/guest.json.tmp" <<JSON
+{
+  "kernel": "vmlinuz",
+  "kernel_package": "$kver_pkg $kver_deb",
+  "kernel_release": "$kver",
+  "kernel_sha256": "$(sha256sum "$out/vmlinuz" | cut -d' ' -f1)",
+  "initramfs": "initramfs.img",
+  "initramfs_sha256": "$(sha256sum "$out/initramfs.img" | cut -d' ' -f1)",
+  "agent_sha256": "$(sha256sum "$work/kvmc-agent" | cut -d' ' -f1)",
+  "modules": [$(printf '"%s",' "${order[@]##*/}" | sed 's/,$//')]
+}
+JSON
+mv "$out/guest.json.tmp" "$out/guest.json"
+echo "$inputs" > "$out/inputs.sha256"
+echo "guest artefacts built in $out: $(du -h "$out/vmlinuz" | cut -f1) kernel, $(du -h "$out/initramfs.img" | cut -f1) initramfs"
