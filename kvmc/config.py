@@ -1,0 +1,117 @@
+"""kvmc configuration: YAML files plus ``KVMC_*`` environment variables, one typed object.
+
+Read once by the CLI and passed down, so that no module deep inside reads files or the
+environment on its own. Precedence, lowest first: built-in defaults,
+``/etc/kvmc/config.yaml``, ``~/.config/kvmc/config.yaml``, ``$KVMC_CONFIG`` (a file),
+``KVMC_<KEY>`` variables (e.g. ``KVMC_MEMORY_MIB=512``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kvmc.errors import UsageError
+
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/kvmc")
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "kvmc"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a kvmc command may need to know about the host and its defaults."""
+
+    data_dir: Path = field(default_factory=_default_data_dir)
+    libvirt_uri: str = "qemu:///system"
+    accel: str = "auto"
+    memory_mib: int = 256
+    cpus: int = 1
+    guest_dir: Path | None = None
+    templates_dir: Path = REPO_ROOT / "templates"
+    boot_timeout_s: float = 60.0
+    stop_timeout_s: int = 10
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def containers_dir(self) -> Path:
+        return self.data_dir / "containers"
+
+    @property
+    def guest_artefacts_dir(self) -> Path:
+        return self.guest_dir or self.data_dir / "guest"
+
+    def validate(self) -> Config:
+        if self.accel not in ACCEL_CHOICES:
+            raise UsageError(f"invalid accel {self.accel!r}: choose one of {', '.join(ACCEL_CHOICES)}")
+        if self.memory_mib < 64:
+            raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
+        if self.cpus < 1:
+            raise UsageError(f"cpus must be at least 1, not {self.cpus}")
+        return self
+
+
+_TYPES = {f.name: f for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    kind = str(_TYPES[key].type)
+    try:
+        if "Path" in kind:
+            return Path(os.path.expanduser(str(value)))
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"config key {key!r}: {exc}") from exc
+
+
+def _apply(config: Config, values: Mapping[str, Any], source: str) -> Config:
+    changes = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in _TYPES:
+            raise UsageError(f"{source}: unknown config key {raw_key!r} (known: {', '.join(sorted(_TYPES))})")
+        changes[key] = _coerce(key, value)
+    return replace(config, **changes)
+
+
+def config_files(env: Mapping[str, str]) -> list[Path]:
+    home = Path(env.get("HOME", str(Path.home())))
+    files = [Path("/etc/kvmc/config.yaml"), home / ".config/kvmc/config.yaml"]
+    if env.get("KVMC_CONFIG"):
+        files.append(Path(env["KVMC_CONFIG"]))
+    return files
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Build the configuration from files and the environment (see module docstring)."""
+    env = os.environ if env is None else env
+    config = Config()
+    for path in config_files(env):
+        if not path.is_file():
+            continue
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: expected a mapping of settings")
+        config = _apply(config, values, str(path))
+    from_env = {k[len("KVMC_"):].lower(): v for k, v in env.items() if k.startswith("KVMC_") and k != "KVMC_CONFIG"}
+    config = _apply(config, {k: v for k, v in from_env.items() if k in _TYPES}, "environment")
+    return config.validate()
