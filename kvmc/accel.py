@@ -1,0 +1,118 @@
+"""Choose the accelerator: KVM where it really runs a guest, TCG where it does not.
+
+``/dev/kvm`` existing proves little: on nested or paravirtual hosts it opens fine and the
+guest then dies in early boot or spins (docs/platform.md). So 'auto' boots kvmc's own guest
+kernel once under KVM with a short deadline and looks for a marker on its console; the
+verdict is cached per (guest kernel, QEMU binary, host kernel) and announced once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kvmc.domain import DOMAIN_PREFIX, EMULATOR, VMSpec, host_tsc_khz, render_domain_xml
+from kvmc.errors import HypervisorError, UsageError
+from kvmc.guest import GuestArtefacts
+from kvmc.hypervisor import Hypervisor
+
+PROBE_MARKER = "KVMC-PROBE-OK"
+PROBE_TIMEOUT_S = 20.0
+LIBVIRT_TYPE = {"kvm": "kvm", "tcg": "qemu"}
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """The accelerator to use ('kvm' or 'tcg') and why."""
+
+    accel: str
+    reason: str
+
+    @property
+    def domain_type(self) -> str:
+        return LIBVIRT_TYPE[self.accel]
+
+
+def _last_line(text: str) -> str:
+    """The most specific line of a multi-line QEMU/libvirt error, shortened."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return (lines[-1] if lines else text)[:160]
+
+
+def _cache_key(guest: GuestArtefacts) -> str:
+    qemu = Path(EMULATOR)
+    qemu_id = f"{qemu.stat().st_mtime_ns}" if qemu.exists() else "absent"
+    return f"{guest.digest}/{qemu_id}/{os.uname().release}"
+
+
+def probe_kvm(hv: Hypervisor, guest: GuestArtefacts, work_dir: Path, templates_dir: Path) -> AccelChoice:
+    """Boot the guest kernel under KVM; 'kvm' if it reaches user space within the deadline."""
+    if not os.path.exists("/dev/kvm"):
+        return AccelChoice("tcg", "/dev/kvm does not exist")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="probe-", dir=work_dir))
+    name = f"{DOMAIN_PREFIX}probe-{secrets.token_hex(4)}"
+    console = tmp / "console.log"
+    spec = VMSpec(
+        name=name, uuid=str(uuid.uuid4()), container_id="probe", container_name="accel-probe",
+        domain_type="kvm", memory_mib=128, vcpus=1, kernel=guest.kernel, initrd=guest.initramfs,
+        console_log=console, extra_cmdline=("kvmc.probe",), tsc_khz=host_tsc_khz(),
+    )
+    try:
+        start = time.monotonic()
+        try:
+            hv.create_transient(render_domain_xml(spec, templates_dir))
+        except HypervisorError as exc:
+            return AccelChoice("tcg", f"QEMU cannot start a KVM guest ({_last_line(exc.message)})")
+        stopped = hv.wait_stopped(name, PROBE_TIMEOUT_S)
+        elapsed = time.monotonic() - start
+        text = console.read_text(errors="replace") if console.exists() else ""
+        if PROBE_MARKER in text:
+            return AccelChoice("kvm", f"a KVM guest reached user space in {elapsed:.1f}s")
+        if not stopped:
+            return AccelChoice("tcg", f"a KVM guest did not reach user space within {PROBE_TIMEOUT_S:.0f}s")
+        return AccelChoice("tcg", f"a KVM guest died during boot ({_last_line(text) or 'no console output'})")
+    finally:
+        hv.destroy(name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def choose_accel(
+    requested: str,
+    hv: Hypervisor,
+    guest: GuestArtefacts,
+    data_dir: Path,
+    templates_dir: Path,
+    notice: Callable[[str], None],
+) -> AccelChoice:
+    """Resolve 'auto' | 'kvm' | 'tcg' to an accelerator; 'auto' probes once and caches."""
+    if requested == "kvm":
+        return AccelChoice("kvm", "forced with --accel kvm")
+    if requested == "tcg":
+        return AccelChoice("tcg", "forced with --accel tcg")
+    if requested != "auto":
+        raise UsageError(f"invalid --accel {requested!r}: choose auto, kvm or tcg")
+    cache = data_dir / "accel.json"
+    key = _cache_key(guest)
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return AccelChoice(cached["accel"], cached["reason"])
+    except (OSError, ValueError, KeyError):
+        pass
+    choice = probe_kvm(hv, guest, data_dir / "tmp", templates_dir)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "accel": choice.accel, "reason": choice.reason}))
+    tmp.replace(cache)
+    if choice.accel == "tcg":
+        notice(f"KVM is not usable here: {choice.reason}. Using TCG (software emulation, slower); "
+               "force a choice with --accel kvm|tcg.")
+    return choice

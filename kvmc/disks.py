@@ -1,0 +1,24 @@
+"""Per-container disks: a qcow2 copy-on-write overlay on the image's read-only ext4 base.
+
+The base is shared by every container of the image and never written; each container's
+writes land in its own overlay, which lives in the container's directory until ``rm``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from kvmc.errors import KvmcError
+
+
+def create_overlay(base: Path, overlay: Path) -> Path:
+    """Create ``overlay`` as a qcow2 backed by the raw ``base`` (absolute path recorded)."""
+    cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base.resolve()), str(overlay)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise KvmcError("qemu-img is not installed", hint='run "make setup" (apt-get install qemu-utils)') from exc
+    except subprocess.CalledProcessError as exc:
+        raise KvmcError(f"cannot create the container disk {overlay}: {exc.stderr.strip()}") from exc
+    return overlay

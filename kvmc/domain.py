@@ -1,0 +1,115 @@
+"""The VM definition: a typed spec of one microVM, rendered to libvirt XML from templates/.
+
+All choices (machine shape, kernel command line, devices) are made here in Python, where
+they can be unit-tested; ``templates/domain.xml.j2`` only spells them in libvirt's XML.
+The shape follows docs/platform.md: microvm machine, direct kernel boot, ACPI on (the
+Debian kernel finds virtio-mmio devices through ACPI), virtio-mmio addresses on every device,
+no USB, no balloon, a serial console log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+AGENT_PORT_NAME = "org.kvmc.agent"
+DOMAIN_PREFIX = "kvmc-"
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+# Under TCG, about one boot in three hangs calibrating the TSC against the PIT; telling the
+# kernel the host's TSC rate up front avoids that (docs/platform.md).
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """A virtio-blk disk; ``backing_path`` set for a qcow2 overlay on a raw base."""
+
+    path: Path
+    target: str
+    format: str = "qcow2"
+    backing_path: Path | None = None
+    backing_format: str = "raw"
+    readonly: bool = False
+    # The overlay is private to one VM and is flushed by the guest's sync before power-off;
+    # writeback lets QEMU use the host page cache instead of O_DIRECT on small writes.
+    cache: str = "writeback"
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """A virtio-serial port backed by a unix socket that QEMU listens on."""
+
+    socket: Path
+    name: str = AGENT_PORT_NAME
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything that makes one kvmc VM; ``domain_type`` is libvirt's: 'kvm' or 'qemu' (TCG)."""
+
+    name: str
+    uuid: str
+    container_id: str
+    container_name: str
+    domain_type: str
+    memory_mib: int
+    vcpus: int
+    kernel: Path
+    initrd: Path
+    console_log: Path
+    disks: list[DiskSpec] = field(default_factory=list)
+    channels: list[ChannelSpec] = field(default_factory=list)
+    extra_cmdline: tuple[str, ...] = ()
+    emulator: str = EMULATOR
+    tsc_khz: int | None = None
+
+    @property
+    def cmdline(self) -> str:
+        return kernel_cmdline(self.tsc_khz, self.extra_cmdline)
+
+
+def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
+    """The host TSC rate in kHz as /proc/cpuinfo reports it (the first 'cpu MHz' line)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":", 1)[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = ()) -> str:
+    """The guest kernel command line; every word is there for a reason given beside it."""
+    words = [
+        "console=ttyS0",  # the serial console log: boot failures are readable there
+        "quiet",  # each console byte is an emulated UART write: keep boot quiet
+        "panic=-1",  # a guest panic ends the VM at once instead of hanging it
+        "reboot=t",  # a triple fault reboots instantly (on_reboot=destroy ends the VM)
+        "i8042.noaux",  # microvm has no PS/2 controller: skip probing for one
+        "i8042.nokbd",
+        "random.trust_cpu=on",  # RDRAND seeds the RNG at once: no wait for entropy
+    ]
+    if tsc_khz:
+        words.append(f"tsc_early_khz={tsc_khz}")
+    return " ".join([*words, *extra])
+
+
+@lru_cache(maxsize=4)
+def _environment(templates_dir: Path) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir)),
+        autoescape=jinja2.select_autoescape(["xml", "j2"], default=True),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def render_domain_xml(spec: VMSpec, templates_dir: Path) -> str:
+    """Render ``templates_dir/domain.xml.j2`` for ``spec``."""
+    if spec.domain_type not in ("kvm", "qemu"):
+        raise ValueError(f"domain type must be 'kvm' or 'qemu', not {spec.domain_type!r}")
+    return _environment(templates_dir).get_template("domain.xml.j2").render(spec=spec)

@@ -1,0 +1,55 @@
+"""Where the guest kernel, initramfs and agent built by ``images/build.sh`` are, and their digests.
+
+The digests matter beyond bookkeeping: they key the accel probe cache (and, later, pool
+members), so a rebuilt guest is never mistaken for the one a cached fact was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmc.errors import GuestError
+
+BUILD_HINT = 'build it with "make guest" (images/build.sh DIR)'
+
+
+@dataclass(frozen=True)
+class GuestArtefacts:
+    """The kernel and initramfs every kvmc VM boots, as recorded in guest.json."""
+
+    kernel: Path
+    initramfs: Path
+    kernel_sha256: str
+    initramfs_sha256: str
+    agent_sha256: str
+    kernel_release: str
+
+    @property
+    def digest(self) -> str:
+        """One short digest for the whole guest, for cache keys."""
+        return f"{self.kernel_sha256[:16]}-{self.initramfs_sha256[:16]}"
+
+
+def load_guest(directory: Path) -> GuestArtefacts:
+    """Read ``directory/guest.json``; a missing or partial build is a one-sentence error."""
+    manifest = directory / "guest.json"
+    if not manifest.is_file():
+        raise GuestError(f"no guest kernel built yet in {directory}", hint=BUILD_HINT)
+    try:
+        meta = json.loads(manifest.read_text())
+        guest = GuestArtefacts(
+            kernel=directory / meta["kernel"],
+            initramfs=directory / meta["initramfs"],
+            kernel_sha256=meta["kernel_sha256"],
+            initramfs_sha256=meta["initramfs_sha256"],
+            agent_sha256=meta["agent_sha256"],
+            kernel_release=meta.get("kernel_release", "unknown"),
+        )
+    except (ValueError, KeyError) as exc:
+        raise GuestError(f"{manifest} is unreadable ({exc})", hint=BUILD_HINT) from exc
+    for path in (guest.kernel, guest.initramfs):
+        if not path.is_file():
+            raise GuestError(f"guest artefact {path} is missing", hint=BUILD_HINT)
+    return guest

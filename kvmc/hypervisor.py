@@ -1,0 +1,140 @@
+"""The only module that imports libvirt: define, start, watch, destroy and remove domains.
+
+Everything above it speaks in domain names and XML strings, so it can be unit-tested
+without libvirt. libvirt's own error reporting (which prints to stderr by default) is
+silenced here and turned into :class:`HypervisorError` with a sentence the user can act on.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kvmc.errors import HypervisorError
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - depends on the host
+    libvirt = None
+
+START_HINT = 'start it with "libvirtd -d && virtlogd -d" as root, or run "make setup"'
+
+_STATES = {
+    0: "nostate", 1: "running", 2: "blocked", 3: "paused",
+    4: "shutdown", 5: "shutoff", 6: "crashed", 7: "pmsuspended",
+}
+
+
+def _quiet(_ctx: Any, _err: Any) -> None:
+    """libvirt error handler that prints nothing: errors reach the user as exceptions."""
+
+
+class Hypervisor:
+    """A lazily opened libvirt connection with the few operations kvmc needs."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+
+    @property
+    def conn(self) -> Any:
+        if self._conn is None:
+            if libvirt is None:
+                raise HypervisorError(
+                    "the libvirt Python binding is not installed",
+                    hint='install it with "make setup" (pip install libvirt-python)',
+                )
+            libvirt.registerErrorHandler(_quiet, None)
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(
+                    f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}", hint=START_HINT
+                ) from exc
+        return self._conn
+
+    def _lookup(self, name: str) -> Any | None:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+
+    def define(self, xml: str) -> None:
+        """Define a persistent domain (it stays listed, shut off, after its guest powers off)."""
+        try:
+            self.conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt refused the domain: {exc.get_error_message()}") from exc
+
+    def start(self, name: str) -> None:
+        dom = self._require(name)
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot start VM {name}: {exc.get_error_message()}") from exc
+
+    def create_transient(self, xml: str) -> None:
+        """Start a domain that libvirt forgets as soon as it stops (used by the accel probe)."""
+        try:
+            self.conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot start VM: {exc.get_error_message()}") from exc
+
+    def _require(self, name: str) -> Any:
+        dom = self._lookup(name)
+        if dom is None:
+            raise HypervisorError(f"libvirt has no domain {name}")
+        return dom
+
+    def state(self, name: str) -> str | None:
+        """'running', 'shutoff', 'paused', 'crashed', ..., or None when no such domain exists."""
+        dom = self._lookup(name)
+        if dom is None:
+            return None
+        try:
+            code, _reason = dom.state()
+        except libvirt.libvirtError:
+            return None  # vanished between lookup and state (transient domain ended)
+        return _STATES.get(code, "nostate")
+
+    def wait_stopped(self, name: str, timeout: float, poll: float = 0.05) -> bool:
+        """Wait until the domain is shut off (or gone); True if it did within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state(name) in (None, "shutoff", "crashed"):
+                return True
+            time.sleep(poll)
+        return False
+
+    def destroy(self, name: str) -> None:
+        """Power the VM off at once; a domain that is not running is left as it is."""
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError as exc:
+            if self.state(name) not in (None, "shutoff"):
+                raise HypervisorError(f"cannot destroy VM {name}: {exc.get_error_message()}") from exc
+
+    def undefine(self, name: str) -> None:
+        """Forget a domain (destroying it first if it runs); a missing domain is no error."""
+        self.destroy(name)
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.undefine()
+        except libvirt.libvirtError as exc:
+            if self._lookup(name) is not None:
+                raise HypervisorError(f"cannot undefine VM {name}: {exc.get_error_message()}") from exc
+
+    def domain_names(self, prefix: str) -> list[str]:
+        """Names of all domains, running or defined, that start with ``prefix``."""
+        try:
+            return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc

@@ -1,0 +1,158 @@
+"""Container records: one directory per container under the state root, one JSON record each.
+
+Why files and not a daemon: kvmc has no daemon, so concurrent CLI invocations coordinate
+through the file system. Records are written atomically (temp file + rename); a name is
+reserved by creating ``names/<name>`` with O_EXCL, which is atomic, so two concurrent
+``run --name x`` can never both get ``x``. Everything a container owns on the host (overlay,
+agent socket, console and output logs) lives in its directory, so ``rm`` is one rmtree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvmc.errors import ContainerNotFound, UsageError
+from kvmc.names import generate_name, valid_name
+
+ID_PREFIX_MIN = 1
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ContainerRecord:
+    """What kvmc knows about one container; ``state`` is created | running | exited."""
+
+    id: str
+    name: str
+    image: str
+    image_id: str
+    domain: str
+    accel: str
+    memory_mib: int
+    cpus: int
+    process: dict[str, Any]
+    auto_remove: bool = False
+    detached: bool = False
+    state: str = "created"
+    created: str = field(default_factory=now_iso)
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    monitor_pid: int | None = None
+    boot: str = "cold"
+    guest_uptime_ms: int | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+_FIELDS = {f.name for f in fields(ContainerRecord)}
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+class StateStore:
+    """Container records under ``root`` (``<root>/<id>/record.json`` and ``<root>/names/``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.names = root / "names"
+
+    def container_dir(self, container_id: str) -> Path:
+        return self.root / container_id
+
+    def _reserve_name(self, name: str, container_id: str) -> bool:
+        try:
+            fd = os.open(self.names / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(container_id)
+        return True
+
+    def allocate(self, name: str | None) -> tuple[str, str, Path]:
+        """Reserve a fresh id, a unique name (given or generated) and the container's directory."""
+        self.names.mkdir(parents=True, exist_ok=True)
+        container_id = secrets.token_hex(32)
+        if name is not None:
+            if not valid_name(name):
+                raise UsageError(f'invalid container name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
+            if not self._reserve_name(name, container_id):
+                owner = (self.names / name).read_text().strip()[:12]
+                raise UsageError(f'the container name "{name}" is already in use by container {owner}: '
+                                 "remove it or choose another name")
+        else:
+            for attempt in range(100):
+                name = generate_name() if attempt < 50 else f"{generate_name()}{attempt}"
+                if self._reserve_name(name, container_id):
+                    break
+            else:  # pragma: no cover - 1000 names in use at once
+                raise UsageError("could not generate a free container name; pass --name")
+        directory = self.container_dir(container_id)
+        directory.mkdir(mode=0o755)
+        return container_id, name, directory
+
+    def save(self, record: ContainerRecord) -> None:
+        _write_atomic(self.container_dir(record.id) / "record.json", json.dumps(asdict(record), indent=1))
+
+    def load(self, container_id: str) -> ContainerRecord | None:
+        try:
+            data = json.loads((self.container_dir(container_id) / "record.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return ContainerRecord(**{k: v for k, v in data.items() if k in _FIELDS})
+
+    def update(self, record: ContainerRecord, **changes: Any) -> ContainerRecord:
+        for key, value in changes.items():
+            setattr(record, key, value)
+        self.save(record)
+        return record
+
+    def list(self) -> list[ContainerRecord]:
+        if not self.root.is_dir():
+            return []
+        records = [self.load(p.name) for p in self.root.iterdir() if p.is_dir() and p.name != "names"]
+        return sorted((r for r in records if r is not None), key=lambda r: r.created, reverse=True)
+
+    def resolve(self, ref: str) -> ContainerRecord:
+        """Find a container by exact name, full id, or unambiguous id prefix."""
+        try:
+            owner = (self.names / ref).read_text().strip()
+            record = self.load(owner)
+            if record is not None:
+                return record
+        except (OSError, ValueError):
+            pass
+        matches = [r for r in self.list() if r.id.startswith(ref.lower())] if ref else []
+        if not matches:
+            raise ContainerNotFound(f"no such container: {ref}")
+        if len(matches) > 1:
+            ids = ", ".join(r.short_id for r in matches[:5])
+            raise ContainerNotFound(f'container prefix "{ref}" is ambiguous: it matches {ids}')
+        return matches[0]
+
+    def remove(self, container_id: str, name: str | None) -> None:
+        """Delete the container's directory and release its name (both idempotent)."""
+        shutil.rmtree(self.container_dir(container_id), ignore_errors=True)
+        if name:
+            try:
+                if (self.names / name).read_text().strip() == container_id:
+                    (self.names / name).unlink()
+            except OSError:
+                pass
