@@ -21,6 +21,12 @@ ACCEL_CHOICES = ("auto", "kvm", "tcg")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _default_run_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/kvmc")
+    return Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/kvmc-{os.getuid()}")) / "kvmc"
+
+
 def _default_data_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/kvmc")
@@ -32,6 +38,8 @@ class Config:
     """Everything a kvmc command may need to know about the host and its defaults."""
 
     data_dir: Path = field(default_factory=_default_data_dir)
+    # Unix sockets live here, not in data_dir: their paths must stay under 108 bytes.
+    run_dir: Path = field(default_factory=_default_run_dir)
     libvirt_uri: str = "qemu:///system"
     accel: str = "auto"
     memory_mib: int = 256
@@ -68,6 +76,10 @@ _TYPES = {f.name: f for f in fields(Config)}
 
 def _coerce(key: str, value: Any) -> Any:
     kind = str(_TYPES[key].type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UsageError(f"config key {key!r} needs a value")
     try:
         if "Path" in kind:
             return Path(os.path.expanduser(str(value)))

@@ -76,7 +76,7 @@ def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("cpu MHz"):
-                return int(float(line.split(":", 1)[1]) * 1000)
+                return round(float(line.split(":", 1)[1]) * 1000)
     except (OSError, ValueError):
         pass
     return None

@@ -15,7 +15,7 @@ _SURNAMES = (
     "liskov torvalds corbato dijkstra kildall wirth hamilton tanenbaum bugnion rosenblum"
 ).split()
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")
 
 
 def generate_name() -> str:
@@ -24,4 +24,4 @@ def generate_name() -> str:
 
 def valid_name(name: str) -> bool:
     """Docker's rule: ``[a-zA-Z0-9][a-zA-Z0-9_.-]+`` (kvmc also allows one character)."""
-    return bool(NAME_RE.match(name))
+    return bool(NAME_RE.fullmatch(name))

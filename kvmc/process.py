@@ -6,7 +6,9 @@ and cmd merging, env precedence, ``-e NAME`` taking the host's value) are unit-t
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -78,17 +80,18 @@ def build_process(config: ImageConfig, opts: ProcessOptions, host_env: Mapping[s
     }
 
 
+# docker's RAMInBytes grammar: a number, an optional unit, optional "i" and "b" (512m, 1GiB, 2gb).
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgt])?i?b?", re.IGNORECASE)
+_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
 def parse_memory(value: str) -> int:
-    """Docker's --memory (``512m``, ``1g``, bytes when bare) in MiB."""
-    units = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    text = value.strip().lower()
-    unit = text[-1] if text and text[-1] in units else "b"
-    number = text[:-1] if text and text[-1] in units else text
-    try:
-        amount = float(number)
-    except ValueError:
-        raise UsageError(f'invalid --memory "{value}": use a size such as 256m or 1g') from None
-    mib = int(amount * units[unit]) // (1 << 20)
+    """Docker's --memory (``512m``, ``1g``, ``1GiB``; bytes when bare) in MiB."""
+    match = _SIZE_RE.fullmatch(value.strip())
+    if not match:
+        raise UsageError(f'invalid --memory "{value}": use a size such as 256m or 1g')
+    unit = match[2].lower() if match[2] else None
+    mib = int(float(match[1]) * _UNITS[unit]) // (1 << 20)
     if mib < 64:
         raise UsageError(f'--memory "{value}" is too small: a kvmc VM needs at least 64m')
     return mib
@@ -100,6 +103,6 @@ def parse_cpus(value: str) -> int:
         amount = float(value)
     except ValueError:
         raise UsageError(f'invalid --cpus "{value}": use a number such as 1 or 2') from None
-    if amount <= 0:
+    if not math.isfinite(amount) or amount <= 0:
         raise UsageError(f'--cpus "{value}" must be greater than 0')
     return max(1, -int(-amount // 1))

@@ -102,11 +102,13 @@ class Runtime:
         self._say(f"accelerator: {accel.accel} ({accel.reason})")
         container_id, name, directory = self.state.allocate(opts.name)
         process["hostname"] = process["hostname"] or container_id[:12]
+        self.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         record = ContainerRecord(
             id=container_id, name=name, image=opts.image, image_id=image.id,
             domain=f"{DOMAIN_PREFIX}{container_id[:16]}", accel=accel.accel,
             memory_mib=opts.memory_mib or self.config.memory_mib, cpus=opts.cpus or self.config.cpus,
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
+            agent_socket=str(self.config.run_dir / f"{container_id[:16]}.agent.sock"),
         )
         try:
             self.state.save(record)
@@ -116,7 +118,7 @@ class Runtime:
                 domain_type=accel.domain_type, memory_mib=record.memory_mib, vcpus=record.cpus,
                 kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
                 disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
-                channels=[ChannelSpec(socket=directory / "agent.sock")], tsc_khz=host_tsc_khz(),
+                channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
@@ -131,7 +133,7 @@ class Runtime:
         try:
             self.hv.undefine(record.domain)
         finally:
-            self.state.remove(record.id, record.name)
+            self.state.remove(record)
 
     # ------------------------------------------------------------------ start
     def _boot_failure(self, record: ContainerRecord, what: str) -> GuestError:
@@ -147,8 +149,7 @@ class Runtime:
         started = time.monotonic()
         self.hv.start(record.domain)
         self.state.update(record, state="running")
-        sock = self.state.container_dir(record.id) / "agent.sock"
-        conn = AgentConnection.connect(str(sock), timeout=self.config.boot_timeout_s)
+        conn = AgentConnection.connect(record.agent_socket, timeout=self.config.boot_timeout_s)
         proc = record.process
         conn.run(MAIN_PROCESS, ProcessSpec(
             args=proc["args"], env=proc["env"], cwd=proc["cwd"], user=proc["user"],

@@ -50,6 +50,7 @@ class ContainerRecord:
     exit_code: int | None = None
     error: str | None = None
     monitor_pid: int | None = None
+    agent_socket: str = ""
     boot: str = "cold"
     guest_uptime_ms: int | None = None
 
@@ -78,12 +79,16 @@ class StateStore:
         return self.root / container_id
 
     def _reserve_name(self, name: str, container_id: str) -> bool:
+        """Atomically claim ``names/<name>``: link() a file already holding the id, so a
+        loser never sees the reservation without its owner."""
+        tmp = self.names / f".{container_id}.{secrets.token_hex(3)}"
+        tmp.write_text(container_id)
         try:
-            fd = os.open(self.names / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.link(tmp, self.names / name)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(container_id)
+        finally:
+            tmp.unlink()
         return True
 
     def allocate(self, name: str | None) -> tuple[str, str, Path]:
@@ -147,8 +152,14 @@ class StateStore:
             raise ContainerNotFound(f'container prefix "{ref}" is ambiguous: it matches {ids}')
         return matches[0]
 
-    def remove(self, container_id: str, name: str | None) -> None:
-        """Delete the container's directory and release its name (both idempotent)."""
+    def remove(self, record: ContainerRecord) -> None:
+        """Delete the container's directory and socket and release its name (idempotent)."""
+        self.release(record.id, record.name)
+        if record.agent_socket:
+            Path(record.agent_socket).unlink(missing_ok=True)
+
+    def release(self, container_id: str, name: str | None) -> None:
+        """Delete a container directory and release its name, for a record never saved."""
         shutil.rmtree(self.container_dir(container_id), ignore_errors=True)
         if name:
             try:

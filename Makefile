@@ -1,0 +1,24 @@
+# The README's two commands are "make demo" and "make test"; both set the host up first.
+SHELL := /bin/bash
+KVMC  := .venv/bin/kvmc
+PYTEST_WORKERS ?= 2
+
+.PHONY: setup guest demo test unit bench clean
+
+setup:                       ## install packages, start libvirtd, build guest + default image
+	ci/setup-host.sh
+
+guest:                       ## (re)build the guest kernel, initramfs and agent only
+	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest
+
+demo: setup                  ## boot the default image in a microVM and run a command in it
+	$(KVMC) run --rm kvmc/busybox -- sh -c 'echo "hello from $$(hostname), a microVM running $$(uname -sr)"; cat /proc/cpuinfo | grep -m1 "model name"'
+
+test: setup                  ## the whole suite: unit tests and end-to-end tests that boot VMs
+	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) -ra tests
+
+unit:                        ## fast tests only (no VM boots)
+	.venv/bin/python -m pytest -q tests/unit
+
+bench: setup                 ## benchmarks (bench/)
+	.venv/bin/python bench/startup.py

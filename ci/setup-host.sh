@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 host for kvmc, as root, idempotently: apt packages, libvirt daemons
+# (started by hand when no service manager runs them), /dev/kvm access for libvirt's QEMU
+# user, the Python virtualenv, the guest kernel/initramfs/agent, and the default image.
+# Used by "make setup" (and so by "make demo", "make test" and CI): one path for everyone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+KVMC_DATA_DIR=${KVMC_DATA_DIR:-/var/lib/kvmc}
+APT_PACKAGES=(
+    qemu-system-x86 qemu-utils            # the hypervisor (microvm machine) and qemu-img
+    libvirt-daemon-system libvirt-clients # libvirtd, virtlogd, virsh
+    libvirt-dev pkg-config gcc make       # to build libvirt-python and the static guest agent
+    python3-venv python3-dev
+    busybox-static                        # the guest's userland and the default image
+    e2fsprogs skopeo umoci                # image store: ext4 base disks, OCI conversion/unpacking
+    cpio kmod                             # initramfs assembly, depmod for the kernel's modules
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "ci/setup-host.sh: run as root (it installs packages and starts libvirtd)" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+echo "==> apt: refreshing package lists"
+apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> apt: installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirt's QEMU runs as libvirt-qemu (group kvm). Without udev, /dev/kvm stays root:root 0600,
+# and libvirt then re-probes QEMU's capabilities on every call (~50 s a VM start). This is
+# the permission Debian's udev rule gives it.
+if [ -c /dev/kvm ] && [ "$(stat -c %G /dev/kvm)" != kvm ]; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+if ! pgrep -x virtlogd >/dev/null; then
+    echo "==> starting virtlogd"
+    virtlogd -d
+fi
+if ! pgrep -x libvirtd >/dev/null; then
+    echo "==> starting libvirtd"
+    libvirtd -d
+fi
+for _ in $(seq 100); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.1
+done
+virsh -c qemu:///system version >/dev/null || { echo "libvirtd does not answer on qemu:///system" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating the virtualenv .venv"
+    python3 -m venv .venv
+fi
+echo "==> pip: installing kvmc and its test dependencies"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "==> guest kernel, initramfs and agent"
+mkdir -p "$KVMC_DATA_DIR"
+chmod 0755 "$KVMC_DATA_DIR"
+images/build.sh "$KVMC_DATA_DIR/guest"
+
+echo "==> default image"
+.venv/bin/kvmc image build-default >/dev/null
+.venv/bin/kvmc info

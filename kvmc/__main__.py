@@ -1,0 +1,3 @@
+from kvmc.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""End-to-end fixtures: a private kvmc state root per test session, real libvirt, real VMs.
+
+Each pytest-xdist worker gets its own data dir under /var/lib/kvmc/tests (libvirt's QEMU user
+must be able to traverse it, which rules out pytest's 0700 tmp dirs), sharing only the guest
+artefacts that "make setup" built. The CLI is run as a subprocess, exactly as a user runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kvmc.images import add_layer, build_busybox_layout
+
+SHARED_DATA = Path(os.environ.get("KVMC_TEST_SHARED_DATA", "/var/lib/kvmc"))
+TEST_ROOT = SHARED_DATA / "tests"
+DEFAULT_IMAGE = "kvmc/busybox:latest"
+
+
+@dataclass
+class Kvmc:
+    """Runs the kvmc CLI against one isolated state root."""
+
+    env: dict[str, str]
+    data_dir: Path
+
+    def __call__(self, *args: str, input: bytes | None = None, timeout: float = 180,
+                 check: bool = False) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kvmc", *args], input=input, env=self.env,
+            capture_output=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kvmc {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
+        return proc
+
+    def domains(self) -> set[str]:
+        """libvirt domains belonging to this state root's containers (by recorded domain name)."""
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                             capture_output=True, text=True, check=True).stdout.split()
+        ours = set()
+        containers = self.data_dir / "containers"
+        if containers.is_dir():
+            ours = {f"kvmc-{p.name[:16]}" for p in containers.iterdir() if p.name != "names"}
+        return {d for d in out if d in ours}
+
+
+@pytest.fixture(scope="session")
+def kvmc() -> Kvmc:
+    if not (SHARED_DATA / "guest" / "guest.json").exists():
+        pytest.fail(f"no guest artefacts in {SHARED_DATA}/guest: run 'make setup' first")
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    os.chmod(TEST_ROOT, 0o755)
+    data_dir = Path(tempfile.mkdtemp(prefix="session-", dir=TEST_ROOT))
+    os.chmod(data_dir, 0o755)
+    env = {**os.environ, "KVMC_DATA_DIR": str(data_dir), "KVMC_GUEST_DIR": str(SHARED_DATA / "guest")}
+    tool = Kvmc(env=env, data_dir=data_dir)
+    tool("image", "build-default", check=True)
+    yield tool
+    for record in (data_dir / "containers").glob("*/record.json"):
+        tool("rm", "-f", record.parent.name)
+    leaked = tool.domains()
+    shutil.rmtree(data_dir, ignore_errors=True)
+    assert not leaked, f"domains leaked by the e2e session: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def layouts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch dir of OCI layouts built from busybox-static with umoci."""
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="session")
+def config_image(kvmc: Kvmc, layouts: Path) -> str:
+    """An image whose config sets Entrypoint, Cmd, Env, WorkingDir and User."""
+    layout = build_busybox_layout(layouts / "cfg", "latest")
+    subprocess.run(
+        ["umoci", "config", "--image", f"{layout}:latest",
+         "--config.entrypoint", "/bin/sh", "--config.entrypoint", "-c",
+         "--config.cmd", 'echo "cmd:$GREETING:$(pwd):$(id -un)"',
+         "--config.env", "GREETING=from-image", "--config.workingdir", "/home/app",
+         "--config.user", "app"],
+        check=True, capture_output=True,
+    )
+    kvmc("image", "import", str(layout), "--name", "test/config:1", check=True)
+    return "test/config:1"
+
+
+@pytest.fixture(scope="session")
+def whiteout_image(kvmc: Kvmc, layouts: Path) -> str:
+    """A two-layer image: the upper layer deletes /etc/deleted-me and adds /etc/added."""
+    layout = build_busybox_layout(layouts / "wh", "latest")
+
+    def lower(rootfs: Path) -> None:
+        (rootfs / "etc/deleted-me").write_text("lower\n")
+        (rootfs / "etc/kept").write_text("kept\n")
+
+    def upper(rootfs: Path) -> None:
+        (rootfs / "etc/deleted-me").unlink()
+        (rootfs / "etc/added").write_text("upper\n")
+
+    add_layer(layout, "latest", lower)
+    add_layer(layout, "latest", upper)
+    kvmc("image", "import", str(layout), "--name", "test/whiteout:1", check=True)
+    return "test/whiteout:1"

@@ -1,0 +1,159 @@
+"""kvmc run, end to end: every test boots real microVMs through libvirt (TCG in CI)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import tarfile
+
+import pytest
+
+from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
+
+pytestmark = pytest.mark.e2e
+
+
+def test_output_streams_and_exit_code_round_trip(kvmc: Kvmc) -> None:
+    proc = kvmc("run", "--rm", DEFAULT_IMAGE, "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert proc.stdout == b"out\n"
+    assert b"err\n" in proc.stderr and b"out" not in proc.stderr
+    assert proc.returncode == 3
+
+
+def test_image_config_is_honoured(kvmc: Kvmc, config_image: str) -> None:
+    proc = kvmc("run", "--rm", config_image)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"cmd:from-image:/home/app:app\n"
+
+
+def test_image_config_is_overridable(kvmc: Kvmc, config_image: str) -> None:
+    proc = kvmc(
+        "run", "--rm", "-e", "GREETING=from-flag", "-w", "/tmp/made", "-u", "nobody",
+        "--hostname", "box1", config_image, 'echo "$GREETING:$(pwd):$(id -u):$(hostname)"',
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"from-flag:/tmp/made:65534:box1\n"
+    proc = kvmc("run", "--rm", "--entrypoint", "echo", config_image, "plain", "args")
+    assert proc.stdout == b"plain args\n", proc.stderr
+
+
+def test_stdin_is_forwarded_with_i(kvmc: Kvmc) -> None:
+    data = b"".join(b"line %d\n" % i for i in range(2000))
+    proc = kvmc("run", "--rm", "-i", DEFAULT_IMAGE, "sh", "-c", "wc -l; echo done >&2", input=data)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == b"2000"
+    assert b"done" in proc.stderr
+
+
+def test_whiteouts_are_honoured(kvmc: Kvmc, whiteout_image: str) -> None:
+    proc = kvmc("run", "--rm", whiteout_image, "sh", "-c",
+                "cat /etc/kept /etc/added; test -e /etc/deleted-me && echo STILL-THERE; true")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"kept\nupper\n"
+
+
+def test_docker_exit_codes(kvmc: Kvmc) -> None:
+    missing = kvmc("run", "--rm", DEFAULT_IMAGE, "no-such-command")
+    assert missing.returncode == 127
+    assert b"no-such-command" in missing.stderr
+    not_exec = kvmc("run", "--rm", DEFAULT_IMAGE, "/etc/passwd")
+    assert not_exec.returncode == 126
+    killed = kvmc("run", "--rm", DEFAULT_IMAGE, "sh", "-c", "kill -9 $$")
+    assert killed.returncode == 137
+
+
+def test_bad_input_is_a_clear_125(kvmc: Kvmc) -> None:
+    proc = kvmc("run", "--rm", "no/such-image", "true")
+    assert proc.returncode == 125
+    assert b'image "no/such-image:latest" not found' in proc.stderr
+    proc = kvmc("run", "--no-such-flag", DEFAULT_IMAGE, "true")
+    assert proc.returncode == 125
+    assert b"--no-such-flag" in proc.stderr
+    proc = kvmc("run", "-m", "1k", DEFAULT_IMAGE, "true")
+    assert proc.returncode == 125 and b"too small" in proc.stderr
+    assert not list((kvmc.data_dir / "containers").glob("*/record.json"))
+
+
+def test_rm_leaves_nothing_behind(kvmc: Kvmc) -> None:
+    before = set((kvmc.data_dir / "containers").iterdir())
+    proc = kvmc("run", "--rm", "--name", "ephemeral", DEFAULT_IMAGE, "true")
+    assert proc.returncode == 0, proc.stderr
+    assert set((kvmc.data_dir / "containers").iterdir()) == before
+    assert not (kvmc.data_dir / "containers/names/ephemeral").exists()
+    assert kvmc("inspect", "ephemeral").returncode != 0
+    assert not kvmc.domains()
+
+
+def test_kept_container_is_inspectable_then_removed(kvmc: Kvmc) -> None:
+    proc = kvmc("run", "--name", "kept", DEFAULT_IMAGE, "sh", "-c", "echo data > /root/file; exit 5")
+    assert proc.returncode == 5
+    info = json.loads(kvmc("inspect", "kept", check=True).stdout)[0]
+    assert info["state"] == "exited" and info["exit_code"] == 5
+    assert info["accel"] in ("kvm", "tcg") and info["memory_mib"] == 256
+    directory = kvmc.data_dir / "containers" / info["id"]
+    assert (directory / "rootfs.qcow2").exists()
+    assert info["domain"] in kvmc.domains()
+    assert kvmc("rm", "kept").returncode == 0
+    assert not directory.exists()
+    assert info["domain"] not in kvmc.domains()
+
+
+def test_detached_run_and_logs(kvmc: Kvmc) -> None:
+    proc = kvmc("run", "-d", "--name", "bg", DEFAULT_IMAGE, "sh", "-c", "echo to-out; echo to-err >&2")
+    assert proc.returncode == 0, proc.stderr
+    container_id = proc.stdout.decode().strip()
+    assert len(container_id) == 64
+    for _ in range(600):
+        info = json.loads(kvmc("inspect", "bg", check=True).stdout)[0]
+        if info["state"] == "exited":
+            break
+    assert info["exit_code"] == 0
+    logs = kvmc("logs", "bg", check=True)
+    assert logs.stdout == b"to-out\n" and logs.stderr == b"to-err\n"
+    kvmc("rm", "bg", check=True)
+
+
+def _hostile_archive(path, member: tarfile.TarInfo, data: bytes = b"x") -> None:
+    """A docker-save tarball whose single layer holds ``member``."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    layer_bytes = layer.getvalue()
+    import hashlib
+
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": ["evil:1"], "Layers": ["layer.tar"]}]).encode()
+    with tarfile.open(path, "w") as out:
+        for name, blob in (("layer.tar", layer_bytes), (config_name, config), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            out.addfile(info, io.BytesIO(blob))
+
+
+@pytest.mark.parametrize("entry", ["../escaped", "/etc/escaped"])
+def test_hostile_tarball_is_refused(kvmc: Kvmc, tmp_path, entry: str) -> None:
+    member = tarfile.TarInfo(entry)
+    member.size = 1
+    archive = tmp_path / "evil.tar"
+    _hostile_archive(archive, member)
+    proc = kvmc("image", "import", str(archive))
+    assert proc.returncode == 125
+    assert entry.encode() in proc.stderr
+    assert b"evil" not in kvmc("images").stdout
+    assert not (kvmc.data_dir / "escaped").exists() and not __import__("os").path.exists("/etc/escaped")
+
+
+def test_four_concurrent_runs(kvmc: Kvmc) -> None:
+    def one(i: int):
+        return kvmc("run", "--rm", DEFAULT_IMAGE, "sh", "-c", f"echo run-{i}; exit {i}")
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    for i, proc in enumerate(results):
+        assert proc.returncode == i, proc.stderr
+        assert proc.stdout == f"run-{i}\n".encode()
+    assert not kvmc.domains()

@@ -1,0 +1,291 @@
+"""The libvirt domain XML rendered from a VMSpec (kvmc/domain.py + templates/domain.xml.j2).
+
+Pure: renders the real template and parses the result; no libvirt, no QEMU.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from kvmc.config import REPO_ROOT, Config
+from kvmc.domain import (
+    AGENT_PORT_NAME,
+    ChannelSpec,
+    DiskSpec,
+    VMSpec,
+    host_tsc_khz,
+    kernel_cmdline,
+    render_domain_xml,
+)
+
+TEMPLATES = REPO_ROOT / "templates"
+KVMC_NS = "{https://kvmc.dev/xmlns/container/1}"
+
+BASE = Path("/var/lib/kvmc/images/abc/rootfs.raw")
+OVERLAY = Path("/var/lib/kvmc/containers/0123/overlay.qcow2")
+SOCKET = Path("/var/lib/kvmc/containers/0123/agent.sock")
+CONSOLE = Path("/var/lib/kvmc/containers/0123/console.log")
+KERNEL = Path("/var/lib/kvmc/guest/vmlinuz")
+INITRD = Path("/var/lib/kvmc/guest/initrd.img")
+
+
+def make_spec(domain_type: str = "qemu", **overrides) -> VMSpec:
+    values = dict(
+        name="kvmc-0123456789ab",
+        uuid="6f1c3f5e-8a5b-4c1e-9d2e-0f3a4b5c6d7e",
+        container_id="0123456789ab" + "0" * 52,
+        container_name="happy_bellard",
+        domain_type=domain_type,
+        memory_mib=384,
+        vcpus=2,
+        kernel=KERNEL,
+        initrd=INITRD,
+        console_log=CONSOLE,
+        disks=[DiskSpec(path=OVERLAY, target="vda", backing_path=BASE)],
+        channels=[ChannelSpec(socket=SOCKET)],
+        tsc_khz=2596136,
+    )
+    values.update(overrides)
+    return VMSpec(**values)
+
+
+def render(spec: VMSpec) -> ET.Element:
+    return ET.fromstring(render_domain_xml(spec, TEMPLATES))
+
+
+@pytest.fixture(params=["qemu", "kvm"])
+def domain_type(request) -> str:
+    return request.param
+
+
+def test_config_templates_dir_is_the_repo_templates():
+    assert Config().templates_dir == TEMPLATES
+    assert (TEMPLATES / "domain.xml.j2").is_file()
+
+
+def test_root_type_attribute(domain_type):
+    root = render(make_spec(domain_type))
+    assert root.tag == "domain"
+    assert root.get("type") == domain_type
+
+
+def test_identity_memory_and_vcpus(domain_type):
+    root = render(make_spec(domain_type))
+    assert root.findtext("name") == "kvmc-0123456789ab"
+    assert root.findtext("uuid") == "6f1c3f5e-8a5b-4c1e-9d2e-0f3a4b5c6d7e"
+    memory = root.find("memory")
+    assert memory.get("unit") == "MiB"
+    assert memory.text == "384"
+    assert root.findtext("vcpu") == "2"
+    assert root.find(f"metadata/{KVMC_NS}container/{KVMC_NS}id").text == "0123456789ab" + "0" * 52
+    assert root.find(f"metadata/{KVMC_NS}container/{KVMC_NS}name").text == "happy_bellard"
+
+
+def test_microvm_direct_kernel_boot(domain_type):
+    root = render(make_spec(domain_type))
+    os_type = root.find("os/type")
+    assert os_type.get("machine") == "microvm"
+    assert os_type.get("arch") == "x86_64"
+    assert os_type.text == "hvm"
+    assert root.findtext("os/kernel") == str(KERNEL)
+    assert root.findtext("os/initrd") == str(INITRD)
+    assert root.findtext("os/cmdline") == make_spec(domain_type).cmdline
+
+
+def test_cmdline_words_with_tsc():
+    root = render(make_spec(tsc_khz=2596136))
+    words = root.findtext("os/cmdline").split()
+    assert "console=ttyS0" in words
+    assert "panic=-1" in words
+    assert "tsc_early_khz=2596136" in words
+
+
+def test_cmdline_without_tsc():
+    root = render(make_spec(tsc_khz=None))
+    cmdline = root.findtext("os/cmdline")
+    assert "console=ttyS0" in cmdline.split()
+    assert "panic=-1" in cmdline.split()
+    assert "tsc_early_khz" not in cmdline
+
+
+def test_cmdline_extra_words_come_last():
+    spec = make_spec(extra_cmdline=("kvmc.debug=1", "init=/sbin/kvmc-init"))
+    words = render(spec).findtext("os/cmdline").split()
+    assert words[-2:] == ["kvmc.debug=1", "init=/sbin/kvmc-init"]
+    assert kernel_cmdline(None, ("x=1",)).split()[-1] == "x=1"
+
+
+def test_acpi_feature(domain_type):
+    root = render(make_spec(domain_type))
+    assert root.find("features/acpi") is not None
+
+
+def test_no_usb_no_balloon(domain_type):
+    root = render(make_spec(domain_type))
+    assert root.find("devices/controller[@type='usb'][@model='none']") is not None
+    assert root.find("devices/memballoon[@model='none']") is not None
+    assert root.findall("devices/memballoon") == [root.find("devices/memballoon")]
+
+
+def test_every_virtio_device_has_a_virtio_mmio_address(domain_type):
+    spec = make_spec(
+        domain_type,
+        disks=[
+            DiskSpec(path=OVERLAY, target="vda", backing_path=BASE),
+            DiskSpec(path=Path("/tmp/seed.raw"), target="vdb", format="raw", readonly=True),
+        ],
+    )
+    root = render(spec)
+    disks = root.findall("devices/disk")
+    assert len(disks) == 2
+    for disk in disks:
+        address = disk.find("address")
+        assert address is not None and address.get("type") == "virtio-mmio"
+        assert disk.find("target").get("bus") == "virtio"
+    serial_ctl = root.find("devices/controller[@type='virtio-serial']")
+    assert serial_ctl is not None
+    assert serial_ctl.find("address").get("type") == "virtio-mmio"
+    # No PCI addresses anywhere: microvm has no PCI bus.
+    assert root.findall(".//address[@type='pci']") == []
+
+
+def test_no_graphics_video_or_input(domain_type):
+    root = render(make_spec(domain_type))
+    for tag in ("graphics", "video", "input"):
+        assert root.findall(f".//{tag}") == [], tag
+
+
+def test_overlay_disk_on_raw_base(domain_type):
+    root = render(make_spec(domain_type))
+    disk = root.find("devices/disk")
+    assert disk.get("type") == "file" and disk.get("device") == "disk"
+    driver = disk.find("driver")
+    assert driver.get("name") == "qemu"
+    assert driver.get("type") == "qcow2"
+    assert driver.get("cache") == "writeback"
+    assert disk.find("source").get("file") == str(OVERLAY)
+    backing = disk.find("backingStore")
+    assert backing is not None and backing.get("type") == "file"
+    assert backing.find("format").get("type") == "raw"
+    assert backing.find("source").get("file") == str(BASE)
+    # The chain ends there: an empty backingStore tells libvirt not to probe further.
+    assert backing.find("backingStore") is not None
+    assert disk.find("target").get("dev") == "vda"
+    assert disk.find("readonly") is None
+
+
+def test_disk_without_backing_and_readonly():
+    spec = make_spec(disks=[DiskSpec(path=Path("/tmp/seed.raw"), target="vdb", format="raw", readonly=True)])
+    disk = render(spec).find("devices/disk")
+    assert disk.find("driver").get("type") == "raw"
+    assert disk.find("backingStore") is None
+    assert disk.find("readonly") is not None
+
+
+def test_agent_channel(domain_type):
+    root = render(make_spec(domain_type))
+    channels = root.findall("devices/channel")
+    assert len(channels) == 1
+    channel = channels[0]
+    assert channel.get("type") == "unix"
+    source = channel.find("source")
+    assert source.get("mode") == "bind"
+    assert source.get("path") == str(SOCKET)
+    target = channel.find("target")
+    assert target.get("type") == "virtio"
+    assert target.get("name") == "org.kvmc.agent" == AGENT_PORT_NAME
+
+
+def test_serial_console_log(domain_type):
+    root = render(make_spec(domain_type))
+    serial = root.find("devices/serial")
+    assert serial.get("type") == "file"
+    assert serial.find("source").get("path") == str(CONSOLE)
+    assert serial.find("target").get("port") == "0"
+
+
+def test_cpu_host_passthrough_only_for_kvm():
+    kvm = render(make_spec("kvm"))
+    assert kvm.find("cpu").get("mode") == "host-passthrough"
+    tcg = render(make_spec("qemu"))
+    assert tcg.find("cpu") is None
+
+
+def test_lifecycle_actions_all_destroy(domain_type):
+    root = render(make_spec(domain_type))
+    for tag in ("on_poweroff", "on_reboot", "on_crash"):
+        assert root.findtext(tag) == "destroy", tag
+
+
+def test_emulator(domain_type):
+    root = render(make_spec(domain_type, emulator="/opt/qemu/bin/qemu-system-x86_64"))
+    assert root.findtext("devices/emulator") == "/opt/qemu/bin/qemu-system-x86_64"
+
+
+def test_xml_special_characters_are_escaped():
+    name = "a<b&c>'\"d"
+    text = render_domain_xml(make_spec(container_name=name), TEMPLATES)
+    assert "a<b&c" not in text
+    root = ET.fromstring(text)
+    assert root.findtext("title") == f"kvmc container {name}"
+    assert root.find(f"metadata/{KVMC_NS}container/{KVMC_NS}name").text == name
+
+
+def test_special_characters_in_attribute_paths_are_escaped():
+    odd = Path("/tmp/it's a <dir>&/agent.sock")
+    root = render(make_spec(channels=[ChannelSpec(socket=odd)]))
+    assert root.find("devices/channel/source").get("path") == str(odd)
+
+
+@pytest.mark.parametrize("bad", ["xen", "KVM", "", "tcg"])
+def test_invalid_domain_type(bad):
+    with pytest.raises(ValueError, match="domain type"):
+        render_domain_xml(make_spec(bad), TEMPLATES)
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) CPU
+cpu MHz\t\t: {mhz}
+cache size\t: 33792 KB
+
+processor\t: 1
+cpu MHz\t\t: 1200.000
+"""
+
+
+def test_host_tsc_khz_reads_first_cpu_mhz(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(mhz="2596.136"))
+    assert host_tsc_khz(cpuinfo) == 2596136
+
+
+def test_host_tsc_khz_spaced_like_the_brief(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\ncpu MHz : 2596.136\n")
+    assert host_tsc_khz(cpuinfo) == 2596136
+
+
+@pytest.mark.parametrize("mhz, khz", [("4105.123", 4105123), ("2064.419", 2064419), ("3000.000", 3000000)])
+def test_host_tsc_khz_is_exact_for_three_decimals(tmp_path, mhz, khz):
+    # cpuinfo gives MHz with three decimals, i.e. an exact kHz count; float truncation must
+    # not lose one kHz (int(4105.123 * 1000) == 4105122).
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(mhz=mhz))
+    assert host_tsc_khz(cpuinfo) == khz
+
+
+def test_host_tsc_khz_none_without_cpu_mhz(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: ARM\nBogoMIPS\t: 50.00\n")
+    assert host_tsc_khz(cpuinfo) is None
+
+
+def test_host_tsc_khz_none_for_missing_or_garbled_file(tmp_path):
+    assert host_tsc_khz(tmp_path / "absent") is None
+    garbled = tmp_path / "cpuinfo"
+    garbled.write_text("cpu MHz\t\t: fast\n")
+    assert host_tsc_khz(garbled) is None
