@@ -15,6 +15,7 @@ APT_PACKAGES=(
     busybox-static                        # the guest's userland and the default image
     e2fsprogs skopeo umoci                # image store: ext4 base disks, OCI conversion/unpacking
     cpio kmod                             # initramfs assembly, depmod for the kernel's modules
+    tini                                  # reaps QEMU promptly when libvirtd is started by hand
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -45,8 +46,12 @@ if ! pgrep -x virtlogd >/dev/null; then
     virtlogd -d
 fi
 if ! pgrep -x libvirtd >/dev/null; then
-    echo "==> starting libvirtd"
-    libvirtd -d
+    # libvirt daemonizes QEMU, so an exited QEMU is reaped by the nearest subreaper. Without a
+    # service manager that is PID 1, which in containers and sandboxes often reaps late (here:
+    # ~1.6 s), and libvirt waits for the zombie on every VM stop. tini -s makes itself the
+    # subreaper of libvirtd's tree and reaps at once.
+    echo "==> starting libvirtd (under tini as child subreaper)"
+    setsid nohup tini -s -- libvirtd </dev/null >>/var/log/kvmc-libvirtd.log 2>&1 &
 fi
 for _ in $(seq 100); do
     virsh -c qemu:///system version >/dev/null 2>&1 && break
