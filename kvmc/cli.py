@@ -185,9 +185,10 @@ def rmi(
     force: bool = typer.Option(False, "-f", "--force", help="Remove an id with several tags."),
 ) -> None:
     """Remove images (untag; delete the disk when no tag remains)."""
-    store = _store()
+    rt = _runtime()
     for ref in refs:
-        result = store.remove(ref, force=force)
+        rt.check_image_unused(ref)
+        result = rt.images.remove(ref, force=force)
         for tag in result.untagged:
             typer.echo(f"Untagged: {tag}")
         if result.deleted:

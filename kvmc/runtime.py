@@ -283,6 +283,19 @@ class Runtime:
         self._discard(record)
         return record
 
+    def check_image_unused(self, ref: str) -> None:
+        """Refuse to delete an image whose disk a container's overlay still backs onto.
+
+        Untagging one of several tags deletes nothing, so it is allowed (as in docker).
+        """
+        image = self.images.get(ref)
+        if ref in image.tags or f"{ref}:latest" in image.tags:
+            if len(image.tags) > 1:
+                return
+        users = [r.name for r in self.state.list() if r.image_id == image.id]
+        if users:
+            raise ImageError(f'image "{ref}" is used by container(s) {", ".join(users)}: remove them first')
+
     def inspect(self, ref: str) -> dict:
         record = self.state.resolve(ref)
         data = asdict(record)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import io
 import json
+import signal
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from kvmc.images import build_busybox_layout
 from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
 
 pytestmark = pytest.mark.e2e
@@ -120,8 +126,6 @@ def _hostile_archive(path, member: tarfile.TarInfo, data: bytes = b"x") -> None:
     with tarfile.open(fileobj=layer, mode="w") as tar:
         tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
     layer_bytes = layer.getvalue()
-    import hashlib
-
     diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
                          "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
@@ -144,7 +148,7 @@ def test_hostile_tarball_is_refused(kvmc: Kvmc, tmp_path, entry: str) -> None:
     assert proc.returncode == 125
     assert entry.encode() in proc.stderr
     assert b"evil" not in kvmc("images").stdout
-    assert not (kvmc.data_dir / "escaped").exists() and not __import__("os").path.exists("/etc/escaped")
+    assert not (kvmc.data_dir / "escaped").exists() and not Path("/etc/escaped").exists()
 
 
 def test_four_concurrent_runs(kvmc: Kvmc) -> None:
@@ -157,3 +161,51 @@ def test_four_concurrent_runs(kvmc: Kvmc) -> None:
         assert proc.returncode == i, proc.stderr
         assert proc.stdout == f"run-{i}\n".encode()
     assert not kvmc.domains()
+
+
+def test_vm_size_flags(kvmc: Kvmc) -> None:
+    proc = kvmc("run", "--rm", "-m", "512m", "--cpus", "2", DEFAULT_IMAGE, "sh", "-c",
+                "nproc; grep MemTotal /proc/meminfo")
+    assert proc.returncode == 0, proc.stderr
+    cpus, meminfo = proc.stdout.decode().splitlines()
+    assert cpus == "2"
+    total_kib = int(meminfo.split()[1])
+    assert 400 * 1024 < total_kib <= 512 * 1024
+
+
+def test_failed_start_leaves_nothing_behind(kvmc: Kvmc) -> None:
+    """Forcing an accelerator the host cannot run makes the VM fail to start (or boot)."""
+    probe = json.loads((kvmc.data_dir / "accel.json").read_text()) if (kvmc.data_dir / "accel.json").exists() else {}
+    if probe.get("accel") == "kvm":
+        pytest.fail("this test needs a host where KVM does not work (as on kvmc's CI machines)")
+    sockets_before = set(Path("/run/kvmc").glob("*.agent.sock"))
+    proc = kvmc("run", "--accel", "kvm", "--name", "doomed", DEFAULT_IMAGE, "true", timeout=240)
+    assert proc.returncode == 125
+    assert b"kvmc:" in proc.stderr
+    assert not list((kvmc.data_dir / "containers").glob("*/record.json"))
+    assert not (kvmc.data_dir / "containers/names/doomed").exists()
+    assert not kvmc.domains()
+    assert set(Path("/run/kvmc").glob("*.agent.sock")) <= sockets_before
+
+
+def test_signals_are_forwarded_to_the_process(kvmc: Kvmc) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvmc", "run", "--rm", DEFAULT_IMAGE, "sh", "-c",
+         "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 0.1; done"],
+        env=kvmc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert out == b"got-term\n", err
+    assert proc.returncode == 7
+
+
+def test_rmi_refuses_an_image_in_use(kvmc: Kvmc, layouts) -> None:
+    layout = build_busybox_layout(layouts / "inuse", "latest")
+    kvmc("image", "import", str(layout), "--name", "test/inuse:1", check=True)
+    kvmc("run", "--name", "user-of-inuse", "test/inuse:1", "true", check=True)
+    proc = kvmc("rmi", "test/inuse:1")
+    assert proc.returncode == 125 and b"user-of-inuse" in proc.stderr
+    kvmc("rm", "user-of-inuse", check=True)
+    kvmc("rmi", "test/inuse:1", check=True)
