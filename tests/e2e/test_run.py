@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmc.images import build_busybox_layout
+from kvmc.images import add_layer, build_busybox_layout
 from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
 
 pytestmark = pytest.mark.e2e
@@ -203,6 +203,7 @@ def test_signals_are_forwarded_to_the_process(kvmc: Kvmc) -> None:
 
 def test_rmi_refuses_an_image_in_use(kvmc: Kvmc, layouts) -> None:
     layout = build_busybox_layout(layouts / "inuse", "latest")
+    add_layer(layout, "latest", lambda rootfs: (rootfs / "etc/inuse").write_text("distinct image\n"))
     kvmc("image", "import", str(layout), "--name", "test/inuse:1", check=True)
     kvmc("run", "--name", "user-of-inuse", "test/inuse:1", "true", check=True)
     proc = kvmc("rmi", "test/inuse:1")
