@@ -47,10 +47,13 @@ class FrameType(IntEnum):
     STDERR = 0x13
     EXIT = 0x14
     ERROR = 0x15
+    ATTACH = 0x20
+    """Client to kvmc's monitor only (never reaches the guest): relay process 1's output to me."""
 
 
 HOST_TO_GUEST = frozenset(t for t in FrameType if t < 0x10)
-GUEST_TO_HOST = frozenset(t for t in FrameType if t >= 0x10)
+GUEST_TO_HOST = frozenset(t for t in FrameType if 0x10 <= t < 0x20)
+CLIENT_TO_MONITOR = HOST_TO_GUEST | {FrameType.ATTACH}
 
 
 @dataclass(frozen=True)

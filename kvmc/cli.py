@@ -52,33 +52,18 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Say what 
     _state["verbose"] = verbose
 
 
-@app.command(context_settings={"allow_interspersed_args": False})
-def run(
-    image: str = typer.Argument(..., help="Image name[:tag] or id from 'kvmc images'."),
-    command: Optional[List[str]] = typer.Argument(None, help="Command and arguments (after the image, optionally after --)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Container name (default: generated)."),
-    rm: bool = typer.Option(False, "--rm", help="Remove the container (VM, disk, logs) when it exits."),
-    env: Optional[List[str]] = typer.Option(None, "-e", "--env", help="Set NAME=VALUE (or pass NAME from the host)."),
-    env_file: Optional[List[Path]] = typer.Option(None, "--env-file", help="Read NAME=VALUE lines from a file."),
-    workdir: Optional[str] = typer.Option(None, "-w", "--workdir", help="Working directory inside the container."),
-    user: Optional[str] = typer.Option(None, "-u", "--user", help="user, uid, user:group or uid:gid."),
-    entrypoint: Optional[str] = typer.Option(None, "--entrypoint", help="Override the image's entrypoint."),
-    memory: Optional[str] = typer.Option(None, "-m", "--memory", help="VM memory, e.g. 256m or 1g."),
-    cpus: Optional[str] = typer.Option(None, "--cpus", help="Number of vCPUs (fractions round up)."),
-    interactive: bool = typer.Option(False, "-i", "--interactive", help="Forward stdin to the command."),
-    detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background and print the container id."),
-    hostname: Optional[str] = typer.Option(None, "--hostname", help="Container host name (default: short id)."),
-    accel: Optional[str] = typer.Option(None, "--accel", help="auto (probe, default), kvm or tcg."),
-) -> None:
-    """Run a command in a new container: boot a microVM whose root filesystem is the image."""
+def _run_options(
+    image: str, command: Optional[List[str]], name: Optional[str], rm: bool, env: Optional[List[str]],
+    env_file: Optional[List[Path]], workdir: Optional[str], user: Optional[str], entrypoint: Optional[str],
+    memory: Optional[str], cpus: Optional[str], interactive: bool, detach: bool, hostname: Optional[str],
+    accel: Optional[str],
+):  # noqa: ANN202
     from kvmc.runtime import RunOptions
 
-    if detach and interactive:
-        raise KvmcError("-d and -i cannot be combined yet: a detached container has no stdin")
     args = list(command or [])
     if args and args[0] == "--":
         args = args[1:]
-    opts = RunOptions(
+    return RunOptions(
         image=image,
         process=ProcessOptions(
             command=args, entrypoint=entrypoint, env=list(env or []), env_files=list(env_file or []),
@@ -88,8 +73,152 @@ def run(
         memory_mib=parse_memory(memory) if memory else None,
         cpus=parse_cpus(cpus) if cpus else None, accel=accel,
     )
+
+
+_IMAGE = typer.Argument(..., help="Image name[:tag] or id from 'kvmc images'.")
+_COMMAND = typer.Argument(None, help="Command and arguments (after the image, optionally after --).")
+_NAME = typer.Option(None, "--name", help="Container name (default: generated).")
+_RM = typer.Option(False, "--rm", help="Remove the container (VM, disk, logs) when it exits.")
+_ENV = typer.Option(None, "-e", "--env", help="Set NAME=VALUE (or pass NAME from the host).")
+_ENV_FILE = typer.Option(None, "--env-file", help="Read NAME=VALUE lines from a file.")
+_WORKDIR = typer.Option(None, "-w", "--workdir", help="Working directory inside the container.")
+_USER = typer.Option(None, "-u", "--user", help="user, uid, user:group or uid:gid.")
+_ENTRYPOINT = typer.Option(None, "--entrypoint", help="Override the image's entrypoint.")
+_MEMORY = typer.Option(None, "-m", "--memory", help="VM memory, e.g. 256m or 1g (default from config: 256m).")
+_CPUS = typer.Option(None, "--cpus", help="Number of vCPUs (fractions round up; default 1).")
+_INTERACTIVE = typer.Option(False, "-i", "--interactive", help="Forward stdin to the command.")
+_HOSTNAME = typer.Option(None, "--hostname", help="Container host name (default: short id).")
+_ACCEL = typer.Option(None, "--accel", help="auto (probe, default), kvm or tcg.")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    image: str = _IMAGE, command: Optional[List[str]] = _COMMAND, name: Optional[str] = _NAME,
+    rm: bool = _RM, env: Optional[List[str]] = _ENV, env_file: Optional[List[Path]] = _ENV_FILE,
+    workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, entrypoint: Optional[str] = _ENTRYPOINT,
+    memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, interactive: bool = _INTERACTIVE,
+    detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background and print the container id."),
+    hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
+) -> None:
+    """Run a command in a new container: boot a microVM whose root filesystem is the image."""
+    if detach and interactive:
+        raise KvmcError("-d and -i cannot be combined: a detached container has no stdin")
+    opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
+                        interactive, detach, hostname, accel)
     code = _runtime().run(opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
     raise typer.Exit(code)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def create(
+    image: str = _IMAGE, command: Optional[List[str]] = _COMMAND, name: Optional[str] = _NAME,
+    env: Optional[List[str]] = _ENV, env_file: Optional[List[Path]] = _ENV_FILE,
+    workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, entrypoint: Optional[str] = _ENTRYPOINT,
+    memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS,
+    hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
+) -> None:
+    """Create a container (record, disk, defined VM) without starting it; print its id."""
+    opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
+                        False, True, hostname, accel)
+    typer.echo(_runtime().create(opts).id)
+
+
+@app.command()
+def start(
+    containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
+    attach_: bool = typer.Option(False, "-a", "--attach", help="Attach to the output and wait for the exit."),
+) -> None:
+    """Start created or stopped containers (their disks keep what they wrote)."""
+    rt = _runtime()
+    for ref in containers:
+        record = rt.state.resolve(ref)
+        monitor = rt.start(record, wait_attach=attach_)
+        if attach_:
+            raise typer.Exit(rt.attach(record, None, sys.stdout.buffer, sys.stderr.buffer))
+        rt.wait_started(record, monitor)
+        typer.echo(ref)
+
+
+@app.command()
+def stop(
+    containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
+    time_: Optional[int] = typer.Option(None, "-t", "--time", help="Seconds to wait after SIGTERM before SIGKILL (default 10)."),
+) -> None:
+    """Stop running containers: SIGTERM, SIGKILL after the timeout, then the VM powers off."""
+    rt = _runtime()
+    for ref in containers:
+        rt.stop(ref, time_)
+        typer.echo(ref)
+
+
+@app.command()
+def restart(
+    containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
+    time_: Optional[int] = typer.Option(None, "-t", "--time", help="Seconds to wait before killing it."),
+) -> None:
+    """Stop then start containers."""
+    rt = _runtime()
+    for ref in containers:
+        record = rt.stop(ref, time_)
+        rt.wait_started(record, rt.start(record))
+        typer.echo(ref)
+
+
+@app.command()
+def kill(
+    containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
+    signal_: str = typer.Option("KILL", "-s", "--signal", help="Signal name or number (default KILL)."),
+) -> None:
+    """Send a signal to containers' main processes."""
+    import signal as signals
+
+    name = signal_.upper().removeprefix("SIG")
+    try:
+        signum = int(name) if name.isdigit() else int(getattr(signals, f"SIG{name}"))
+    except AttributeError:
+        raise KvmcError(f'invalid signal "{signal_}"') from None
+    rt = _runtime()
+    for ref in containers:
+        rt.kill(ref, signum)
+        typer.echo(ref)
+
+
+@app.command()
+def wait(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
+    """Block until containers stop, then print their exit codes."""
+    rt = _runtime()
+    for ref in containers:
+        record = rt.state.resolve(ref)
+        rt.wait_exited(record)
+        current = rt.state.load(record.id)
+        typer.echo(current.exit_code if current and current.exit_code is not None else 0)
+
+
+@app.command(name="exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    command: List[str] = typer.Argument(..., help="Command and arguments."),
+    interactive: bool = _INTERACTIVE, env: Optional[List[str]] = _ENV,
+    workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER,
+) -> None:
+    """Run a second process in a running container, with its own output and exit code."""
+    args = list(command)
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        raise KvmcError("exec needs a command")
+    opts = ProcessOptions(command=args, env=list(env or []), workdir=workdir, user=user, interactive=interactive)
+    raise typer.Exit(_runtime().exec(container, opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer))
+
+
+@app.command()
+def attach(container: str = typer.Argument(..., help="Container name or id prefix.")) -> None:
+    """Attach to a running container's output (and stdin) until it exits."""
+    rt = _runtime()
+    record = rt.reconcile(rt.state.resolve(container))
+    if record.state != "running":
+        raise KvmcError(f"container {record.name} is not running")
+    raise typer.Exit(rt.attach(record, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer))
 
 
 @app.command("ps")
@@ -100,7 +229,7 @@ def ps(
 ) -> None:
     """List containers."""
     rt = _runtime()
-    records = [r for r in rt.state.list() if all_ or r.state == "running"]
+    records = [r for r in map(rt.reconcile, rt.state.list()) if all_ or r.state == "running"]
     if quiet:
         for r in records:
             typer.echo(r.short_id)
@@ -144,18 +273,27 @@ def inspect(containers: List[str] = typer.Argument(..., help="Container names or
 
 
 @app.command()
-def logs(container: str = typer.Argument(..., help="Container name or id prefix.")) -> None:
-    """Print the output a detached container has written."""
+def logs(
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new output until the container exits."),
+    tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N chunks of output."),
+    timestamps: bool = typer.Option(False, "-t", "--timestamps", help="Prefix each chunk with its time."),
+) -> None:
+    """Print a container's output (kept in its log, whether it ran attached or detached)."""
+    from kvmc.logs import follow_log
+
     rt = _runtime()
     record = rt.state.resolve(container)
     log = rt.state.container_dir(record.id) / "container.log"
-    if not log.exists():
-        return
-    for line in log.read_text().splitlines():
-        entry = json.loads(line)
+
+    def running() -> bool:
+        current = rt.state.load(record.id)
+        return current is not None and rt.reconcile(current).state in ("running", "starting")
+
+    for entry in follow_log(log, tail=tail, follow=follow, still_running=running):
         stream = sys.stdout if entry["stream"] == "stdout" else sys.stderr
-        stream.write(entry["log"])
-    sys.stdout.flush()
+        stream.write(f"{entry['time']} {entry['log']}" if timestamps else entry["log"])
+        stream.flush()
 
 
 @app.command()

@@ -65,6 +65,8 @@ class VMSpec:
     extra_cmdline: tuple[str, ...] = ()
     emulator: str = EMULATOR
     tsc_khz: int | None = None
+    state_root: str = ""
+    """kvmc's data dir that owns this domain: gc only touches domains of its own state root."""
 
     @property
     def cmdline(self) -> str:

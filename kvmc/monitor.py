@@ -1,20 +1,266 @@
-"""Entry point of the per-container monitor that keeps a detached container's agent attached.
+"""The per-container monitor: owns the agent connection for the container's whole life.
 
-Why a process of its own: the guest agent's output blocks while no host client reads it, so
-a detached container needs a reader that outlives ``kvmc run -d`` (conmon's job for podman).
+Why a process of its own (conmon's job for podman, containerd-shim's for docker): the guest
+agent's output blocks while no host client reads it, QEMU's chardev takes one client at a
+time, and the container must be recorded correctly even when the CLI that started it is
+killed with -9. So every start spawns a monitor that boots the VM, hands the agent process 1,
+writes its output to the container's log, serves a control socket (docs/agent-protocol.md,
+"The monitor's control socket") for attach, exec, stop and kill, records how the container
+ended, and removes it if asked to (``--rm``, or a failed ``run``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import socket
 import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from kvmc.agent import (
+    CLIENT_TO_MONITOR,
+    MAIN_PROCESS_ID,
+    AgentConnection,
+    Frame,
+    FrameReader,
+    FrameType,
+    ProcessResult,
+    encode_frame,
+    parse_exit,
+)
 from kvmc.config import load_config
-from kvmc.runtime import Runtime
+from kvmc.errors import AgentProtocolError, KvmcError
+from kvmc.state import ContainerRecord, now_iso
+
+ATTACH_WAIT_S = 30.0
+_RELAYED_TO_ATTACHED = {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.ERROR, FrameType.EXIT}
 
 
-def main() -> None:
-    Runtime(load_config()).monitor(sys.argv[1])
+@dataclass(eq=False)
+class Client:
+    """One connection on the control socket."""
+
+    sock: socket.socket
+    stdin: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def send(self, frame_type: FrameType, proc_id: int, payload: bytes = b"") -> bool:
+        try:
+            with self.lock:
+                self.sock.sendall(encode_frame(frame_type, proc_id, payload))
+            return True
+        except OSError:
+            return False
+
+
+class JsonLog:
+    """Docker json-file style log: one JSON object per chunk, with stream and time."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a", buffering=1)
+
+    def write(self, stream: str, data: bytes) -> None:
+        self.file.write(json.dumps({"stream": stream, "time": now_iso(), "log": data.decode(errors="replace")}) + "\n")
+
+
+class Monitor:
+    """Boot one container's VM, relay its agent, record its end. Runs in its own process."""
+
+    def __init__(self, runtime, record: ContainerRecord, wait_attach: bool, discard_on_failure: bool) -> None:  # noqa: ANN001
+        self.rt = runtime
+        self.record = record
+        self.wait_attach = wait_attach
+        self.discard_on_failure = discard_on_failure
+        self.conn: AgentConnection | None = None
+        self.conn_ready = threading.Event()
+        self.first_attach = threading.Event()
+        self.attached: set[Client] = set()
+        self.execs: dict[int, Client] = {}
+        self.lock = threading.Lock()
+        self.clients: set[Client] = set()
+        self.log = JsonLog(runtime.state.container_dir(record.id) / "container.log")
+        self.pending_exit: Frame | None = None
+
+    # ---------------------------------------------------------------- clients
+    def _broadcast(self, frame: Frame) -> None:
+        with self.lock:
+            targets = list(self.attached)
+        for client in targets:
+            if not client.send(frame.type, frame.proc_id, frame.payload):
+                self._drop(client)
+
+    def _drop(self, client: Client) -> None:
+        with self.lock:
+            was_stdin = client.stdin and client in self.attached
+            self.attached.discard(client)
+            self.clients.discard(client)
+            for pid in [p for p, c in self.execs.items() if c is client]:
+                del self.execs[pid]
+        if was_stdin and self.conn is not None:
+            try:
+                self.conn.close_stdin(MAIN_PROCESS_ID)  # docker: stdin closes with its client
+            except OSError:
+                pass
+
+    def _serve_client(self, client: Client) -> None:
+        reader = FrameReader(accept=CLIENT_TO_MONITOR)
+        try:
+            while data := client.sock.recv(1 << 16):
+                reader.feed(data)
+                while (frame := reader.next_frame()) is not None:
+                    self._handle_client_frame(client, frame)
+        except (OSError, AgentProtocolError):
+            pass
+        self._drop(client)
+
+    def _handle_client_frame(self, client: Client, frame: Frame) -> None:
+        if frame.type == FrameType.ATTACH:
+            with self.lock:
+                client.stdin = frame.payload == b"stdin=1"
+                self.attached.add(client)
+            self.first_attach.set()
+            return
+        if frame.type == FrameType.EXIT_ACK:
+            return  # the monitor acknowledges EXIT itself
+        self.conn_ready.wait()
+        assert self.conn is not None
+        if frame.type == FrameType.RUN:
+            with self.lock:
+                taken = frame.proc_id <= MAIN_PROCESS_ID or frame.proc_id in self.execs
+                if not taken:
+                    self.execs[frame.proc_id] = client
+            if taken:
+                client.send(FrameType.ERROR, frame.proc_id, f"process id {frame.proc_id} is in use".encode())
+                client.send(FrameType.EXIT, frame.proc_id, b"\x00\x00\x00\x00\x7e")
+                return
+        elif frame.type in (FrameType.STDIN, FrameType.SIGNAL):
+            with self.lock:
+                allowed = frame.proc_id == MAIN_PROCESS_ID or self.execs.get(frame.proc_id) is client
+            if not allowed:
+                return
+        self.conn.send(frame.type, frame.proc_id, frame.payload)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            client = Client(sock)
+            with self.lock:
+                self.clients.add(client)
+            threading.Thread(target=self._serve_client, args=(client,), daemon=True).start()
+
+    # ------------------------------------------------------------------ relay
+    def _relay(self, conn: AgentConnection) -> ProcessResult:
+        """Route agent frames until process 1 exits; GuestError if the agent goes away."""
+        result = ProcessResult(exit_code=-1)
+        while True:
+            frame = conn.read_frame(None)
+            if frame.type == FrameType.READY:
+                continue
+            if frame.proc_id != MAIN_PROCESS_ID:
+                with self.lock:
+                    owner = self.execs.get(frame.proc_id)
+                    if frame.type == FrameType.EXIT:
+                        self.execs.pop(frame.proc_id, None)
+                if frame.type == FrameType.EXIT:
+                    conn.ack_exit(frame.proc_id)
+                if owner is not None and not owner.send(frame.type, frame.proc_id, frame.payload):
+                    self._drop(owner)
+                continue
+            if frame.type in (FrameType.STDOUT, FrameType.STDERR):
+                self.log.write("stdout" if frame.type == FrameType.STDOUT else "stderr", frame.payload)
+            elif frame.type == FrameType.STARTED:
+                result.started_uptime_ms = int(frame.payload.split(b"uptime_ms=")[-1].split()[0])
+            elif frame.type == FrameType.ERROR:
+                result.error = frame.payload.decode(errors="replace")
+                self.log.write("stderr", f"kvmc: {result.error}\n".encode())
+            if frame.type == FrameType.EXIT:
+                result.exit_code, result.signal = parse_exit(frame.payload)
+                conn.ack_exit(MAIN_PROCESS_ID)
+                # Clients hear EXIT only after the record says so (see _finish).
+                self.pending_exit = frame
+                return result
+            if frame.type in _RELAYED_TO_ATTACHED:
+                self._broadcast(frame)
+
+    # ------------------------------------------------------------------- main
+    def run(self) -> int:
+        record = self.record
+        ctl = Path(record.control_socket)
+        ctl.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(ctl))
+        listener.listen(16)
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        failure: str | None = None
+        result: ProcessResult | None = None
+        try:
+            if self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
+                raise KvmcError("no client attached to the container within 30 s")
+            self.conn = self.rt.boot(record)
+            self.conn_ready.set()
+            result = self._relay(self.conn)
+        except (KvmcError, OSError) as exc:
+            failure = exc.message if isinstance(exc, KvmcError) else str(exc)
+            if self.conn is not None and record.started_at:
+                failure = self.rt.vm_lost_reason(record, failure)
+        finally:
+            self.conn_ready.set()
+        self._finish(result, failure)
+        listener.close()
+        ctl.unlink(missing_ok=True)
+        for client in list(self.clients):
+            client.sock.close()
+        return 0
+
+    def _finish(self, result: ProcessResult | None, failure: str | None) -> None:
+        record = self.record
+        vm_failed = result is None
+        if record.auto_remove or vm_failed:
+            self.rt.hv.destroy(record.domain)  # nothing left to save: skip the guest's power-off
+        elif not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
+            self.rt.hv.destroy(record.domain)
+        if result is not None:
+            code, error = result.exit_code, result.error
+        else:
+            code, error = (137 if record.started_at else 125), failure
+        try:
+            self.rt.state.update(
+                record, state="exited", finished_at=now_iso(), exit_code=code, error=error,
+                guest_uptime_ms=result.started_uptime_ms if result else None, monitor_pid=None,
+            )
+        except OSError:
+            pass  # removed under us (rm -f): nothing left to record
+        if vm_failed:
+            self._broadcast(Frame(FrameType.ERROR, MAIN_PROCESS_ID, (failure or "the VM failed").encode()))
+            self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, b"\x00" + code.to_bytes(4, "big")))
+        elif self.pending_exit is not None:
+            self._broadcast(self.pending_exit)
+        if record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure):
+            self.rt.discard(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvmc-monitor", description="kvmc's per-container monitor")
+    parser.add_argument("container_id")
+    parser.add_argument("--wait-attach", action="store_true", help="Start process 1 only once a client attached.")
+    parser.add_argument("--discard-on-failure", action="store_true", help="Remove the container if it fails to start.")
+    args = parser.parse_args(argv)
+    from kvmc.runtime import Runtime
+
+    runtime = Runtime(load_config())
+    record = runtime.state.load(args.container_id)
+    if record is None:
+        print(f"kvmc-monitor: no container {args.container_id}", file=sys.stderr)
+        return 1
+    runtime.state.update(record, monitor_pid=os.getpid())
+    return Monitor(runtime, record, args.wait_attach, args.discard_on_failure).run()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

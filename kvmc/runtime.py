@@ -1,13 +1,15 @@
-"""Container lifecycle orchestration: the one layer that ties image, disk, VM and agent.
+"""Container lifecycle orchestration: the one layer that ties image, disk, VM, agent and monitor.
 
-``run`` = create (record + overlay + defined domain) then start-and-attach (boot, send the
-process, relay stdio, record the exit). Whatever a step creates is undone if a later step
-fails, so a failed ``run`` leaves no domain, disk, socket or name behind.
+``run`` = ``create`` (record + overlay + defined domain) then ``start`` (a monitor process
+boots the VM and owns the agent connection, see kvmc/monitor.py) and, in the foreground,
+``attach`` to the monitor. Whatever a step creates is undone if a later step fails, so a
+failed ``run`` leaves no domain, disk, socket or name behind.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from kvmc.accel import AccelChoice, choose_accel
-from kvmc.agent import AgentConnection, ProcessResult, ProcessSpec, attach_process
+from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
 from kvmc.config import Config
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, ChannelSpec, DiskSpec, VMSpec, host_tsc_khz, render_domain_xml
@@ -27,13 +29,12 @@ from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageE
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
 from kvmc.images import ImageStore
-from kvmc.process import ProcessOptions, build_process
+from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, StateStore, now_iso
 
-MAIN_PROCESS = 1
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-SHUTOFF_WAIT_S = 15.0
 HOST_ARCH = "amd64"
+ACTIVE_VM_STATES = ("running", "paused", "blocked")
 
 
 @dataclass
@@ -50,24 +51,33 @@ class RunOptions:
     accel: str | None = None
 
 
-class JsonLogWriter:
-    """Docker json-file style log: one JSON object per chunk, with stream and time."""
+def _raise_for(result: ProcessResult) -> int:
+    """The docker exit code of a finished process, raising for kvmc-level failures."""
+    if result.error:
+        err = {127: CommandNotFound, 126: CommandNotInvokable}.get(result.exit_code, KvmcError)
+        raise err(result.error)
+    return result.exit_code
 
-    def __init__(self, path: Path, stream: str) -> None:
-        self.path, self.stream = path, stream
 
-    def write(self, data: bytes) -> int:
-        line = json.dumps({"stream": self.stream, "time": now_iso(), "log": data.decode(errors="replace")})
-        with self.path.open("a") as f:
-            f.write(line + "\n")
-        return len(data)
-
-    def flush(self) -> None:
-        """Each write is already on disk."""
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 class Runtime:
-    """Creates, runs and removes containers; every other layer is reached through here."""
+    """Creates, starts, stops and removes containers; every other layer is reached through here."""
+
+    SHUTOFF_WAIT_S = 15.0
 
     def __init__(self, config: Config, notice: Callable[[str], None] | None = None, verbose: bool = False) -> None:
         self.config = config
@@ -100,15 +110,16 @@ class Runtime:
         guest = self.guest()
         accel = self.accel(opts.accel)
         self._say(f"accelerator: {accel.accel} ({accel.reason})")
+        self.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         container_id, name, directory = self.state.allocate(opts.name)
         process["hostname"] = process["hostname"] or container_id[:12]
-        self.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sockets = self.config.run_dir / container_id[:16]
         record = ContainerRecord(
             id=container_id, name=name, image=opts.image, image_id=image.id,
             domain=f"{DOMAIN_PREFIX}{container_id[:16]}", accel=accel.accel,
             memory_mib=opts.memory_mib or self.config.memory_mib, cpus=opts.cpus or self.config.cpus,
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
-            agent_socket=str(self.config.run_dir / f"{container_id[:16]}.agent.sock"),
+            agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
         )
         try:
             self.state.save(record)
@@ -119,39 +130,44 @@ class Runtime:
                 kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
                 disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
                 channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
+                state_root=str(self.config.data_dir),
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
             self.hv.define(xml)
         except BaseException:
-            self._discard(record)
+            self.discard(record)
             raise
         return record
 
-    def _discard(self, record: ContainerRecord) -> None:
-        """Remove everything a container owns: domain, directory (disk, socket, logs), name."""
+    def discard(self, record: ContainerRecord) -> None:
+        """Remove everything a container owns: domain, directory (disk, logs), sockets, name."""
         try:
             self.hv.undefine(record.domain)
         finally:
             self.state.remove(record)
 
-    # ------------------------------------------------------------------ start
-    def _boot_failure(self, record: ContainerRecord, what: str) -> GuestError:
+    # ------------------------------------------------------------------- boot
+    def console_tail(self, record: ContainerRecord, lines: int = 8) -> str:
         console = self.state.container_dir(record.id) / "console.log"
-        tail = ""
-        if console.exists():
-            lines = [ln for ln in console.read_text(errors="replace").splitlines() if ln.strip()]
-            tail = "\n".join(lines[-8:])
-        return GuestError(f"{what}; last lines of the VM console:\n{tail or '(empty)'}")
+        if not console.exists():
+            return "(no console output)"
+        text = [ln for ln in console.read_text(errors="replace").splitlines() if ln.strip()]
+        return "\n".join(text[-lines:]) or "(no console output)"
 
-    def _boot_and_send(self, record: ContainerRecord) -> AgentConnection:
-        """Start the domain, connect to its agent and hand it the main process."""
+    def vm_lost_reason(self, record: ContainerRecord, what: str) -> str:
+        state = self.hv.state(record.domain)
+        return (f"the VM stopped unexpectedly ({what}; domain {state or 'gone'}); "
+                f"last lines of its console:\n{self.console_tail(record)}")
+
+    def boot(self, record: ContainerRecord) -> AgentConnection:
+        """Start the domain, connect to its agent and hand it the main process (monitor side)."""
         started = time.monotonic()
         self.hv.start(record.domain)
-        self.state.update(record, state="running")
+        self.state.update(record, state="running", started_at=None, finished_at=None, exit_code=None, error=None)
         conn = AgentConnection.connect(record.agent_socket, timeout=self.config.boot_timeout_s)
         proc = record.process
-        conn.run(MAIN_PROCESS, ProcessSpec(
+        conn.run(MAIN_PROCESS_ID, ProcessSpec(
             args=proc["args"], env=proc["env"], cwd=proc["cwd"], user=proc["user"],
             hostname=proc["hostname"], stdin=proc["stdin"], time_ns=time.time_ns(),
         ))
@@ -159,19 +175,67 @@ class Runtime:
             conn.wait_ready(self.config.boot_timeout_s)
         except (GuestError, OSError) as exc:
             conn.close()
-            state = self.hv.state(record.domain)
-            raise self._boot_failure(record, f"the VM did not come up ({state or 'gone'}): {exc}") from exc
+            raise GuestError(f"the VM did not come up: {exc}; last lines of its console:\n"
+                             f"{self.console_tail(record)}") from exc
         self.state.update(record, started_at=now_iso())
         self._say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
 
+    # ------------------------------------------------------------------ start
+    def start(self, record: ContainerRecord, *, wait_attach: bool = False,
+              discard_on_failure: bool = False) -> subprocess.Popen:
+        """Hand the container to a new monitor process (which boots it and outlives this CLI).
+
+        The record is reset before the monitor is spawned and never written here afterwards:
+        from then on the monitor is its only writer.
+        """
+        current = self.reconcile(record)
+        if current.state in ("running", "starting"):
+            raise KvmcError(f"container {record.name} is already running")
+        self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
+                          error=None, monitor_pid=None)
+        args = [sys.executable, "-m", "kvmc.monitor", record.id]
+        if wait_attach:
+            args.append("--wait-attach")
+        if discard_on_failure:
+            args.append("--discard-on-failure")
+        with (self.state.container_dir(record.id) / "monitor.log").open("ab") as log:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    start_new_session=True)
+
+    def wait_started(self, record: ContainerRecord, monitor: subprocess.Popen) -> ContainerRecord:
+        """Wait until a detached start's process runs (or failed); raise on failure."""
+        deadline = time.monotonic() + self.config.boot_timeout_s + 10
+        while time.monotonic() < deadline:
+            current = self.state.load(record.id)
+            if current is None:
+                raise KvmcError(f"container {record.name} failed to start and was removed")
+            if current.started_at or current.state == "exited":
+                break
+            if monitor.poll() is not None:
+                raise KvmcError(f"the monitor of container {record.name} died: see "
+                                f"{self.state.container_dir(record.id) / 'monitor.log'}")
+            time.sleep(0.05)
+        else:
+            raise KvmcError(f"container {record.name} did not start within {self.config.boot_timeout_s:.0f}s")
+        if current.state == "exited" and current.exit_code == 125 and current.error:
+            raise KvmcError(current.error)
+        return current
+
+    # ----------------------------------------------------------------- attach
+    def _connect_monitor(self, record: ContainerRecord) -> AgentConnection:
+        try:
+            return AgentConnection.connect(record.control_socket, timeout=self.config.boot_timeout_s)
+        except (OSError, GuestError) as exc:
+            raise KvmcError(f"cannot reach the monitor of container {record.name}: {exc}") from exc
+
     @contextmanager
-    def _forward_signals(self, conn: AgentConnection) -> Iterator[None]:
+    def _forward_signals(self, conn: AgentConnection, proc_id: int) -> Iterator[None]:
         previous = {}
 
         def forward(signum: int, _frame: object) -> None:
             try:
-                conn.signal(MAIN_PROCESS, signum)
+                conn.signal(proc_id, signum)
             except OSError:
                 pass
 
@@ -183,104 +247,123 @@ class Runtime:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def start_attached(
-        self, record: ContainerRecord, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-        forward_signals: bool = True,
-    ) -> ProcessResult:
-        """Boot, run the main process with stdio relayed, record how it ended."""
-        try:
-            conn = self._boot_and_send(record)
-            with conn:
-                if forward_signals:
-                    with self._forward_signals(conn):
-                        result = attach_process(conn, MAIN_PROCESS, stdin=stdin, stdout=stdout, stderr=stderr)
-                else:
-                    result = attach_process(conn, MAIN_PROCESS, stdin=stdin, stdout=stdout, stderr=stderr)
-        except (KvmcError, OSError) as exc:
-            self.hv.destroy(record.domain)
-            message = exc.message if isinstance(exc, KvmcError) else str(exc)
-            self.state.update(record, state="exited", finished_at=now_iso(), exit_code=125, error=message)
-            raise
-        if record.auto_remove:
-            # The overlay is about to be deleted, so there is nothing for the guest's final
-            # sync to save: skip its power-off (~1.2 s under TCG) and destroy the VM now.
-            self.hv.destroy(record.domain)
-        elif not self.hv.wait_stopped(record.domain, SHUTOFF_WAIT_S):
-            self.hv.destroy(record.domain)
-        self.state.update(
-            record, state="exited", finished_at=now_iso(), exit_code=result.exit_code,
-            error=result.error, guest_uptime_ms=result.started_uptime_ms,
-        )
-        self._say(f"process started at guest uptime {result.started_uptime_ms} ms; exit code {result.exit_code}")
-        return result
+    def attach(self, record: ContainerRecord, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO) -> int:
+        """Relay process 1's stdio through the monitor until the container ends; its exit code."""
+        conn = self._connect_monitor(record)
+        with conn:
+            conn.send(FrameType.ATTACH, MAIN_PROCESS_ID, b"stdin=1" if stdin is not None else b"")
+            try:
+                with self._forward_signals(conn, MAIN_PROCESS_ID):
+                    result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr)
+            except GuestError as exc:
+                raise KvmcError(f"lost the monitor of container {record.name}: {exc}") from exc
+            # The monitor closes the connection once the exit is recorded (and --rm done).
+            try:
+                while conn.read_frame(self.SHUTOFF_WAIT_S + 5) is not None:
+                    pass
+            except (GuestError, OSError):
+                pass
+        return _raise_for(result)
 
     # -------------------------------------------------------------------- run
     def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO) -> int:
         """docker run: the command's exit code, or raise KvmcError (125/126/127)."""
         record = self.create(opts)
-        if opts.detach:
-            return self._start_detached(record, stdout)
         try:
-            result = self.start_attached(record, stdin if opts.process.interactive else None, stdout, stderr)
+            monitor = self.start(record, wait_attach=not opts.detach, discard_on_failure=True)
         except BaseException:
-            self._discard(record)
+            self.discard(record)
             raise
-        finally:
-            if opts.auto_remove:
-                self._discard(record)
-        if result.error:
-            err = {127: CommandNotFound, 126: CommandNotInvokable}.get(result.exit_code, KvmcError)
-            raise err(result.error)
-        return result.exit_code
+        if opts.detach:
+            self.wait_started(record, monitor)
+            stdout.write(f"{record.id}\n".encode())
+            stdout.flush()
+            return 0
+        return self.attach(record, stdin if opts.process.interactive else None, stdout, stderr)
 
-    def _start_detached(self, record: ContainerRecord, stdout: BinaryIO) -> int:
-        """Hand the container to a monitor process that outlives this CLI; print its id."""
-        directory = self.state.container_dir(record.id)
-        monitor = subprocess.Popen(
-            [sys.executable, "-m", "kvmc.monitor", record.id],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=(directory / "monitor.log").open("ab"), start_new_session=True,
+    # ------------------------------------------------------------------- exec
+    def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO,
+             stderr: BinaryIO) -> int:
+        """docker exec: a second process in the running VM, with its own stdio and exit code."""
+        record = self.reconcile(self.state.resolve(ref))
+        if record.state != "running" or not record.started_at:
+            raise KvmcError(f"container {record.name} is not running")
+        proc = record.process
+        spec = ProcessSpec(
+            args=opts.command, env=merge_env(proc["env"], opts.env, os.environ),
+            cwd=opts.workdir or proc["cwd"], user=opts.user or proc["user"], stdin=opts.interactive,
         )
-        self.state.update(record, monitor_pid=monitor.pid)
-        deadline = time.monotonic() + self.config.boot_timeout_s + 5
-        while time.monotonic() < deadline:
+        proc_id = random.randint(2, 0xFFFF)
+        conn = self._connect_monitor(record)
+        with conn:
+            conn.run(proc_id, spec)
+            with self._forward_signals(conn, proc_id):
+                try:
+                    result = attach_process(conn, proc_id, stdin=stdin if opts.interactive else None,
+                                            stdout=stdout, stderr=stderr)
+                except GuestError as exc:
+                    raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
+        return _raise_for(result)
+
+    # ------------------------------------------------------------- stop, kill
+    def kill(self, ref: str, signum: int = signal.SIGKILL) -> ContainerRecord:
+        """Send a signal to the container's main process."""
+        record = self.reconcile(self.state.resolve(ref))
+        if record.state != "running":
+            raise KvmcError(f"container {record.name} is not running")
+        with self._connect_monitor(record) as conn:
+            conn.signal(MAIN_PROCESS_ID, signum)
+        return record
+
+    def stop(self, ref: str, timeout_s: int | None = None) -> ContainerRecord:
+        """SIGTERM, SIGKILL after the timeout (both by the agent), then the VM powers off."""
+        record = self.reconcile(self.state.resolve(ref))
+        timeout = self.config.stop_timeout_s if timeout_s is None else timeout_s
+        if record.state == "running":
+            try:
+                with self._connect_monitor(record) as conn:
+                    conn.shutdown(timeout)
+            except KvmcError:
+                pass  # monitor gone: destroy below
+            if not self.wait_exited(record, timeout + self.SHUTOFF_WAIT_S):
+                self.hv.destroy(record.domain)
+                self.wait_exited(record, 10)
+        return self.reconcile(self.state.load(record.id) or record)
+
+    def wait_exited(self, record: ContainerRecord, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
             current = self.state.load(record.id)
-            if current is None or current.state == "exited" or current.started_at or monitor.poll() is not None:
-                break
-            time.sleep(0.05)
-        current = self.state.load(record.id)
-        if current is not None and current.state == "exited" and current.exit_code == 125:
-            self._discard(current)
-            raise KvmcError(current.error or "the container failed to start")
-        stdout.write(f"{record.id}\n".encode())
-        stdout.flush()
-        return 0
+            if current is None or self.reconcile(current).state == "exited":
+                return True
+            time.sleep(0.1)
+        return False
 
-    def monitor(self, container_id: str) -> None:
-        """Body of the detached monitor: relay output to the container's log until exit."""
-        record = self.state.load(container_id)
-        if record is None:
-            return
-        directory = self.state.container_dir(container_id)
-        log = directory / "container.log"
-        out, err = JsonLogWriter(log, "stdout"), JsonLogWriter(log, "stderr")
-
-        try:
-            self.start_attached(record, None, out, err, forward_signals=False)  # type: ignore[arg-type]
-        except KvmcError:
-            pass  # recorded in the record by start_attached
-        finally:
-            current = self.state.load(container_id)
-            if current is not None and current.auto_remove:
-                self._discard(current)
+    # ------------------------------------------------------------- reconcile
+    def reconcile(self, record: ContainerRecord) -> ContainerRecord:
+        """Make the record tell the truth about a VM whose monitor is gone."""
+        if record.state in ("running", "starting") and not _pid_alive(record.monitor_pid):
+            vm = self.hv.state(record.domain)
+            if vm in ACTIVE_VM_STATES:
+                self.hv.destroy(record.domain)  # unmonitored: its output and exit are lost anyway
+            self.state.update(record, state="exited", finished_at=record.finished_at or now_iso(),
+                              exit_code=record.exit_code if record.exit_code is not None else 137,
+                              error=record.error or "kvmc's monitor for this container died", monitor_pid=None)
+        elif record.state in ("created", "exited") and self.hv.state(record.domain) is None:
+            xml = self.state.container_dir(record.id) / "domain.xml"
+            if xml.exists():
+                self.hv.define(xml.read_text())  # the domain vanished from libvirt: define it again
+        return record
 
     # ------------------------------------------------------------------ misc
     def remove(self, ref: str, force: bool = False) -> ContainerRecord:
-        record = self.state.resolve(ref)
-        running = self.hv.state(record.domain) in ("running", "paused", "blocked")
-        if running and not force:
-            raise KvmcError(f"container {record.name} is running: stop it first or use rm -f")
-        self._discard(record)
+        record = self.reconcile(self.state.resolve(ref))
+        if record.state in ("running", "starting"):
+            if not force:
+                raise KvmcError(f"container {record.name} is running: stop it first or use rm -f")
+            if record.monitor_pid and _pid_alive(record.monitor_pid):
+                os.kill(record.monitor_pid, signal.SIGKILL)
+        self.discard(record)
         return record
 
     def check_image_unused(self, ref: str) -> None:
@@ -297,7 +380,7 @@ class Runtime:
             raise ImageError(f'image "{ref}" is used by container(s) {", ".join(users)}: remove them first')
 
     def inspect(self, ref: str) -> dict:
-        record = self.state.resolve(ref)
+        record = self.reconcile(self.state.resolve(ref))
         data = asdict(record)
         data["vm_state"] = self.hv.state(record.domain)
         return data

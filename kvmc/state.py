@@ -51,6 +51,7 @@ class ContainerRecord:
     error: str | None = None
     monitor_pid: int | None = None
     agent_socket: str = ""
+    control_socket: str = ""
     boot: str = "cold"
     guest_uptime_ms: int | None = None
 
@@ -155,8 +156,9 @@ class StateStore:
     def remove(self, record: ContainerRecord) -> None:
         """Delete the container's directory and socket and release its name (idempotent)."""
         self.release(record.id, record.name)
-        if record.agent_socket:
-            Path(record.agent_socket).unlink(missing_ok=True)
+        for sock in (record.agent_socket, record.control_socket):
+            if sock:
+                Path(sock).unlink(missing_ok=True)
 
     def release(self, container_id: str, name: str | None) -> None:
         """Delete a container directory and release its name, for a record never saved."""
