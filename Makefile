@@ -15,7 +15,8 @@ demo: setup                  ## boot the default image in a microVM and run a co
 	$(KVMC) run --rm kvmc/busybox -- sh -c 'echo "hello from $$(hostname), a microVM running $$(uname -sr)"; cat /proc/cpuinfo | grep -m1 "model name"'
 
 test: setup                  ## the whole suite: unit tests and end-to-end tests that boot VMs
-	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) -ra tests
+	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) -ra -m "not serial" tests
+	.venv/bin/python -m pytest -ra -m serial tests
 
 unit:                        ## fast tests only (no VM boots)
 	.venv/bin/python -m pytest -q tests/unit

@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Manage images in kvmc's local store.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", no_args_is_help=True)
+app.add_typer(system_app, name="system")
 
 _state: dict[str, object] = {}
 
@@ -362,6 +364,36 @@ def image_ls(quiet: bool = typer.Option(False, "-q", "--quiet")) -> None:
 def image_rm(refs: List[str] = typer.Argument(...), force: bool = typer.Option(False, "-f", "--force")) -> None:
     """Remove images (same as 'kvmc rmi')."""
     rmi(refs, force)
+
+
+@app.command()
+def gc(force: bool = typer.Option(False, "--force", "-f", help="Remove what is found instead of listing it.")) -> None:
+    """Find kvmc VMs that no container record owns (left by a crash) and, with --force, remove them."""
+    rt = _runtime()
+    for name in rt.gc(force):
+        typer.echo(f"{'removed' if force else 'orphan'} {name}")
+
+
+@system_app.command("df")
+def system_df() -> None:
+    """Show the disk space used by images and containers, and what prune could reclaim."""
+    usage = _runtime().disk_usage()
+    typer.echo(f"{'TYPE':<12}{'TOTAL':>7}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
+    for kind, key, active in (("Images", "images", "active"), ("Containers", "containers", "running")):
+        u = usage[key]
+        typer.echo(f"{kind:<12}{u['count']:>7}{u[active]:>8}{u['bytes'] / 1e6:>10.1f}MB{u['reclaimable'] / 1e6:>12.1f}MB")
+
+
+@system_app.command("prune")
+def system_prune(
+    all_: bool = typer.Option(False, "-a", "--all", help="Also remove every image no container uses."),
+) -> None:
+    """Remove stopped containers (and with -a, unused images)."""
+    removed, deleted = _runtime().prune(all_)
+    for name in removed:
+        typer.echo(f"Deleted container: {name}")
+    for image in deleted:
+        typer.echo(f"Deleted image: {image}")
 
 
 @app.command()

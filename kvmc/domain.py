@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 AGENT_PORT_NAME = "org.kvmc.agent"
+METADATA_NS = "https://kvmc.dev/xmlns/container/1"
 DOMAIN_PREFIX = "kvmc-"
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 # Under TCG, about one boot in three hangs calibrating the TSC against the PIT; telling the

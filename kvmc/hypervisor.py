@@ -38,6 +38,14 @@ class Hypervisor:
 
     @property
     def conn(self) -> Any:
+        """The connection, reopened if libvirtd restarted since it was opened."""
+        if self._conn is not None:
+            try:
+                alive = self._conn.isAlive()
+            except libvirt.libvirtError:
+                alive = False
+            if not alive:
+                self._conn = None
         if self._conn is None:
             if libvirt is None:
                 raise HypervisorError(
@@ -53,13 +61,23 @@ class Hypervisor:
                 ) from exc
         return self._conn
 
+    @staticmethod
+    def _is_transport_error(exc: Any) -> bool:
+        """A dead connection (libvirtd restarted): isAlive() only notices after a call fails."""
+        return exc.get_error_domain() == libvirt.VIR_FROM_RPC or exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+
     def _lookup(self, name: str) -> Any | None:
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
-            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        for attempt in (1, 2):
+            try:
+                return self.conn.lookupByName(name)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None
+                if attempt == 1 and self._is_transport_error(exc):
+                    self._conn = None  # reconnect and try once more
+                    continue
+                raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        return None
 
     def define(self, xml: str) -> None:
         """Define a persistent domain (it stays listed, shut off, after its guest powers off)."""
@@ -132,9 +150,24 @@ class Hypervisor:
             if self._lookup(name) is not None:
                 raise HypervisorError(f"cannot undefine VM {name}: {exc.get_error_message()}") from exc
 
+    def metadata(self, name: str, namespace: str) -> str | None:
+        """The XML of the domain's ``<metadata>`` element in ``namespace``, or None."""
+        dom = self._lookup(name)
+        if dom is None:
+            return None
+        try:
+            return dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
+        except libvirt.libvirtError:
+            return None
+
     def domain_names(self, prefix: str) -> list[str]:
         """Names of all domains, running or defined, that start with ``prefix``."""
-        try:
-            return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        for attempt in (1, 2):
+            try:
+                return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
+            except libvirt.libvirtError as exc:
+                if attempt == 1 and self._is_transport_error(exc):
+                    self._conn = None
+                    continue
+                raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
+        return []

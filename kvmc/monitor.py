@@ -221,10 +221,13 @@ class Monitor:
     def _finish(self, result: ProcessResult | None, failure: str | None) -> None:
         record = self.record
         vm_failed = result is None
-        if record.auto_remove or vm_failed:
-            self.rt.hv.destroy(record.domain)  # nothing left to save: skip the guest's power-off
-        elif not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
-            self.rt.hv.destroy(record.domain)
+        try:
+            if record.auto_remove or vm_failed:
+                self.rt.hv.destroy(record.domain)  # nothing left to save: skip the guest's power-off
+            elif not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
+                self.rt.hv.destroy(record.domain)
+        except KvmcError as exc:  # libvirt unreachable: still record the exit; gc/rm finish later
+            print(f"kvmc-monitor: {exc}", file=sys.stderr)
         if result is not None:
             code, error = result.exit_code, result.error
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from kvmc.accel import AccelChoice, choose_accel
 from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
 from kvmc.config import Config
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, ChannelSpec, DiskSpec, VMSpec, host_tsc_khz, render_domain_xml
+from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, ChannelSpec, DiskSpec, VMSpec, host_tsc_khz, render_domain_xml
 from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageError, KvmcError
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
@@ -157,7 +158,11 @@ class Runtime:
 
     def vm_lost_reason(self, record: ContainerRecord, what: str) -> str:
         state = self.hv.state(record.domain)
-        return (f"the VM stopped unexpectedly ({what}; domain {state or 'gone'}); "
+        console = self.state.container_dir(record.id) / "console.log"
+        text = console.read_text(errors="replace") if console.exists() else ""
+        panic = next((ln.strip() for ln in text.splitlines() if "Kernel panic" in ln), None)
+        cause = f"the guest kernel panicked: {panic}" if panic else what
+        return (f"the VM stopped unexpectedly ({cause}; domain {state or 'gone'}); "
                 f"last lines of its console:\n{self.console_tail(record)}")
 
     def boot(self, record: ContainerRecord) -> AgentConnection:
@@ -365,6 +370,64 @@ class Runtime:
                 os.kill(record.monitor_pid, signal.SIGKILL)
         self.discard(record)
         return record
+
+    def orphan_domains(self) -> list[str]:
+        """kvmc domains of this state root that no container record owns (e.g. after a crash)."""
+        known = {r.domain for r in self.state.list()}
+        orphans = []
+        for name in self.hv.domain_names(DOMAIN_PREFIX):
+            if name in known:
+                continue
+            meta = self.hv.metadata(name, METADATA_NS) or ""
+            match = re.search(r"<(?:\w+:)?state-root>([^<]*)</", meta)
+            if match and match.group(1) == str(self.config.data_dir):
+                orphans.append(name)
+        return orphans
+
+    def gc(self, force: bool) -> list[str]:
+        """Show (or with ``force`` remove) orphan domains and the sockets named after them."""
+        orphans = self.orphan_domains()
+        if force:
+            for name in orphans:
+                self.hv.undefine(name)
+                short = name.removeprefix(DOMAIN_PREFIX)
+                for sock in self.config.run_dir.glob(f"{short}.*"):
+                    sock.unlink(missing_ok=True)
+        return orphans
+
+    def disk_usage(self) -> dict:
+        """What images and containers use on disk (allocated bytes), and what prune would free."""
+        def allocated(path: Path) -> int:
+            return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+        records = [self.reconcile(r) for r in self.state.list()]
+        used = {r.image_id for r in records}
+        images = self.images.list()
+        return {
+            "images": {"count": len(images), "active": sum(i.id in used for i in images),
+                       "bytes": sum(allocated(i.disk_path.parent) for i in images),
+                       "reclaimable": sum(allocated(i.disk_path.parent) for i in images if i.id not in used)},
+            "containers": {"count": len(records), "running": sum(r.state == "running" for r in records),
+                           "bytes": sum(allocated(self.state.container_dir(r.id)) for r in records),
+                           "reclaimable": sum(allocated(self.state.container_dir(r.id))
+                                              for r in records if r.state in ("exited", "created"))},
+        }
+
+    def prune(self, all_images: bool) -> tuple[list[str], list[str]]:
+        """Remove stopped containers, and with ``all_images`` every image no container uses."""
+        removed = []
+        for record in map(self.reconcile, self.state.list()):
+            if record.state in ("exited", "created"):
+                self.discard(record)
+                removed.append(record.name)
+        deleted = []
+        if all_images:
+            used = {r.image_id for r in self.state.list()}
+            for image in self.images.list():
+                if image.id not in used:
+                    self.images.remove(image.id, force=True)
+                    deleted.append(image.short_id)
+        return removed, deleted
 
     def check_image_unused(self, ref: str) -> None:
         """Refuse to delete an image whose disk a container's overlay still backs onto.

@@ -1,0 +1,92 @@
+"""Faults that must leave nothing lost or leaked: orphans, guest panics, libvirtd restarts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
+
+pytestmark = pytest.mark.e2e
+
+
+def _inspect(kvmc: Kvmc, ref: str) -> dict:
+    return json.loads(kvmc("inspect", ref, check=True).stdout)[0]
+
+
+def _wait_exited(kvmc: Kvmc, ref: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = _inspect(kvmc, ref)
+        if info["state"] == "exited":
+            return info
+        time.sleep(0.3)
+    raise AssertionError(f"{ref} did not exit")
+
+
+def test_guest_kernel_panic_is_reported(kvmc: Kvmc) -> None:
+    kvmc("run", "-d", "--name", "panicky", DEFAULT_IMAGE, "sh", "-c",
+         "echo c > /proc/sysrq-trigger; sleep 100", check=True)
+    info = _wait_exited(kvmc, "panicky")
+    assert info["exit_code"] == 137
+    assert "kernel panicked" in info["error"]
+    kvmc("rm", "panicky", check=True)
+    assert info["domain"] not in kvmc.domains()
+
+
+def test_gc_finds_and_removes_orphan_domains(kvmc: Kvmc) -> None:
+    """A domain of this state root with no record (kvmc killed mid-create) is found and removed."""
+    container_id = kvmc("create", "--name", "template", DEFAULT_IMAGE, "true", check=True).stdout.decode().strip()
+    xml = (kvmc.data_dir / "containers" / container_id / "domain.xml").read_text()
+    orphan = f"kvmc-{uuid.uuid4().hex[:16]}"
+    xml = re.sub(r"<name>[^<]+</name>", f"<name>{orphan}</name>", xml)
+    xml = re.sub(r"<uuid>[^<]+</uuid>", f"<uuid>{uuid.uuid4()}</uuid>", xml)
+    subprocess.run(["virsh", "-c", "qemu:///system", "define", "/dev/stdin"], input=xml.encode(),
+                   check=True, capture_output=True)
+    try:
+        listed = kvmc("gc", check=True).stdout.decode()
+        assert f"orphan {orphan}" in listed
+        assert container_id[:16] not in listed  # a recorded container is not an orphan
+        assert f"removed {orphan}" in kvmc("gc", "--force", check=True).stdout.decode()
+        names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert orphan not in names
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "undefine", orphan], capture_output=True)
+    kvmc("rm", "template", check=True)
+
+
+def test_system_df_and_prune(kvmc: Kvmc) -> None:
+    kvmc("create", "--name", "prunable", DEFAULT_IMAGE, "true", check=True)
+    df = kvmc("system", "df", check=True).stdout.decode()
+    assert "Images" in df and "Containers" in df
+    pruned = kvmc("system", "prune", check=True).stdout.decode()
+    assert "Deleted container: prunable" in pruned
+    assert kvmc("inspect", "prunable").returncode == 125
+
+
+@pytest.mark.serial
+def test_containers_survive_a_libvirtd_restart(kvmc: Kvmc) -> None:
+    kvmc("run", "-d", "--name", "steady", DEFAULT_IMAGE, "sh", "-c",
+         "trap 'echo bye; exit 3' TERM; while true; do sleep 0.2; done", check=True)
+    subprocess.run(["pkill", "-x", "libvirtd"], check=True)
+    time.sleep(1)
+    subprocess.run(["bash", "-c", "setsid nohup tini -s -- libvirtd </dev/null >>/var/log/kvmc-libvirtd.log 2>&1 &"],
+                   check=True)
+    for _ in range(100):
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.1)
+    info = _inspect(kvmc, "steady")
+    assert info["state"] == "running" and info["vm_state"] == "running"
+    assert kvmc("exec", "steady", "echo", "still-here").stdout == b"still-here\n"
+    kvmc("stop", "-t", "5", "steady", check=True)
+    info = _wait_exited(kvmc, "steady")
+    assert info["exit_code"] == 3
+    kvmc("rm", "steady", check=True)
+    assert info["domain"] not in kvmc.domains()
