@@ -194,19 +194,20 @@ class Runtime:
         The record is reset before the monitor is spawned and never written here afterwards:
         from then on the monitor is its only writer.
         """
-        current = self.reconcile(record)
-        if current.state in ("running", "starting"):
-            raise KvmcError(f"container {record.name} is already running")
-        self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
-                          error=None, monitor_pid=None)
-        args = [sys.executable, "-m", "kvmc.monitor", record.id]
-        if wait_attach:
-            args.append("--wait-attach")
-        if discard_on_failure:
-            args.append("--discard-on-failure")
-        with (self.state.container_dir(record.id) / "monitor.log").open("ab") as log:
-            return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                    start_new_session=True)
+        with self.state.locked(record.id):  # two concurrent starts must not spawn two monitors
+            current = self.reconcile(self.state.load(record.id) or record)
+            if current.state in ("running", "starting"):
+                raise KvmcError(f"container {record.name} is already running")
+            self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
+                              error=None, monitor_pid=None)
+            args = [sys.executable, "-m", "kvmc.monitor", record.id]
+            if wait_attach:
+                args.append("--wait-attach")
+            if discard_on_failure:
+                args.append("--discard-on-failure")
+            with (self.state.container_dir(record.id) / "monitor.log").open("ab") as log:
+                return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                        start_new_session=True)
 
     def wait_started(self, record: ContainerRecord, monitor: subprocess.Popen) -> ContainerRecord:
         """Wait until a detached start's process runs (or failed); raise on failure."""
@@ -385,15 +386,19 @@ class Runtime:
         return orphans
 
     def gc(self, force: bool) -> list[str]:
-        """Show (or with ``force`` remove) orphan domains and the sockets named after them."""
+        """Show (or with ``force`` remove) what no container record owns: domains of this state
+        root, the sockets named after them, and directories/names of half-created containers."""
         orphans = self.orphan_domains()
+        half_created = self.state.unrecorded()
         if force:
             for name in orphans:
                 self.hv.undefine(name)
                 short = name.removeprefix(DOMAIN_PREFIX)
                 for sock in self.config.run_dir.glob(f"{short}.*"):
                     sock.unlink(missing_ok=True)
-        return orphans
+            for path in half_created:
+                self.state.reclaim(path)
+        return orphans + [str(p) for p in half_created]
 
     def disk_usage(self) -> dict:
         """What images and containers use on disk (allocated bytes), and what prune would free."""

@@ -9,14 +9,17 @@ agent socket, console and output logs) lives in its directory, so ``rm`` is one 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
+from contextlib import contextmanager
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kvmc.errors import ContainerNotFound, UsageError
 from kvmc.names import generate_name, valid_name
@@ -152,6 +155,40 @@ class StateStore:
             ids = ", ".join(r.short_id for r in matches[:5])
             raise ContainerNotFound(f'container prefix "{ref}" is ambiguous: it matches {ids}')
         return matches[0]
+
+    @contextmanager
+    def locked(self, container_id: str) -> Iterator[None]:
+        """An exclusive fcntl lock on one container, for read-check-write sequences."""
+        with (self.container_dir(container_id) / ".lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def unrecorded(self, min_age_s: float = 60.0) -> list[Path]:
+        """Container dirs without a record and names whose container is gone: what a kvmc
+        killed between reserving and recording leaves. Young ones may be mid-create: skipped."""
+        found: list[Path] = []
+        if not self.root.is_dir():
+            return found
+        now = time.time()
+        for path in self.root.iterdir():
+            if path.name != "names" and path.is_dir() and not (path / "record.json").exists():
+                if now - path.stat().st_mtime > min_age_s:
+                    found.append(path)
+        if self.names.is_dir():
+            for name in self.names.iterdir():
+                if name.name.startswith("."):
+                    continue
+                owner = name.read_text().strip()
+                if not (self.root / owner).is_dir() and now - name.stat().st_mtime > min_age_s:
+                    found.append(name)
+        return found
+
+    def reclaim(self, path: Path) -> None:
+        """Delete one path found by :meth:`unrecorded`."""
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def remove(self, record: ContainerRecord) -> None:
         """Delete the container's directory and socket and release its name (idempotent)."""

@@ -90,3 +90,24 @@ def test_containers_survive_a_libvirtd_restart(kvmc: Kvmc) -> None:
     assert info["exit_code"] == 3
     kvmc("rm", "steady", check=True)
     assert info["domain"] not in kvmc.domains()
+
+
+def test_gc_reclaims_half_created_containers(kvmc: Kvmc) -> None:
+    """What a kvmc killed between reserving a name and writing the record leaves behind."""
+    import os
+
+    containers = kvmc.data_dir / "containers"
+    containers.joinpath("names").mkdir(parents=True, exist_ok=True)
+    stray_dir = containers / ("ab" * 32)
+    stray_dir.mkdir()
+    (stray_dir / "rootfs.qcow2").write_bytes(b"half")
+    stray_name = containers / "names" / "half-made"
+    stray_name.write_text("cd" * 32)
+    old = time.time() - 3600
+    for path in (stray_dir, stray_name):
+        os.utime(path, (old, old))
+    listed = kvmc("gc", check=True).stdout.decode()
+    assert str(stray_dir) in listed and str(stray_name) in listed
+    kvmc("gc", "--force", check=True)
+    assert not stray_dir.exists() and not stray_name.exists()
+    kvmc("run", "--rm", "--name", "half-made", DEFAULT_IMAGE, "true", check=True)  # the name is free again
