@@ -3,13 +3,14 @@ SHELL := /bin/bash
 KVMC  := .venv/bin/kvmc
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup guest demo test unit bench clean
+.PHONY: setup guest demo test unit bench bench-boot clean
 
 setup:                       ## install packages, start libvirtd, build guest + default image
 	ci/setup-host.sh
 
 guest:                       ## (re)build the guest kernel, initramfs and agent only
-	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest
+	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest --kernel debian
+	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest-kvmc --kernel kvmc
 
 demo: setup                  ## boot the default image in a microVM and run a command in it
 	$(KVMC) run --rm kvmc/busybox -- sh -c 'echo "hello from $$(hostname), a microVM running $$(uname -sr)"; cat /proc/cpuinfo | grep -m1 "model name"'
@@ -21,5 +22,7 @@ test: setup                  ## the whole suite: unit tests and end-to-end tests
 unit:                        ## fast tests only (no VM boots)
 	.venv/bin/python -m pytest -q tests/unit
 
-bench: setup                 ## benchmarks (bench/)
-	.venv/bin/python bench/startup.py
+bench: bench-boot            ## all benchmarks (bench/)
+
+bench-boot: setup            ## guest boot: Debian's kernel vs kvmc's own (bench/boot.py)
+	.venv/bin/python bench/boot.py

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a Debian 12 host for kvmc, as root, idempotently: apt packages, libvirt daemons
 # (started by hand when no service manager runs them), /dev/kvm access for libvirt's QEMU
-# user, the Python virtualenv, the guest kernel/initramfs/agent, and the default image.
+# user, the Python virtualenv, the guest kernel/initramfs/agent (for both guest kernels: Debian's
+# and kvmc's own), and the default image.
 # Used by "make setup" (and so by "make demo", "make test" and CI): one path for everyone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,8 @@ APT_PACKAGES=(
     e2fsprogs skopeo umoci                # image store: ext4 base disks, OCI conversion/unpacking
     cpio kmod                             # initramfs assembly, depmod for the kernel's modules
     tini                                  # reaps QEMU promptly when libvirtd is started by hand
+    # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
+    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -69,7 +72,9 @@ echo "==> pip: installing kvmc and its test dependencies"
 echo "==> guest kernel, initramfs and agent"
 mkdir -p "$KVMC_DATA_DIR"
 chmod 0755 "$KVMC_DATA_DIR"
-images/build.sh "$KVMC_DATA_DIR/guest"
+images/build.sh "$KVMC_DATA_DIR/guest" --kernel debian
+# kvmc's own kernel (config key `kernel: kvmc`); compiled once, then cached (a few minutes).
+images/build.sh "$KVMC_DATA_DIR/guest-kvmc" --kernel kvmc
 
 echo "==> default image"
 .venv/bin/kvmc image build-default >/dev/null

@@ -65,6 +65,7 @@ def probe_kvm(hv: Hypervisor, guest: GuestArtefacts, work_dir: Path, templates_d
         name=name, uuid=str(uuid.uuid4()), container_id="probe", container_name="accel-probe",
         domain_type="kvm", memory_mib=128, vcpus=1, kernel=guest.kernel, initrd=guest.initramfs,
         console_log=console, extra_cmdline=("kvmc.probe",), tsc_khz=host_tsc_khz(),
+        acpi=guest.acpi,
     )
     try:
         start = time.monotonic()

@@ -18,6 +18,10 @@ import yaml
 from kvmc.errors import UsageError
 
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
+# Guest kernels images/build.sh can build: Debian's cloud kernel (virtio as modules) or kvmc's
+# own (images/kernel/, everything built in, boots faster). Each has its own guest directory.
+KERNEL_CHOICES = ("debian", "kvmc")
+GUEST_SUBDIRS = {"debian": "guest", "kvmc": "guest-kvmc"}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,6 +48,10 @@ class Config:
     accel: str = "auto"
     memory_mib: int = 256
     cpus: int = 1
+    # Which guest kernel VMs boot; selects data_dir/guest-kvmc (kvmc, the default: boots in a
+    # third of the Debian kernel's time under TCG, bench/boot.py) or data_dir/guest (debian).
+    # guest_dir, when set, overrides the directory whatever the kernel.
+    kernel: str = "kvmc"
     guest_dir: Path | None = None
     templates_dir: Path = REPO_ROOT / "templates"
     boot_timeout_s: float = 60.0
@@ -59,11 +67,13 @@ class Config:
 
     @property
     def guest_artefacts_dir(self) -> Path:
-        return self.guest_dir or self.data_dir / "guest"
+        return self.guest_dir or self.data_dir / GUEST_SUBDIRS[self.kernel]
 
     def validate(self) -> Config:
         if self.accel not in ACCEL_CHOICES:
             raise UsageError(f"invalid accel {self.accel!r}: choose one of {', '.join(ACCEL_CHOICES)}")
+        if self.kernel not in KERNEL_CHOICES:
+            raise UsageError(f"invalid kernel {self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
         if self.memory_mib < 64:
             raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
         if self.cpus < 1:

@@ -69,9 +69,15 @@ class VMSpec:
     state_root: str = ""
     """kvmc's data dir that owns this domain: gc only touches domains of its own state root."""
 
+    # ACPI on: the kernel finds the virtio-mmio devices in the DSDT and powers off through the
+    # ACPI sleep register. Off: QEMU appends virtio_mmio.device= words to the command line
+    # itself (microvm auto-kernel-cmdline) and the guest ends the VM by reset (on_reboot=destroy).
+    # Which one a guest kernel boots with is recorded in its guest.json (GuestArtefacts.acpi).
+    acpi: bool = True
+
     @property
     def cmdline(self) -> str:
-        return kernel_cmdline(self.tsc_khz, self.extra_cmdline)
+        return kernel_cmdline(self.tsc_khz, self.extra_cmdline, acpi=self.acpi)
 
 
 def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
@@ -85,7 +91,7 @@ def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
     return None
 
 
-def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = ()) -> str:
+def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = (), acpi: bool = True) -> str:
     """The guest kernel command line; every word is there for a reason given beside it."""
     words = [
         "console=ttyS0",  # the serial console log: boot failures are readable there
@@ -98,6 +104,10 @@ def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = ()) -> str:
     ]
     if tsc_khz:
         words.append(f"tsc_early_khz={tsc_khz}")
+    if not acpi:
+        # Without ACPI the guest cannot power off, only halt: init and agent end the VM with a
+        # reset instead, which on_reboot=destroy turns into the end of the domain.
+        words.append("kvmc.exit=reboot")
     return " ".join([*words, *extra])
 
 

@@ -25,6 +25,10 @@ class GuestArtefacts:
     initramfs_sha256: str
     agent_sha256: str
     kernel_release: str
+    # "debian" or "kvmc" (images/build.sh --kernel); guest.json from before the key: debian.
+    flavour: str = "debian"
+    # Whether VMs booting this kernel get ACPI (VMSpec.acpi); see docs/platform.md.
+    acpi: bool = True
 
     @property
     def digest(self) -> str:
@@ -46,6 +50,8 @@ def load_guest(directory: Path) -> GuestArtefacts:
             initramfs_sha256=meta["initramfs_sha256"],
             agent_sha256=meta["agent_sha256"],
             kernel_release=meta.get("kernel_release", "unknown"),
+            flavour=meta.get("kernel_flavour", "debian"),
+            acpi=bool(meta.get("acpi", True)),
         )
     except (ValueError, KeyError) as exc:
         raise GuestError(f"{manifest} is unreadable ({exc})", hint=BUILD_HINT) from exc

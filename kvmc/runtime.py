@@ -131,7 +131,7 @@ class Runtime:
                 kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
                 disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
                 channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
-                state_root=str(self.config.data_dir),
+                state_root=str(self.config.data_dir), acpi=guest.acpi,
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)

@@ -68,6 +68,9 @@ struct exec_report {
 static struct proc procs[MAX_PROCS];
 static const char *root = "/";
 static int port_fd = -1, socket_mode, no_poweroff, is_pid1;
+/* --exit-by-reboot: end the VM with reboot(RB_AUTOBOOT), which the domain turns into destroy
+ * (on_reboot=destroy). Without ACPI a guest cannot power the machine off, only halt it. */
+static int exit_by_reboot;
 static int sig_pipe[2] = { -1, -1 };
 static int64_t port_pause_until;             /* device mode HUP backoff */
 static int main_started, main_exit_sent, main_acked;
@@ -235,8 +238,8 @@ static _Noreturn void finish(void)
 				umount2(path, MNT_DETACH);
 		}
 		sync();
-		reboot(RB_POWER_OFF);
-		logmsg("reboot(RB_POWER_OFF): %s", strerror(errno));
+		reboot(exit_by_reboot ? RB_AUTOBOOT : RB_POWER_OFF);
+		logmsg("reboot(%s): %s", exit_by_reboot ? "RB_AUTOBOOT" : "RB_POWER_OFF", strerror(errno));
 		for (;;) /* PID 1 must never exit: that panics the kernel */
 			pause();
 	}
@@ -836,9 +839,10 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--port") && i + 1 < argc) port_path = argv[++i];
 		else if (!strcmp(argv[i], "--port-name") && i + 1 < argc) port_name = argv[++i];
 		else if (!strcmp(argv[i], "--no-poweroff")) no_poweroff = 1;
+		else if (!strcmp(argv[i], "--exit-by-reboot")) exit_by_reboot = 1;
 		else {
 			fprintf(stderr, "usage: kvmc-agent --root DIR (--port-name NAME | --port SOCKET) "
-					"[--no-poweroff]\n");
+					"[--no-poweroff] [--exit-by-reboot]\n");
 			return 2;
 		}
 	}

@@ -22,6 +22,10 @@ from kvmc.images import add_layer, build_busybox_layout
 SHARED_DATA = Path(os.environ.get("KVMC_TEST_SHARED_DATA", "/var/lib/kvmc"))
 TEST_ROOT = SHARED_DATA / "tests"
 DEFAULT_IMAGE = "kvmc/busybox:latest"
+# The guest kernel the suite boots: KVMC_KERNEL=kvmc|debian as for kvmc itself (config key
+# `kernel`, default kvmc), each in the guest directory "make setup" builds it into.
+# tests/e2e/test_kernels.py boots both whichever is chosen here.
+GUEST_DIR = SHARED_DATA / {"debian": "guest", "kvmc": "guest-kvmc"}[os.environ.get("KVMC_KERNEL", "kvmc")]
 
 
 @dataclass
@@ -54,13 +58,13 @@ class Kvmc:
 
 @pytest.fixture(scope="session")
 def kvmc() -> Kvmc:
-    if not (SHARED_DATA / "guest" / "guest.json").exists():
-        pytest.fail(f"no guest artefacts in {SHARED_DATA}/guest: run 'make setup' first")
+    if not (GUEST_DIR / "guest.json").exists():
+        pytest.fail(f"no guest artefacts in {GUEST_DIR}: run 'make setup' first")
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     os.chmod(TEST_ROOT, 0o755)
     data_dir = Path(tempfile.mkdtemp(prefix="session-", dir=TEST_ROOT))
     os.chmod(data_dir, 0o755)
-    env = {**os.environ, "KVMC_DATA_DIR": str(data_dir), "KVMC_GUEST_DIR": str(SHARED_DATA / "guest")}
+    env = {**os.environ, "KVMC_DATA_DIR": str(data_dir), "KVMC_GUEST_DIR": str(GUEST_DIR)}
     tool = Kvmc(env=env, data_dir=data_dir)
     tool("image", "build-default", check=True)
     yield tool

@@ -50,7 +50,7 @@ def test_derived_dirs():
     config = Config(data_dir=Path("/d"))
     assert config.images_dir == Path("/d/images")
     assert config.containers_dir == Path("/d/containers")
-    assert config.guest_artefacts_dir == Path("/d/guest")
+    assert config.guest_artefacts_dir == Path("/d/guest-kvmc")  # the default kernel is kvmc's
     assert Config(data_dir=Path("/d"), guest_dir=Path("/g")).guest_artefacts_dir == Path("/g")
 
 
@@ -215,3 +215,22 @@ def test_null_guest_dir_means_unset(home):
     user_config(home, "guest_dir: null\n")
     config = load_config({"HOME": str(home)})
     assert config.guest_dir is None
+
+
+def test_kernel_selects_the_guest_dir(home):
+    assert Config(data_dir=Path("/d")).kernel == "kvmc"
+    assert Config(data_dir=Path("/d")).guest_artefacts_dir == Path("/d/guest-kvmc")
+    assert Config(data_dir=Path("/d"), kernel="kvmc").guest_artefacts_dir == Path("/d/guest-kvmc")
+    assert Config(data_dir=Path("/d"), kernel="debian").guest_artefacts_dir == Path("/d/guest")
+    # an explicit guest_dir wins whatever the kernel
+    assert Config(data_dir=Path("/d"), kernel="kvmc", guest_dir=Path("/g")).guest_artefacts_dir == Path("/g")
+    assert load_config({"HOME": str(home), "KVMC_KERNEL": "kvmc"}).kernel == "kvmc"
+    assert load_config({"HOME": str(home), "KVMC_KERNEL": "debian"}).kernel == "debian"
+    user_config(home, "kernel: debian\n")
+    assert load_config({"HOME": str(home)}).kernel == "debian"
+
+
+def test_unknown_kernel_is_a_usage_error(home):
+    with pytest.raises(UsageError, match="kernel"):
+        load_config({"HOME": str(home), "KVMC_KERNEL": "linux"})
+

@@ -121,6 +121,18 @@ def test_cmdline_extra_words_come_last():
 def test_acpi_feature(domain_type):
     root = render(make_spec(domain_type))
     assert root.find("features/acpi") is not None
+    assert "kvmc.exit=reboot" not in root.findtext("os/cmdline").split()
+
+
+def test_acpi_off_drops_the_feature_and_exits_by_reboot(domain_type):
+    # Without ACPI the guest cannot power off: it resets, and on_reboot=destroy ends the VM.
+    root = render(make_spec(domain_type, acpi=False))
+    assert root.find("features/acpi") is None
+    assert root.find("features") is None
+    assert root.findtext("on_reboot") == "destroy"
+    words = root.findtext("os/cmdline").split()
+    assert "kvmc.exit=reboot" in words
+    assert kernel_cmdline(None, ("x=1",), acpi=False).split()[-1] == "x=1"
 
 
 def test_no_usb_no_balloon(domain_type):

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Build kvmc's own guest kernel into OUTDIR: `make tinyconfig` + images/kernel/kvmc.config,
+# everything built in, from Debian's linux-source-6.1 package (never sources from elsewhere).
+# Writes OUTDIR/bzImage, OUTDIR/vmlinux (uncompressed ELF with the PVH entry note),
+# OUTDIR/config and OUTDIR/kernel.release.
+#
+# Installs nothing itself. Needs these apt packages (ci/setup-host.sh installs them):
+#   linux-source-6.1 gcc make bc bison flex libelf-dev libssl-dev xz-utils
+#
+# Cached: skipped when sha256(fragment + this script + linux-source package version) equals
+# OUTDIR/inputs.sha256. KVMC_KERNEL_BUILD_DIR keeps the build tree there (for iterating on the
+# fragment: an existing tree of the same source version is reused, so make rebuilds
+# incrementally); by default a temporary directory is used and removed.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: images/kernel/build.sh OUTDIR}
+fragment="$here/kvmc.config"
+src_pkg=linux-source-6.1
+tarball=/usr/src/linux-source-6.1.tar.xz
+
+die() { echo "images/kernel/build.sh: $*" >&2; exit 1; }
+need() { command -v "$1" >/dev/null || die "$1 is missing: run 'make setup' (apt-get install $2)"; }
+need gcc gcc; need make make; need bc bc; need bison bison; need flex flex; need xz xz-utils
+[ -f /usr/include/libelf.h ] || die "libelf.h is missing: run 'make setup' (apt-get install libelf-dev)"
+[ -f /usr/include/openssl/ssl.h ] || die "openssl headers are missing: run 'make setup' (apt-get install libssl-dev)"
+[ -f "$tarball" ] || die "$tarball is missing: run 'make setup' (apt-get install $src_pkg)"
+src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null) || die "$src_pkg is not installed"
+
+inputs=$( { echo "$src_pkg $src_ver"; cat "$fragment" "$here/build.sh"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] \
+        && [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
+    echo "kvmc kernel up to date in $out"
+    exit 0
+fi
+
+if [ -n "${KVMC_KERNEL_BUILD_DIR:-}" ]; then
+    work=$KVMC_KERNEL_BUILD_DIR
+    mkdir -p "$work"
+else
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+fi
+start=$(date +%s)
+tree="$work/linux-source-6.1"
+if [ ! -f "$work/source.version" ] || [ "$(cat "$work/source.version")" != "$src_ver" ] || [ ! -d "$tree" ]; then
+    echo "==> unpacking $tarball ($src_pkg $src_ver)"
+    rm -rf "$tree"
+    tar -xf "$tarball" -C "$work"
+    echo "$src_ver" > "$work/source.version"
+fi
+
+# ARCH=x86_64 so that tinyconfig starts from a 64-bit base (ARCH=x86 would give i386).
+kmake() { make -s -C "$tree" ARCH=x86_64 "$@"; }
+echo "==> tinyconfig + $(basename "$fragment")"
+kmake tinyconfig >/dev/null
+(cd "$tree" && ARCH=x86_64 scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
+kmake olddefconfig >/dev/null
+
+# Every line of the fragment must be in the final .config: a symbol whose dependencies are not
+# met is dropped silently by kconfig, and a kernel missing e.g. virtio-blk boots to nothing.
+lost=()
+while IFS= read -r line; do
+    case $line in
+        CONFIG_*=*)
+            grep -qxF -- "$line" "$tree/.config" || lost+=("$line (final: $(grep -E "^(# )?${line%%=*}[= ]" "$tree/.config" || echo absent))") ;;
+        "# CONFIG_"*" is not set")
+            sym=${line#\# }; sym=${sym%% *}
+            ! grep -q "^$sym=" "$tree/.config" || lost+=("$line (final: $(grep "^$sym=" "$tree/.config"))") ;;
+    esac
+done < "$fragment"
+if [ ${#lost[@]} -gt 0 ]; then
+    printf 'images/kernel/build.sh: option lost in the final .config: %s\n' "${lost[@]}" >&2
+    exit 1
+fi
+
+echo "==> make -j$(nproc) bzImage"
+kmake -j"$(nproc)" bzImage
+mkdir -p "$out"
+release=$(kmake kernelrelease)
+for f in arch/x86/boot/bzImage vmlinux .config; do
+    name=$(basename "$f"); [ "$name" = .config ] && name=config
+    cp "$tree/$f" "$out/$name.tmp" && mv "$out/$name.tmp" "$out/$name"
+done
+echo "$release" > "$out/kernel.release"
+echo "$inputs" > "$out/inputs.sha256"
+echo "kvmc kernel $release built in $out in $(( $(date +%s) - start )) s:" \
+     "bzImage $(stat -c %s "$out/bzImage") bytes, vmlinux $(stat -c %s "$out/vmlinux") bytes"
