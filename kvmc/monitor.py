@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,8 +206,10 @@ class Monitor:
             self.conn = self.rt.boot(record)
             self.conn_ready.set()
             result = self._relay(self.conn)
-        except (KvmcError, OSError) as exc:
-            failure = exc.message if isinstance(exc, KvmcError) else str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
+            if not isinstance(exc, (KvmcError, OSError)):
+                traceback.print_exc()
+            failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
             if self.conn is not None and record.started_at:
                 failure = self.rt.vm_lost_reason(record, failure)
         finally:
