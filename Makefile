@@ -23,6 +23,7 @@ unit:                        ## fast tests only (no VM boots)
 	.venv/bin/python -m pytest -q tests/unit
 
 bench: bench-boot            ## all benchmarks (bench/)
+	.venv/bin/python bench/startup.py
 
 bench-boot: setup            ## guest boot: Debian's kernel vs kvmc's own (bench/boot.py)
 	.venv/bin/python bench/boot.py

@@ -38,10 +38,10 @@ def kvmc(kernel: str, *args: str) -> tuple[float, bytes]:
 
 def one_run(kernel: str, image: str) -> tuple[float, float]:
     """(wall seconds of a cold `run --rm IMAGE true`, guest uptime seconds at process start)."""
-    wall, _ = kvmc(kernel, "run", "--rm", image, "true")
+    wall, _ = kvmc(kernel, "run", "--rm", "--no-pool", image, "true")
     name = f"bench-boot-{os.getpid()}-{kernel}"
     try:
-        kvmc(kernel, "run", "--name", name, image, "true")
+        kvmc(kernel, "run", "--no-pool", "--name", name, image, "true")
         record = json.loads(kvmc(kernel, "inspect", name)[1])
     finally:
         subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", name], capture_output=True,

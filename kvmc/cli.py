@@ -27,6 +27,9 @@ image_app = typer.Typer(help="Manage images in kvmc's local store.", no_args_is_
 app.add_typer(image_app, name="image")
 system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", no_args_is_help=True)
 app.add_typer(system_app, name="system")
+pool_app = typer.Typer(help="Pools of pre-booted, saved VMs that 'run' restores instead of booting.",
+                       no_args_is_help=True)
+app.add_typer(pool_app, name="pool")
 
 _state: dict[str, object] = {}
 
@@ -101,12 +104,18 @@ def run(
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, interactive: bool = _INTERACTIVE,
     detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background and print the container id."),
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
+    no_pool: bool = typer.Option(False, "--no-pool", help="Boot a fresh VM even if a pooled one is ready."),
 ) -> None:
-    """Run a command in a new container: boot a microVM whose root filesystem is the image."""
+    """Run a command in a new container: boot a microVM whose root filesystem is the image.
+
+    A ready pool member of the same image and size (kvmc pool warm) is restored instead of
+    booting; -v says which happened, and so does 'kvmc inspect' (boot: pool or cold).
+    """
     if detach and interactive:
         raise KvmcError("-d and -i cannot be combined: a detached container has no stdin")
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, detach, hostname, accel)
+    opts.use_pool = not no_pool
     code = _runtime().run(opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
     raise typer.Exit(code)
 
@@ -364,6 +373,62 @@ def image_ls(quiet: bool = typer.Option(False, "-q", "--quiet")) -> None:
 def image_rm(refs: List[str] = typer.Argument(...), force: bool = typer.Option(False, "-f", "--force")) -> None:
     """Remove images (same as 'kvmc rmi')."""
     rmi(refs, force)
+
+
+@pool_app.command("warm")
+def pool_warm(
+    image: str = typer.Argument(..., help="Image name[:tag] or id."),
+    size: int = typer.Option(2, "--size", "-n", help="How many ready members to keep for this image and size."),
+    memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, accel: Optional[str] = _ACCEL,
+) -> None:
+    """Boot VMs of IMAGE to the point where the agent waits, save them, and keep them ready."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvmc.pool import Pool
+
+    rt = _runtime()
+    config = rt.config
+    with Progress(TextColumn("warming {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task(image, total=None)
+        made = Pool(rt).warm(
+            image, size, parse_memory(memory) if memory else config.memory_mib,
+            parse_cpus(cpus) if cpus else config.cpus, accel,
+            lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    typer.echo(f"{len(made)} member(s) warmed for {image}")
+
+
+@pool_app.command("ls")
+def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json' for one object per line.")) -> None:
+    """List pools: image, VM size, ready and stale members, save file size."""
+    from kvmc.pool import Pool
+
+    rows = Pool(_runtime()).summary()
+    if format_ == "json":
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    typer.echo(f"{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'STALE':>7}{'SAVE':>10}")
+    for r in rows:
+        typer.echo(f"{r['image'][:26]:<28}{r['memory_mib']:>6}Mi{r['cpus']:>6}{r['accel']:>7}{r['ready']:>7}"
+                   f"{r['stale']:>7}{r['save_mib']:>8}Mi")
+
+
+@pool_app.command("rm")
+def pool_rm(image: Optional[str] = typer.Argument(None, help="Only this image's members (default: all).")) -> None:
+    """Remove pool members: their saved state, disks and domains."""
+    from kvmc.pool import Pool
+
+    typer.echo(f"removed {Pool(_runtime()).remove(image)} member(s)")
+
+
+@pool_app.command("gc")
+def pool_gc() -> None:
+    """Remove members made from an image or guest kernel that has changed, and abandoned warm-ups."""
+    from kvmc.pool import Pool
+
+    typer.echo(f"removed {Pool(_runtime()).gc()} stale member(s)")
 
 
 @app.command()

@@ -54,6 +54,8 @@ class Config:
     kernel: str = "kvmc"
     guest_dir: Path | None = None
     templates_dir: Path = REPO_ROOT / "templates"
+    # After a run claims a pool member, warm a replacement in the background (kvmc pool warm).
+    pool_refill: bool = False
     boot_timeout_s: float = 60.0
     stop_timeout_s: int = 10
 
@@ -93,6 +95,14 @@ def _coerce(key: str, value: Any) -> Any:
     try:
         if "Path" in kind:
             return Path(os.path.expanduser(str(value)))
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, not {value!r}")
         if kind == "int":
             return int(value)
         if kind == "float":

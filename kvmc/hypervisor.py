@@ -8,6 +8,7 @@ silenced here and turned into :class:`HypervisorError` with a sentence the user 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from kvmc.errors import HypervisorError
@@ -92,6 +93,21 @@ class Hypervisor:
             dom.create()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot start VM {name}: {exc.get_error_message()}") from exc
+
+    def save(self, name: str, path: Path) -> None:
+        """Save a running VM's memory and device state to ``path``; the domain is then shut off."""
+        dom = self._require(name)
+        try:
+            dom.save(str(path))
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot save VM {name}: {exc.get_error_message()}") from exc
+
+    def restore(self, path: Path, xml: str) -> None:
+        """Resume a saved VM; ``xml`` may change host-side paths, not the name or UUID."""
+        try:
+            self.conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot restore VM from {path}: {exc.get_error_message()}") from exc
 
     def create_transient(self, xml: str) -> None:
         """Start a domain that libvirt forgets as soon as it stops (used by the accel probe)."""

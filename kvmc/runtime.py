@@ -30,6 +30,7 @@ from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageE
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
 from kvmc.images import ImageStore
+from kvmc.pool import SAVE_FILE, Pool, member_spec
 from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, StateStore, now_iso
 
@@ -50,6 +51,7 @@ class RunOptions:
     memory_mib: int | None = None
     cpus: int | None = None
     accel: str | None = None
+    use_pool: bool = True
 
 
 def _raise_for(result: ProcessResult) -> int:
@@ -112,30 +114,48 @@ class Runtime:
         accel = self.accel(opts.accel)
         self._say(f"accelerator: {accel.accel} ({accel.reason})")
         self.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        container_id, name, directory = self.state.allocate(opts.name)
+        memory_mib = opts.memory_mib or self.config.memory_mib
+        cpus = opts.cpus or self.config.cpus
+        pool = Pool(self)
+        key = pool.key_for(image.id, memory_mib, cpus, accel.accel)
+        container_id, name, directory = self.state.allocate(opts.name, make_dir=False)
+        member = pool.claim(key, directory) if opts.use_pool else None
+        if member is None:
+            directory.mkdir(mode=0o755)
+            self._say("no ready pool member for this image and size: cold boot" if opts.use_pool
+                      else "--no-pool: cold boot")
+        else:
+            self._say(f"claimed pool member {member.id[:12]} ({member.domain}): restore instead of boot")
+            if self.config.pool_refill:
+                pool.refill_in_background(image.id, memory_mib, cpus, accel.accel)
         process["hostname"] = process["hostname"] or container_id[:12]
         sockets = self.config.run_dir / container_id[:16]
         record = ContainerRecord(
             id=container_id, name=name, image=opts.image, image_id=image.id,
-            domain=f"{DOMAIN_PREFIX}{container_id[:16]}", accel=accel.accel,
-            memory_mib=opts.memory_mib or self.config.memory_mib, cpus=opts.cpus or self.config.cpus,
+            domain=member.domain if member else f"{DOMAIN_PREFIX}{container_id[:16]}", accel=accel.accel,
+            memory_mib=memory_mib, cpus=cpus,
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
             agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
+            boot="pool" if member else "cold", restore_from=str(directory / SAVE_FILE) if member else "",
         )
         try:
             self.state.save(record)
-            overlay = create_overlay(image.disk_path, directory / "rootfs.qcow2")
-            spec = VMSpec(
-                name=record.domain, uuid=str(uuid.uuid4()), container_id=container_id, container_name=name,
-                domain_type=accel.domain_type, memory_mib=record.memory_mib, vcpus=record.cpus,
-                kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
-                disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
-                channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
-                state_root=str(self.config.data_dir), acpi=guest.acpi,
-            )
+            if member is not None:
+                spec = member_spec(member, directory, Path(record.agent_socket), self, image.disk_path, guest,
+                                   accel.domain_type)
+            else:
+                overlay = create_overlay(image.disk_path, directory / "rootfs.qcow2")
+                spec = VMSpec(
+                    name=record.domain, uuid=str(uuid.uuid4()), container_id=container_id, container_name=name,
+                    domain_type=accel.domain_type, memory_mib=record.memory_mib, vcpus=record.cpus,
+                    kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
+                    disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
+                    channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
+                    state_root=str(self.config.data_dir), acpi=guest.acpi,
+                )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
-            self.hv.define(xml)
+            self.hv.define(xml)  # for a pool member: the same domain, redefined with this container's paths
         except BaseException:
             self.discard(record)
             raise
@@ -168,14 +188,27 @@ class Runtime:
     def boot(self, record: ContainerRecord) -> AgentConnection:
         """Start the domain, connect to its agent and hand it the main process (monitor side)."""
         started = time.monotonic()
-        self.hv.start(record.domain)
+        restored = bool(record.restore_from)
+        if restored:
+            save = Path(record.restore_from)
+            self.hv.restore(save, (self.state.container_dir(record.id) / "domain.xml").read_text())
+            save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
+            self.state.update(record, restore_from="")
+        else:
+            self.hv.start(record.domain)
         self.state.update(record, state="running", started_at=None, finished_at=None, exit_code=None, error=None)
         conn = AgentConnection.connect(record.agent_socket, timeout=self.config.boot_timeout_s)
         proc = record.process
+        # A restored guest's clock is as old as its save file, and every clone of one save
+        # shares its RNG state: the agent sets the clock and reseeds from these first.
         conn.run(MAIN_PROCESS_ID, ProcessSpec(
             args=proc["args"], env=proc["env"], cwd=proc["cwd"], user=proc["user"],
-            hostname=proc["hostname"], stdin=proc["stdin"], time_ns=time.time_ns(),
+            hostname=proc["hostname"], stdin=proc["stdin"], time_ns=time.time_ns(), seed=os.urandom(64),
         ))
+        if restored:  # its READY went to the connection that warmed it
+            self.state.update(record, started_at=now_iso())
+            self._say(f"restored pool member in {time.monotonic() - started:.2f}s")
+            return conn
         try:
             conn.wait_ready(self.config.boot_timeout_s)
         except (GuestError, OSError) as exc:
@@ -374,7 +407,7 @@ class Runtime:
 
     def orphan_domains(self) -> list[str]:
         """kvmc domains of this state root that no container record owns (e.g. after a crash)."""
-        known = {r.domain for r in self.state.list()}
+        known = {r.domain for r in self.state.list()} | Pool(self).domains()
         orphans = []
         for name in self.hv.domain_names(DOMAIN_PREFIX):
             if name in known:

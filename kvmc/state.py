@@ -56,6 +56,8 @@ class ContainerRecord:
     agent_socket: str = ""
     control_socket: str = ""
     boot: str = "cold"
+    restore_from: str = ""
+    """A claimed pool member's save file: the first start restores it instead of booting."""
     guest_uptime_ms: int | None = None
 
     @property
@@ -95,8 +97,9 @@ class StateStore:
             tmp.unlink()
         return True
 
-    def allocate(self, name: str | None) -> tuple[str, str, Path]:
-        """Reserve a fresh id, a unique name (given or generated) and the container's directory."""
+    def allocate(self, name: str | None, make_dir: bool = True) -> tuple[str, str, Path]:
+        """Reserve a fresh id, a unique name (given or generated) and the container's directory
+        (created here, or left for the caller to rename into place: a claimed pool member)."""
         self.names.mkdir(parents=True, exist_ok=True)
         container_id = secrets.token_hex(32)
         if name is not None:
@@ -114,7 +117,8 @@ class StateStore:
             else:  # pragma: no cover - 1000 names in use at once
                 raise UsageError("could not generate a free container name; pass --name")
         directory = self.container_dir(container_id)
-        directory.mkdir(mode=0o755)
+        if make_dir:
+            directory.mkdir(mode=0o755)
         return container_id, name, directory
 
     def save(self, record: ContainerRecord) -> None:

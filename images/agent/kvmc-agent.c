@@ -477,6 +477,11 @@ static void add_seed(const char *hex)
 	int ok = fd >= 0 && ioctl(fd, RNDADDENTROPY, info) == 0;
 	if (fd >= 0 && write(fd, bytes, n) < 0)
 		ok = 0;
+	/* Mixing entropy in does not change what the CRNG hands out until its next scheduled
+	 * reseed (up to a minute): after a snapshot restore, clones of one state would read the
+	 * same "random" bytes until then. Force the reseed now. */
+	if (fd >= 0 && ioctl(fd, RNDRESEEDCRNG) < 0)
+		ok = 0;
 	if (!ok && is_pid1)
 		logmsg("seeding the RNG failed: %s", strerror(errno));
 	if (fd >= 0)

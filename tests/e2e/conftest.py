@@ -7,6 +7,7 @@ artefacts that "make setup" built. The CLI is run as a subprocess, exactly as a 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -53,6 +54,10 @@ class Kvmc:
         containers = self.data_dir / "containers"
         if containers.is_dir():
             ours = {f"kvmc-{p.name[:16]}" for p in containers.iterdir() if p.name != "names"}
+            for record in containers.glob("*/record.json"):
+                ours.add(json.loads(record.read_text())["domain"])
+        for member in (self.data_dir / "pool").glob("*/member.json"):
+            ours.add(json.loads(member.read_text())["domain"])
         return {d for d in out if d in ours}
 
 
@@ -70,6 +75,7 @@ def kvmc() -> Kvmc:
     yield tool
     for record in (data_dir / "containers").glob("*/record.json"):
         tool("rm", "-f", record.parent.name)
+    tool("pool", "rm")
     leaked = tool.domains()
     shutil.rmtree(data_dir, ignore_errors=True)
     assert not leaked, f"domains leaked by the e2e session: {leaked}"

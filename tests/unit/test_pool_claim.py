@@ -1,0 +1,66 @@
+"""Pool claims are atomic: a member directory is renamed to exactly one claimer."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+from kvmc.pool import MEMBER_FILE, Member, Pool, PoolKey
+
+KEY = PoolKey(image_id="a" * 64, memory_mib=128, cpus=1, accel="tcg", guest_digest="g")
+
+
+def _pool(tmp_path: Path) -> Pool:
+    return Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path)))
+
+
+def _member(pool: Pool, n: int, key: PoolKey = KEY) -> Member:
+    member = Member(id=f"{n:064x}", domain=f"kvmc-pool-{n:016x}", uuid=f"uuid-{n}", key=key, created="now")
+    directory = pool.root / member.id
+    directory.mkdir(parents=True)
+    (directory / MEMBER_FILE).write_text(member.to_json())
+    return member
+
+
+def test_member_json_round_trip(tmp_path: Path) -> None:
+    member = _member(_pool(tmp_path), 1)
+    assert Member.from_json(member.to_json()) == member
+
+
+def test_claim_matches_the_key_only(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    _member(pool, 1, PoolKey(KEY.image_id, 256, 1, "tcg", "g"))
+    assert pool.claim(KEY, tmp_path / "c1") is None
+    _member(pool, 2)
+    claimed = pool.claim(KEY, tmp_path / "c2")
+    assert claimed is not None and claimed.id == f"{2:064x}"
+    assert (tmp_path / "c2" / MEMBER_FILE).exists()
+
+
+def test_warming_members_are_not_claimable(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    member = _member(pool, 3)
+    (pool.root / member.id).rename(pool.root / f".warming-{member.id}")
+    assert pool.members() == [] and pool.claim(KEY, tmp_path / "c") is None
+
+
+def test_concurrent_claims_never_share_a_member(tmp_path: Path) -> None:
+    pool = _pool(tmp_path)
+    for n in range(3):
+        _member(pool, n)
+    results: list[Member | None] = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        results[i] = pool.claim(KEY, tmp_path / f"container-{i}")
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r.id for r in results if r is not None]
+    assert sorted(won) == sorted({f"{n:064x}" for n in range(3)})
+    assert pool.members() == []
