@@ -65,8 +65,8 @@ def main() -> None:
 
     cold = [kvmc("run", "--rm", "--no-pool", "-m", memory, image, "true")[0] for _ in range(n)]
     warm_wall, _ = kvmc("pool", "warm", image, "--size", str(n), "-m", memory)
-    pooled = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
     save_mib = [p["save_mib"] for p in map(json.loads, kvmc("pool", "ls", "--format", "json")[1].splitlines())]
+    pooled = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
     pss_cold = idle_pss(image, memory, n, pooled=False)
     pss_pool = idle_pss(image, memory, n, pooled=True)
 
