@@ -35,7 +35,7 @@ from kvmc.errors import AgentProtocolError, GuestError
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = Path("/bin/busybox")
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+needs_root = pytest.mark.usefixtures("rootfs")  # the fixture fails, loudly, when not root
 
 
 # ---------- frame encoding (no agent needed) ----------
@@ -106,7 +106,7 @@ def test_spec_encoding() -> None:
 @pytest.fixture(scope="session")
 def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not shutil.which("gcc") or not shutil.which("make"):
-        pytest.skip("gcc and make are needed to build the agent")
+        pytest.fail("gcc and make are needed to build the agent: run 'make setup'")
     out = tmp_path_factory.mktemp("agent")
     subprocess.run(["make", "-s", "-C", str(REPO / "images/agent"), f"OUT={out}"], check=True)
     return out / "kvmc-agent"
@@ -115,7 +115,7 @@ def agent_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.geteuid() != 0:
-        pytest.skip("chroot needs root")
+        pytest.fail("the agent tests chroot, which needs root (as CI and 'make test' run)")
     if not BUSYBOX.exists():
         subprocess.run(["apt-get", "install", "-y", "-q", "busybox-static"], check=True, capture_output=True)
     root = tmp_path_factory.mktemp("rootfs")
@@ -353,7 +353,7 @@ def test_host_disconnect_kills_processes(agent: Agent) -> None:
 @needs_root
 def test_hostname_in_own_uts_namespace(agent_bin: Path, rootfs: Path) -> None:
     if not shutil.which("unshare"):
-        pytest.skip("unshare (util-linux) missing")
+        pytest.fail("unshare (util-linux) is missing: it is part of every Debian base system")
     with start_agent(agent_bin, rootfs, wrapper=("unshare", "--uts")) as a:
         res, out, _ = a.run(["sh", "-c", 'echo "$(hostname) $HOSTNAME"'], hostname="box1", seed=b"\x12\x34")
         assert (res.exit_code, out) == (0, b"box1 box1\n")
@@ -363,7 +363,7 @@ def test_hostname_in_own_uts_namespace(agent_bin: Path, rootfs: Path) -> None:
 def test_pid1_reaps_and_powers_off_its_namespace(agent_bin: Path, rootfs: Path) -> None:
     """As PID 1 (of a new PID namespace: reboot() there only ends the namespace)."""
     if not shutil.which("unshare"):
-        pytest.skip("unshare (util-linux) missing")
+        pytest.fail("unshare (util-linux) is missing: it is part of every Debian base system")
     wrapper = ("unshare", "--pid", "--fork", "--mount-proc")
     with start_agent(agent_bin, rootfs, wrapper=wrapper, flags=()) as a:
         # The orphaned `sleep` is reparented to the agent; the 200 ms drain rule still applies.
