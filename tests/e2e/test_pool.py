@@ -90,3 +90,15 @@ def test_changed_image_invalidates_its_pool(kvmc: Kvmc, layouts) -> None:
     assert proc.stdout == b"two\n" and b"cold boot" in proc.stderr
     assert b"removed 1 stale" in kvmc("pool", "gc", check=True).stdout
     assert not [p for p in _pools(kvmc) if p["memory_mib"] == 208]
+
+
+def test_pool_refill_tops_the_pool_up_after_a_claim(kvmc: Kvmc) -> None:
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--size", "1", "-m", "224m", check=True)
+    env = {**kvmc.env, "KVMC_POOL_REFILL": "true"}
+    refilling = Kvmc(env=env, data_dir=kvmc.data_dir)
+    proc = refilling("-v", "run", "--rm", "-m", "224m", DEFAULT_IMAGE, "true")
+    assert proc.returncode == 0 and b"claimed pool member" in proc.stderr
+    deadline = time.monotonic() + 120
+    while _ready(kvmc, 224) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ready(kvmc, 224) == 1
