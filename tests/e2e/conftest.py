@@ -46,19 +46,25 @@ class Kvmc:
             raise AssertionError(f"kvmc {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()}")
         return proc
 
+    @staticmethod
+    def _libvirt_domains() -> set[str]:
+        return set(subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                                  capture_output=True, text=True, check=True).stdout.split())
+
     def domains(self) -> set[str]:
-        """libvirt domains belonging to this state root's containers (by recorded domain name)."""
-        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-                             capture_output=True, text=True, check=True).stdout.split()
+        """libvirt domains of this state root's containers (ready pool members are not leaks)."""
         ours = set()
         containers = self.data_dir / "containers"
         if containers.is_dir():
             ours = {f"kvmc-{p.name[:16]}" for p in containers.iterdir() if p.name != "names"}
             for record in containers.glob("*/record.json"):
                 ours.add(json.loads(record.read_text())["domain"])
-        for member in (self.data_dir / "pool").glob("*/member.json"):
-            ours.add(json.loads(member.read_text())["domain"])
-        return {d for d in out if d in ours}
+        return self._libvirt_domains() & ours
+
+    def pool_domains(self) -> set[str]:
+        """libvirt domains of this state root's pool members."""
+        members = {json.loads(m.read_text())["domain"] for m in (self.data_dir / "pool").glob("*/member.json")}
+        return self._libvirt_domains() & members
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +81,9 @@ def kvmc() -> Kvmc:
     yield tool
     for record in (data_dir / "containers").glob("*/record.json"):
         tool("rm", "-f", record.parent.name)
+    pooled = tool.pool_domains()
     tool("pool", "rm")
-    leaked = tool.domains()
+    leaked = tool.domains() | (pooled & tool._libvirt_domains())
     shutil.rmtree(data_dir, ignore_errors=True)
     assert not leaked, f"domains leaked by the e2e session: {leaked}"
 

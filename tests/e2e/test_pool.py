@@ -102,3 +102,5 @@ def test_pool_refill_tops_the_pool_up_after_a_claim(kvmc: Kvmc) -> None:
     while _ready(kvmc, 224) < 1 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _ready(kvmc, 224) == 1
+    kvmc("pool", "rm", DEFAULT_IMAGE, check=True)
+    assert _ready(kvmc, 224) == 0
