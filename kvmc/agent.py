@@ -159,7 +159,8 @@ class ProcessResult:
     ready_uptime_ms: int | None = None
 
 
-def _uptime(payload: bytes) -> int | None:
+def parse_uptime(payload: bytes) -> int | None:
+    """The ``uptime_ms=N`` a READY or STARTED payload carries (guest ms since boot)."""
     for word in payload.decode(errors="replace").split():
         if word.startswith("uptime_ms="):
             return int(word.removeprefix("uptime_ms="))
@@ -171,7 +172,12 @@ def parse_ready(payload: bytes) -> int | None:
     text = payload.decode(errors="replace")
     if not text.startswith(f"kvmc-agent/{PROTOCOL_VERSION} ") and text != f"kvmc-agent/{PROTOCOL_VERSION}":
         raise AgentProtocolError(f"guest agent speaks {text.split(' ')[0]!r}, kvmc needs kvmc-agent/{PROTOCOL_VERSION}")
-    return _uptime(payload)
+    return parse_uptime(payload)
+
+
+def encode_exit(code: int) -> bytes:
+    """An EXIT payload for a process that exited with ``code`` (kind 0), as the agent sends it."""
+    return struct.pack(">BI", 0, code)
 
 
 def parse_exit(payload: bytes) -> tuple[int, int | None]:
@@ -340,7 +346,7 @@ def attach_process(
                 stream.flush()
             elif frame.type == FrameType.STARTED:
                 text = frame.payload.decode(errors="replace")
-                result.started_uptime_ms = _uptime(frame.payload)
+                result.started_uptime_ms = parse_uptime(frame.payload)
                 pid = dict(w.split("=", 1) for w in text.split() if "=" in w).get("pid")
                 result.pid = int(pid) if pid else None
             elif frame.type == FrameType.ERROR:

@@ -29,8 +29,10 @@ from kvmc.agent import (
     FrameReader,
     FrameType,
     ProcessResult,
+    encode_exit,
     encode_frame,
     parse_exit,
+    parse_uptime,
 )
 from kvmc.config import load_config
 from kvmc.errors import AgentProtocolError, KvmcError
@@ -135,7 +137,7 @@ class Monitor:
                     self.execs[frame.proc_id] = client
             if taken:
                 client.send(FrameType.ERROR, frame.proc_id, f"process id {frame.proc_id} is in use".encode())
-                client.send(FrameType.EXIT, frame.proc_id, b"\x00\x00\x00\x00\x7e")
+                client.send(FrameType.EXIT, frame.proc_id, encode_exit(126))
                 return
         elif frame.type in (FrameType.STDIN, FrameType.SIGNAL):
             with self.lock:
@@ -176,7 +178,7 @@ class Monitor:
             if frame.type in (FrameType.STDOUT, FrameType.STDERR):
                 self.log.write("stdout" if frame.type == FrameType.STDOUT else "stderr", frame.payload)
             elif frame.type == FrameType.STARTED:
-                result.started_uptime_ms = int(frame.payload.split(b"uptime_ms=")[-1].split()[0])
+                result.started_uptime_ms = parse_uptime(frame.payload)
             elif frame.type == FrameType.ERROR:
                 result.error = frame.payload.decode(errors="replace")
                 self.log.write("stderr", f"kvmc: {result.error}\n".encode())
@@ -244,7 +246,7 @@ class Monitor:
             pass  # removed under us (rm -f): nothing left to record
         if vm_failed:
             self._broadcast(Frame(FrameType.ERROR, MAIN_PROCESS_ID, (failure or "the VM failed").encode()))
-            self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, b"\x00" + code.to_bytes(4, "big")))
+            self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, encode_exit(code)))
         elif self.pending_exit is not None:
             self._broadcast(self.pending_exit)
         if record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure):
