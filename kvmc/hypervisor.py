@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from kvmc.errors import HypervisorError
 
@@ -18,6 +18,7 @@ try:
 except ImportError:  # pragma: no cover - depends on the host
     libvirt = None
 
+T = TypeVar("T")
 START_HINT = 'start it with "libvirtd -d && virtlogd -d" as root, or run "make setup"'
 
 _STATES = {
@@ -67,23 +68,32 @@ class Hypervisor:
         """A dead connection (libvirtd restarted): isAlive() only notices after a call fails."""
         return exc.get_error_domain() == libvirt.VIR_FROM_RPC or exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
 
+    def _call(self, op: Callable[[Any], T]) -> T:
+        """Run ``op(connection)``; if libvirtd restarted under us, reconnect and run it once more.
+
+        Every connection-level call goes through here (domain objects come from ``_lookup``,
+        so they are fresh). libvirt errors other than a dead transport propagate unchanged.
+        """
+        try:
+            return op(self.conn)
+        except libvirt.libvirtError as exc:
+            if not self._is_transport_error(exc):
+                raise
+            self._conn = None
+            return op(self.conn)
+
     def _lookup(self, name: str) -> Any | None:
-        for attempt in (1, 2):
-            try:
-                return self.conn.lookupByName(name)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return None
-                if attempt == 1 and self._is_transport_error(exc):
-                    self._conn = None  # reconnect and try once more
-                    continue
-                raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
-        return None
+        try:
+            return self._call(lambda conn: conn.lookupByName(name))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
 
     def define(self, xml: str) -> None:
         """Define a persistent domain (it stays listed, shut off, after its guest powers off)."""
         try:
-            self.conn.defineXML(xml)
+            self._call(lambda conn: conn.defineXML(xml))
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"libvirt refused the domain: {exc.get_error_message()}") from exc
 
@@ -105,14 +115,14 @@ class Hypervisor:
     def restore(self, path: Path, xml: str) -> None:
         """Resume a saved VM; ``xml`` may change host-side paths, not the name or UUID."""
         try:
-            self.conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            self._call(lambda conn: conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING))
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot restore VM from {path}: {exc.get_error_message()}") from exc
 
     def create_transient(self, xml: str) -> None:
         """Start a domain that libvirt forgets as soon as it stops (used by the accel probe)."""
         try:
-            self.conn.createXML(xml, 0)
+            self._call(lambda conn: conn.createXML(xml, 0))
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot start VM: {exc.get_error_message()}") from exc
 
@@ -178,12 +188,8 @@ class Hypervisor:
 
     def domain_names(self, prefix: str) -> list[str]:
         """Names of all domains, running or defined, that start with ``prefix``."""
-        for attempt in (1, 2):
-            try:
-                return sorted(d.name() for d in self.conn.listAllDomains(0) if d.name().startswith(prefix))
-            except libvirt.libvirtError as exc:
-                if attempt == 1 and self._is_transport_error(exc):
-                    self._conn = None
-                    continue
-                raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
-        return []
+        try:
+            domains = self._call(lambda conn: conn.listAllDomains(0))
+            return sorted(d.name() for d in domains if d.name().startswith(prefix))
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt: {exc.get_error_message()}") from exc
