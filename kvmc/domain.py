@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jinja2
 
+from kvmc.guest import GuestArtefacts
+
 AGENT_PORT_NAME = "org.kvmc.agent"
 METADATA_NS = "https://kvmc.dev/xmlns/container/1"
 DOMAIN_PREFIX = "kvmc-"
@@ -78,6 +80,29 @@ class VMSpec:
     @property
     def cmdline(self) -> str:
         return kernel_cmdline(self.tsc_khz, self.extra_cmdline, acpi=self.acpi)
+
+
+OVERLAY_FILE = "rootfs.qcow2"
+
+
+def container_vm(
+    *, name: str, uuid: str, container_id: str, container_name: str, directory: Path, agent_socket: Path,
+    image_disk: Path, guest: GuestArtefacts, domain_type: str, memory_mib: int, vcpus: int, state_root: str,
+) -> VMSpec:
+    """The VM of one container, its files in ``directory`` (overlay, console log).
+
+    Cold containers and pool members are both built here, so that a restored member is the
+    very VM a cold boot of the same container would have been: libvirt restores a save only
+    into a definition whose devices match, and only host-side paths may differ.
+    """
+    return VMSpec(
+        name=name, uuid=uuid, container_id=container_id, container_name=container_name,
+        domain_type=domain_type, memory_mib=memory_mib, vcpus=vcpus,
+        kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
+        disks=[DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk)],
+        channels=[ChannelSpec(socket=agent_socket)], tsc_khz=host_tsc_khz(),
+        state_root=state_root, acpi=guest.acpi,
+    )
 
 
 def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:

@@ -33,8 +33,8 @@ from typing import Callable, Iterator
 
 from kvmc.agent import AgentConnection
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, ChannelSpec, DiskSpec, VMSpec, host_tsc_khz, render_domain_xml
-from kvmc.errors import KvmcError
+from kvmc.domain import DOMAIN_PREFIX, OVERLAY_FILE, VMSpec, container_vm, render_domain_xml
+from kvmc.guest import GuestArtefacts
 from kvmc.state import now_iso
 
 MEMBER_FILE = "member.json"
@@ -74,20 +74,14 @@ class Member:
         return cls(**{**data, "key": PoolKey(**data["key"])})
 
 
-def member_spec(member: Member, directory: Path, agent_socket: Path, runtime, image_disk: Path,  # noqa: ANN001
-                guest, domain_type: str) -> VMSpec:  # noqa: ANN001
-    """The VM a member is, with its files at ``directory``/``agent_socket``.
-
-    Rendered the same way when the member is made and when it is claimed, so that the only
-    differences libvirt sees at restore are the host-side paths (which it accepts).
-    """
-    return VMSpec(
+def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: Path, guest: GuestArtefacts,
+              state_root: str) -> VMSpec:
+    """The VM a member is while it waits in the pool (a claim redefines it, see Runtime.create)."""
+    return container_vm(
         name=member.domain, uuid=member.uuid, container_id=member.id, container_name=f"pool-{member.id[:12]}",
-        domain_type=domain_type, memory_mib=member.key.memory_mib, vcpus=member.key.cpus,
-        kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
-        disks=[DiskSpec(path=directory / "rootfs.qcow2", target="vda", backing_path=image_disk)],
-        channels=[ChannelSpec(socket=agent_socket)], tsc_khz=host_tsc_khz(),
-        state_root=str(runtime.config.data_dir), acpi=guest.acpi,
+        directory=directory, agent_socket=agent_socket, image_disk=image_disk, guest=guest,
+        domain_type="kvm" if member.key.accel == "kvm" else "qemu", memory_mib=member.key.memory_mib,
+        vcpus=member.key.cpus, state_root=state_root,
     )
 
 
@@ -133,10 +127,9 @@ class Pool:
         self.rt.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         sock = self.rt.config.run_dir / f"pool-{member_id[:16]}.agent.sock"
         guest = self.rt.guest()
-        domain_type = "kvm" if key.accel == "kvm" else "qemu"
         try:
-            create_overlay(image_disk, warming / "rootfs.qcow2")
-            xml = render_domain_xml(member_spec(member, warming, sock, self.rt, image_disk, guest, domain_type),
+            create_overlay(image_disk, warming / OVERLAY_FILE)
+            xml = render_domain_xml(member_vm(member, warming, sock, image_disk, guest, str(self.rt.config.data_dir)),
                                     self.rt.config.templates_dir)
             self.rt.hv.define(xml)
             self.rt.hv.start(member.domain)

@@ -25,12 +25,12 @@ from kvmc.accel import AccelChoice, choose_accel
 from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
 from kvmc.config import Config
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, ChannelSpec, DiskSpec, VMSpec, host_tsc_khz, render_domain_xml
+from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, container_vm, render_domain_xml
 from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageError, KvmcError
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
 from kvmc.images import ImageStore
-from kvmc.pool import SAVE_FILE, Pool, member_spec
+from kvmc.pool import SAVE_FILE, Pool
 from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, StateStore, now_iso
 
@@ -140,19 +140,17 @@ class Runtime:
         )
         try:
             self.state.save(record)
-            if member is not None:
-                spec = member_spec(member, directory, Path(record.agent_socket), self, image.disk_path, guest,
-                                   accel.domain_type)
-            else:
-                overlay = create_overlay(image.disk_path, directory / "rootfs.qcow2")
-                spec = VMSpec(
-                    name=record.domain, uuid=str(uuid.uuid4()), container_id=container_id, container_name=name,
-                    domain_type=accel.domain_type, memory_mib=record.memory_mib, vcpus=record.cpus,
-                    kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
-                    disks=[DiskSpec(path=overlay, target="vda", backing_path=image.disk_path)],
-                    channels=[ChannelSpec(socket=Path(record.agent_socket))], tsc_khz=host_tsc_khz(),
-                    state_root=str(self.config.data_dir), acpi=guest.acpi,
-                )
+            if member is None:
+                create_overlay(image.disk_path, directory / OVERLAY_FILE)
+            spec = container_vm(
+                # A claimed member keeps its name and UUID (libvirt restores a save only under
+                # those); everything else is this container's own.
+                name=record.domain, uuid=member.uuid if member else str(uuid.uuid4()),
+                container_id=container_id, container_name=name, directory=directory,
+                agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
+                domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
+                state_root=str(self.config.data_dir),
+            )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
             self.hv.define(xml)  # for a pool member: the same domain, redefined with this container's paths
