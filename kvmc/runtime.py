@@ -89,13 +89,17 @@ class Runtime:
         self.hv = Hypervisor(config.libvirt_uri)
         self.images = ImageStore(config.images_dir)
         self.state = StateStore(config.containers_dir)
+        self._guest: GuestArtefacts | None = None
 
     def _say(self, message: str) -> None:
         if self.verbose:
             self.notice(message)
 
     def guest(self) -> GuestArtefacts:
-        return load_guest(self.config.guest_artefacts_dir)
+        """The guest artefacts, read once per Runtime (create, accel and pool all need them)."""
+        if self._guest is None:
+            self._guest = load_guest(self.config.guest_artefacts_dir)
+        return self._guest
 
     def accel(self, requested: str | None = None) -> AccelChoice:
         return choose_accel(
