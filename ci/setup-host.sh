@@ -15,6 +15,7 @@ APT_PACKAGES=(
     python3-venv python3-dev
     busybox-static                        # the guest's userland and the default image
     e2fsprogs skopeo umoci                # image store: ext4 base disks, OCI conversion/unpacking
+    zstd                                  # image store: scanning zstd-compressed layers
     cpio kmod                             # initramfs assembly, depmod for the kernel's modules
     tini                                  # reaps QEMU promptly when libvirtd is started by hand
     # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
