@@ -35,8 +35,9 @@ kvmc_image=${KVMC_KVMC_KERNEL_IMAGE:-vmlinux}
 # Whether VMs booting kvmc's kernel get ACPI (recorded in guest.json, read into VMSpec.acpi).
 # Debian's kernel always does: it finds virtio-mmio devices only through ACPI.
 kvmc_acpi=${KVMC_KVMC_KERNEL_ACPI:-true}
-# Modules the guest needs, by name; their dependencies are added from modules.dep.
-modules=(virtio_mmio virtio_blk virtio_console virtio_net virtio-rng)
+# Modules the guest needs, by name; their dependencies are added from modules.dep (virtiofs
+# pulls in fuse).
+modules=(virtio_mmio virtio_blk virtio_console virtio_net virtio-rng virtiofs)
 
 need() { command -v "$1" >/dev/null || { echo "images/build.sh: $1 is missing: run 'make setup' (apt-get install $2)" >&2; exit 1; }; }
 need dpkg-deb dpkg; need cpio cpio; need depmod kmod; need gcc gcc; need /bin/busybox busybox-static

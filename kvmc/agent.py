@@ -123,6 +123,15 @@ class ProcessSpec:
     stdin: bool = False
     time_ns: int | None = None
     seed: bytes | None = None
+    # Container setup, applied by the agent before the main process (id 1) starts; see
+    # docs/agent-protocol.md. A mount is "FSTYPE:SOURCE:OPTIONS:TARGET" (TARGET last, so it
+    # is the only field that may hold a colon); SOURCE "@SERIAL" names a virtio-blk disk by
+    # its serial.
+    mounts: list[str] = field(default_factory=list)
+    readonly_root: bool = False
+    net: str | None = None
+    """``ADDRESS/PREFIX,GATEWAY`` for eth0, or None: no interface is configured."""
+    dns: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
         """Return the RUN payload: NUL-terminated ``key=value`` items."""
@@ -138,6 +147,12 @@ class ProcessSpec:
             items.append(("time_ns", str(self.time_ns)))
         if self.seed:
             items.append(("seed", self.seed.hex()))
+        items += [("mount", m) for m in self.mounts]
+        if self.readonly_root:
+            items.append(("readonly_root", "1"))
+        if self.net:
+            items.append(("net", self.net))
+        items += [("dns", d) for d in self.dns]
         out = bytearray()
         for key, value in items:
             raw = value.encode()

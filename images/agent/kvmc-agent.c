@@ -2,7 +2,8 @@
  * kvmc-agent: the guest side of "kvmc-agent protocol 1" (see docs/agent-protocol.md).
  *
  * It runs as PID 1 of the microVM (exec'd by the initramfs /init), talks to the host over
- * a named virtio-serial port, starts container processes chroot'ed into the container
+ * a named virtio-serial port, sets the container up (mounts, eth0, resolv.conf, read-only
+ * root) before its main process, starts container processes chroot'ed into the container
  * rootfs, relays their stdio, reaps every zombie, and powers the VM off when the main
  * process (id 1) is over. For tests it can instead connect to a unix socket (--port).
  *
@@ -10,11 +11,16 @@
  * passwd/group lookup is a hand parser (getpwnam in a static binary wants NSS modules).
  */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/openat2.h>
 #include <linux/random.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -28,6 +34,8 @@
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <sys/un.h>
@@ -414,6 +422,9 @@ struct run_spec {
 	char **argv, **env; /* env has room for 3 more entries */
 	int nenv;
 	const char *cwd, *user, *hostname;
+	char **mounts, **dns; /* container setup, process 1 only */
+	int nmounts, ndns, readonly_root;
+	const char *net;
 };
 
 static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int err_w, int efd)
@@ -458,6 +469,316 @@ static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int er
 	if (setgroups(ngroups, groups) < 0 || setgid(u.gid) < 0 || setuid(u.uid) < 0)
 		child_fail(efd, 126, "cannot switch to user %s: %s", s->user ? s->user : "0", strerror(errno));
 	exec_in_path(efd, s->argv, s->env);
+}
+
+/* ---------- container setup: RUN items net, mount, dns, readonly_root (process 1 only) ---------- */
+
+struct net_conf {
+	struct in_addr addr, mask, gw;
+	int has_gw;
+	char addr_text[INET_ADDRSTRLEN];
+};
+
+/* "ADDRESS/PREFIX,GATEWAY" (the gateway may be left out: no default route). */
+static int parse_net(const char *spec, struct net_conf *n, char *err, size_t errlen)
+{
+	char buf[100], *end = NULL;
+	snprintf(buf, sizeof buf, "%s", spec);
+	char *gw = strchr(buf, ','), *pfx = strchr(buf, '/');
+	if (gw)
+		*gw++ = 0;
+	if (pfx)
+		*pfx++ = 0;
+	long bits = pfx && *pfx ? strtol(pfx, &end, 10) : -1;
+	if (bits < 0 || bits > 32 || *end || inet_pton(AF_INET, buf, &n->addr) != 1 ||
+	    (gw && inet_pton(AF_INET, gw, &n->gw) != 1)) {
+		snprintf(err, errlen, "net: bad value \"%s\" (want ADDRESS/PREFIX,GATEWAY)", spec);
+		return -1;
+	}
+	n->mask.s_addr = htonl(bits ? 0xffffffffu << (32 - bits) : 0);
+	n->has_gw = gw != NULL;
+	inet_ntop(AF_INET, &n->addr, n->addr_text, sizeof n->addr_text);
+	return 0;
+}
+
+static void set_sin(void *sa, struct in_addr a)
+{
+	struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr = a };
+	memcpy(sa, &sin, sizeof sin);
+}
+
+/* eth0 by ioctl in the agent itself: no fork/exec of busybox ip on the start path. Run twice
+ * (a restarted VM), every step is a no-op the second time; an existing route is fine. */
+static int config_net(const struct net_conf *n, char *err, size_t errlen)
+{
+	struct ifreq ifr = { .ifr_name = "eth0" };
+	const char *step = "socket";
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	step = "get flags";
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0) {
+		if (errno == ENODEV) {
+			snprintf(err, errlen, "net: the VM has no network interface eth0");
+			close(fd);
+			return -1;
+		}
+		goto fail;
+	}
+	short flags = ifr.ifr_flags;
+	step = "set address";
+	set_sin(&ifr.ifr_addr, n->addr);
+	if (ioctl(fd, SIOCSIFADDR, &ifr) < 0)
+		goto fail;
+	step = "set netmask";
+	set_sin(&ifr.ifr_netmask, n->mask);
+	if (ioctl(fd, SIOCSIFNETMASK, &ifr) < 0)
+		goto fail;
+	step = "bring up";
+	ifr.ifr_flags = flags | IFF_UP | IFF_RUNNING;
+	if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+		goto fail;
+	if (n->has_gw) {
+		struct rtentry rt = { .rt_flags = RTF_UP | RTF_GATEWAY, .rt_dev = "eth0" };
+		struct in_addr any = { INADDR_ANY };
+		set_sin(&rt.rt_dst, any);
+		set_sin(&rt.rt_genmask, any);
+		set_sin(&rt.rt_gateway, n->gw);
+		step = "add default route";
+		if (ioctl(fd, SIOCADDRT, &rt) < 0 && errno != EEXIST)
+			goto fail;
+	}
+	close(fd);
+	return 0;
+fail:
+	snprintf(err, errlen, "net eth0: %s: %s", step, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+/* "@SERIAL": the virtio-blk disk whose /sys/block/vdX/serial reads SERIAL. */
+static int find_disk(const char *serial, char *dev, size_t devlen)
+{
+	char path[300], buf[64];
+	for (int try = 0; try < 50; try++) { /* probed before the agent runs; covers a slow probe */
+		DIR *d = opendir("/sys/block");
+		struct dirent *e;
+		int found = 0;
+		while (d && !found && (e = readdir(d))) {
+			if (strncmp(e->d_name, "vd", 2))
+				continue;
+			snprintf(path, sizeof path, "/sys/block/%s/serial", e->d_name);
+			FILE *f = fopen(path, "re");
+			if (f && fgets(buf, sizeof buf, f) && (buf[strcspn(buf, "\n")] = 0, !strcmp(buf, serial))) {
+				snprintf(dev, devlen, "/dev/%.40s", e->d_name);
+				found = 1;
+			}
+			if (f)
+				fclose(f);
+		}
+		if (d)
+			closedir(d);
+		if (found)
+			return 1;
+		usleep(20000);
+	}
+	return 0;
+}
+
+/*
+ * mkdir -p inside the chroot, refusing any path through a /proc magic link: /proc/1/root is
+ * the agent's root, the one way a symlink in the image could lead out of the container's.
+ */
+static int mkdir_in_root(char *path)
+{
+	for (char *s = path + 1;; s++) {
+		if (*s && *s != '/')
+			continue;
+		char c = *s;
+		*s = 0;
+		struct open_how how = { .flags = O_PATH | O_CLOEXEC, .resolve = RESOLVE_NO_MAGICLINKS };
+		int fd = -1;
+		if (mkdir(path, 0755) == 0 || errno == EEXIST)
+			fd = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+		*s = c;
+		if (fd >= 0)
+			close(fd);
+		else if (errno != ENOSYS) /* no openat2 (kernel < 5.6): plain mkdir -p */
+			return -1;
+		if (!c)
+			return 0;
+	}
+}
+
+struct mount_item {
+	char *fstype, *source, *options, *target;
+	char dev[48]; /* /dev/vdX for an "@SERIAL" source */
+};
+
+static const struct { const char *name; unsigned long flag; int clear; } mount_flags[] = {
+	{ "ro", MS_RDONLY, 0 }, { "rw", MS_RDONLY, 1 }, { "nosuid", MS_NOSUID, 0 },
+	{ "nodev", MS_NODEV, 0 }, { "noexec", MS_NOEXEC, 0 }, { "noatime", MS_NOATIME, 0 },
+	{ "relatime", MS_RELATIME, 0 }, { "sync", MS_SYNCHRONOUS, 0 },
+	/* docker's --tmpfs /x:exec undoes its default noexec (and likewise suid, dev) */
+	{ "exec", MS_NOEXEC, 1 }, { "suid", MS_NOSUID, 1 }, { "dev", MS_NODEV, 1 },
+};
+
+static void do_mount(int efd, struct mount_item *m)
+{
+	unsigned long flags = 0;
+	char *data = calloc(1, strlen(m->options) + 1);
+	if (!data)
+		child_fail(efd, 126, "mount %s: out of memory", m->target);
+	if (strcmp(m->options, "-")) /* "-" or "": no options */
+		for (char *o = strtok(m->options, ","); o; o = strtok(NULL, ",")) {
+			size_t i = 0, n = sizeof mount_flags / sizeof mount_flags[0];
+			while (i < n && strcmp(o, mount_flags[i].name))
+				i++;
+			if (i < n && mount_flags[i].clear)
+				flags &= ~mount_flags[i].flag;
+			else if (i < n)
+				flags |= mount_flags[i].flag;
+			else /* filesystem options (mode=1777,size=64m) go to the kernel as they are */
+				strcat(strcat(data, *data ? "," : ""), o);
+		}
+	const char *src = m->dev[0] ? m->dev : m->source;
+	if (mkdir_in_root(m->target) < 0 || mount(src, m->target, m->fstype, flags, *data ? data : NULL) < 0)
+		child_fail(efd, 126, "mount %s (%s %s): %s", m->target, m->fstype, m->source,
+			   errno == ELOOP ? "symlink loop or /proc link in the path" : strerror(errno));
+	free(data);
+}
+
+/* Replace /etc/NAME by rename: that replaces a symlink (resolv.conf often is one) instead of
+ * writing through it, and never leaves a half-written file. */
+static void write_etc(int efd, const char *name, const char *text)
+{
+	char path[64], tmp[80];
+	snprintf(path, sizeof path, "/etc/%s", name);
+	snprintf(tmp, sizeof tmp, "/etc/.%s.kvmc", name);
+	mkdir("/etc", 0755);
+	unlink(tmp);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+	size_t len = strlen(text);
+	int ok = fd >= 0 && fchmod(fd, 0644) == 0 && write(fd, text, len) == (ssize_t)len;
+	if (fd >= 0 && close(fd) < 0)
+		ok = 0;
+	if (!ok || rename(tmp, path) < 0) {
+		int e = errno;
+		unlink(tmp);
+		child_fail(efd, 126, "write %s: %s", path, strerror(e));
+	}
+}
+
+/* Append to a fixed buffer; what does not fit is dropped (glibc reads 3 nameservers anyway). */
+static void append(char *buf, size_t size, const char *fmt, ...)
+{
+	size_t used = strlen(buf);
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(buf + used, size - used, fmt, ap);
+	va_end(ap);
+}
+
+static _Noreturn void setup_child(struct run_spec *s, const struct net_conf *net, int efd)
+{
+	struct mount_item *ms = calloc(s->nmounts + 1, sizeof *ms);
+	if (!ms)
+		child_fail(efd, 126, "container setup: out of memory");
+	/* Parse, and find the disks while /sys is still the agent's: the rootfs may lack one. */
+	for (int i = 0; i < s->nmounts; i++) {
+		struct mount_item *m = &ms[i];
+		char *c1 = strchr(s->mounts[i], ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+		char *c3 = c2 ? strchr(c2 + 1, ':') : NULL;
+		if (!c3 || c1 == s->mounts[i] || !c3[1])
+			child_fail(efd, 126, "mount \"%s\": want FSTYPE:SOURCE:OPTIONS:TARGET", s->mounts[i]);
+		*c1 = *c2 = *c3 = 0;
+		*m = (struct mount_item){ .fstype = s->mounts[i], .source = c1 + 1, .options = c2 + 1,
+					  .target = c3 + 1 };
+		if (m->source[0] == '@' && !find_disk(m->source + 1, m->dev, sizeof m->dev))
+			child_fail(efd, 126, "mount %s (%s %s): no disk with serial %s", m->target, m->fstype,
+				   m->source, m->source + 1);
+	}
+	if (chroot(root) < 0 || chdir("/") < 0)
+		child_fail(efd, 126, "chroot %s: %s", root, strerror(errno));
+	for (int i = 0; i < s->nmounts; i++)
+		do_mount(efd, &ms[i]);
+
+	char text[4096] = "";
+	for (int i = 0; i < s->ndns; i++) {
+		unsigned char a[16];
+		if (inet_pton(AF_INET, s->dns[i], a) != 1 && inet_pton(AF_INET6, s->dns[i], a) != 1)
+			child_fail(efd, 126, "dns: bad address \"%s\"", s->dns[i]);
+		append(text, sizeof text, "nameserver %s\n", s->dns[i]);
+	}
+	if (s->ndns)
+		write_etc(efd, "resolv.conf", text);
+	if (net) {
+		snprintf(text, sizeof text, "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
+		if (s->hostname && *s->hostname)
+			append(text, sizeof text, "%s %s\n", net->addr_text, s->hostname);
+		write_etc(efd, "hosts", text);
+	}
+
+	/* Per-mount read-only (a bind remount, like runc's): the container gets EROFS, mounts
+	 * under / keep their own flags, and the flags the root had (nosuid...) are kept (ST_* ==
+	 * MS_* for these). A superblock remount would also hit every other mount of that fs. */
+	if (s->readonly_root) {
+		struct statvfs sv;
+		unsigned long keep = statvfs("/", &sv) < 0 ? 0 : sv.f_flag &
+			(ST_NOSUID | ST_NODEV | ST_NOEXEC | ST_NOATIME | ST_NODIRATIME | ST_RELATIME);
+		if (mount(NULL, "/", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL) < 0)
+			child_fail(efd, 126, "read-only root: remount %s: %s", root, strerror(errno));
+	}
+	_exit(0);
+}
+
+/*
+ * Mounts, resolv.conf/hosts and the read-only remount happen in a child chroot'ed into the
+ * rootfs, so the image's symlinks resolve inside it; the VM has one mount namespace, so the
+ * mounts outlive the child. It is waited for right here: the reap loop never sees it.
+ */
+static int setup_container(struct run_spec *s, char *err, size_t errlen)
+{
+	struct net_conf net;
+	if (s->net && (parse_net(s->net, &net, err, errlen) < 0 || config_net(&net, err, errlen) < 0))
+		return -1;
+	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net)
+		return 0;
+	int p[2], st = 0;
+	if (pipe2(p, O_CLOEXEC) < 0) {
+		snprintf(err, errlen, "container setup: pipe: %s", strerror(errno));
+		return -1;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		close(p[0]);
+		setup_child(s, s->net ? &net : NULL, p[1]);
+	}
+	close(p[1]);
+	if (pid < 0) {
+		close(p[0]);
+		snprintf(err, errlen, "container setup: fork: %s", strerror(errno));
+		return -1;
+	}
+	struct exec_report r;
+	size_t got = 0;
+	ssize_t n;
+	while (got < sizeof r && ((n = read(p[0], (char *)&r + got, sizeof r - got)) > 0 || (n < 0 && errno == EINTR)))
+		got += n > 0 ? n : 0;
+	close(p[0]);
+	while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+		;
+	if (got == sizeof r) {
+		r.msg[sizeof r.msg - 1] = 0;
+		snprintf(err, errlen, "%s", r.msg);
+		return -1;
+	}
+	if (!WIFEXITED(st) || WEXITSTATUS(st)) {
+		snprintf(err, errlen, "container setup failed (wait status %d)", st);
+		return -1;
+	}
+	return 0;
 }
 
 /* ---------- parent side of the frames ---------- */
@@ -523,9 +844,11 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 	for (size_t i = 0; i <= len; i++)
 		nitems += buf[i] == 0;
 	struct run_spec s = { .argv = calloc(nitems + 1, sizeof(char *)),
-			      .env = calloc(nitems + 4, sizeof(char *)) };
-	int argc = 0, want_stdin = 0;
-	for (char *it = buf, *next; s.argv && s.env && it < buf + len; it = next) {
+			      .env = calloc(nitems + 4, sizeof(char *)),
+			      .mounts = calloc(nitems + 1, sizeof(char *)),
+			      .dns = calloc(nitems + 1, sizeof(char *)) };
+	int argc = 0, want_stdin = 0, allocated = s.argv && s.env && s.mounts && s.dns;
+	for (char *it = buf, *next; allocated && it < buf + len; it = next) {
 		next = it + strlen(it) + 1; /* before we split at '=' */
 		char *val = strchr(it, '=');
 		if (!val)
@@ -538,6 +861,10 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 		else if (!strcmp(it, "hostname")) s.hostname = val;
 		else if (!strcmp(it, "stdin")) want_stdin = !strcmp(val, "1");
 		else if (!strcmp(it, "seed")) add_seed(val);
+		else if (!strcmp(it, "mount")) s.mounts[s.nmounts++] = val;
+		else if (!strcmp(it, "readonly_root")) s.readonly_root = !strcmp(val, "1");
+		else if (!strcmp(it, "net")) s.net = val;
+		else if (!strcmp(it, "dns")) s.dns[s.ndns++] = val;
 		else if (!strcmp(it, "time_ns")) {
 			long long ns = atoll(val);
 			struct timespec ts = { ns / 1000000000, ns % 1000000000 };
@@ -547,12 +874,21 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 			logmsg("RUN: ignoring unknown key %s", it);
 	}
 	int in[2] = { -1, -1 }, out[2], err[2], ex[2];
-	if (!s.argv || !s.env || argc == 0) {
-		run_failed(id, argc ? "RUN: out of memory" : "RUN: no arg given");
+	if (!allocated || argc == 0) {
+		run_failed(id, allocated ? "RUN: no arg given" : "RUN: out of memory");
 		goto done;
 	}
 	if (s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		logmsg("sethostname: %s", strerror(errno));
+	if ((s.nmounts || s.ndns || s.net || s.readonly_root) && id != 1) {
+		logmsg("RUN %u: mount, readonly_root, net and dns apply to process 1 only: ignored", id);
+	} else if (s.nmounts || s.ndns || s.net || s.readonly_root) {
+		char why[600];
+		if (setup_container(&s, why, sizeof why) < 0) {
+			run_failed(id, why);
+			goto done;
+		}
+	}
 	if ((want_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
 	    pipe2(err, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
 		run_failed(id, "RUN: pipe failed"); /* fd leak on this path is acceptable: EMFILE */
@@ -589,6 +925,8 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 done:
 	free(s.argv);
 	free(s.env);
+	free(s.mounts);
+	free(s.dns);
 	free(buf);
 }
 
