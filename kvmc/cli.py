@@ -25,6 +25,9 @@ app = typer.Typer(
 )
 image_app = typer.Typer(help="Manage images in kvmc's local store.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
+volume_app = typer.Typer(help="Named volumes: ext4 disks that outlive containers (-v NAME:/path).",
+                         no_args_is_help=True)
+app.add_typer(volume_app, name="volume")
 system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", no_args_is_help=True)
 app.add_typer(system_app, name="system")
 pool_app = typer.Typer(help="Pools of pre-booted, saved VMs that 'run' restores instead of booting.",
@@ -61,7 +64,8 @@ def _run_options(
     image: str, command: Optional[List[str]], name: Optional[str], rm: bool, env: Optional[List[str]],
     env_file: Optional[List[Path]], workdir: Optional[str], user: Optional[str], entrypoint: Optional[str],
     memory: Optional[str], cpus: Optional[str], interactive: bool, detach: bool, hostname: Optional[str],
-    accel: Optional[str],
+    accel: Optional[str], network: str, publish: Optional[List[str]], volume: Optional[List[str]],
+    tmpfs: Optional[List[str]], read_only: bool,
 ):  # noqa: ANN202
     from kvmc.runtime import RunOptions
 
@@ -77,6 +81,8 @@ def _run_options(
         name=name, auto_remove=rm, detach=detach,
         memory_mib=parse_memory(memory) if memory else None,
         cpus=parse_cpus(cpus) if cpus else None, accel=accel,
+        network=network, publish=list(publish or []), volumes=list(volume or []), tmpfs=list(tmpfs or []),
+        read_only=read_only,
     )
 
 
@@ -94,6 +100,15 @@ _CPUS = typer.Option(None, "--cpus", help="Number of vCPUs (fractions round up; 
 _INTERACTIVE = typer.Option(False, "-i", "--interactive", help="Forward stdin to the command.")
 _HOSTNAME = typer.Option(None, "--hostname", help="Container host name (default: short id).")
 _ACCEL = typer.Option(None, "--accel", help="auto (probe, default), kvm or tcg.")
+_NETWORK = typer.Option("user", "--network", help="user (default: NAT through QEMU's user-mode network, "
+                        "host reachable as 10.0.2.2) or none (loopback only).")
+_PUBLISH = typer.Option(None, "-p", "--publish", help="Publish a port: [HOSTIP:][HOSTPORT:]PORT[/tcp|udp]; "
+                        "HOSTIP defaults to 0.0.0.0, a missing HOSTPORT picks a free one.")
+_VOLUME = typer.Option(None, "-v", "--volume", help="NAME:/path (named volume, created if missing) or "
+                       "/host/dir:/path (virtiofs; never pooled), then :ro or :rw.")
+_TMPFS = typer.Option(None, "--tmpfs", help="Mount a tmpfs: /path[:size=64m,mode=1777,...].")
+_READ_ONLY = typer.Option(False, "--read-only", help="Mount the root filesystem read-only (volumes and "
+                          "tmpfs stay writable).")
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -105,6 +120,8 @@ def run(
     detach: bool = typer.Option(False, "-d", "--detach", help="Run in the background and print the container id."),
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     no_pool: bool = typer.Option(False, "--no-pool", help="Boot a fresh VM even if a pooled one is ready."),
+    network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
+    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY,
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
@@ -114,7 +131,7 @@ def run(
     if detach and interactive:
         raise KvmcError("-d and -i cannot be combined: a detached container has no stdin")
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
-                        interactive, detach, hostname, accel)
+                        interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only)
     opts.use_pool = not no_pool
     code = _runtime().run(opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
     raise typer.Exit(code)
@@ -127,10 +144,12 @@ def create(
     workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, entrypoint: Optional[str] = _ENTRYPOINT,
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS,
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
+    network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
+    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY,
 ) -> None:
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
-                        False, True, hostname, accel)
+                        False, True, hostname, accel, network, publish, volume, tmpfs, read_only)
     typer.echo(_runtime().create(opts).id)
 
 
@@ -249,12 +268,17 @@ def ps(
         for r in records:
             typer.echo(json.dumps(rt.inspect(r.id)))
         return
-    typer.echo(f"{'CONTAINER ID':<14}{'IMAGE':<24}{'COMMAND':<24}{'STATUS':<18}NAMES")
+    from kvmc.network import format_ports
+
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "NAMES")]
     for r in records:
         cmd = " ".join(r.process["args"])
         cmd = f'"{cmd[:20]}…"' if len(cmd) > 21 else f'"{cmd}"'
         status = f"Exited ({r.exit_code})" if r.state == "exited" else r.state.capitalize()
-        typer.echo(f"{r.short_id:<14}{r.image[:22]:<24}{cmd:<24}{status:<18}{r.name}")
+        rows.append((r.short_id, r.image[:22], cmd, status, format_ports(r.ports), r.name))
+    widths = [max(len(row[i]) for row in rows) + 3 for i in range(5)]
+    for row in rows:
+        typer.echo("".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + row[5])
 
 
 @app.command()
@@ -380,8 +404,10 @@ def pool_warm(
     image: str = typer.Argument(..., help="Image name[:tag] or id."),
     size: int = typer.Option(2, "--size", "-n", help="How many ready members to keep for this image and size."),
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, accel: Optional[str] = _ACCEL,
+    network: str = typer.Option("user", "--network", help="user or none: members serve runs with this network."),
 ) -> None:
     """Boot VMs of IMAGE to the point where the agent waits, save them, and keep them ready."""
+    from kvmc.network import parse_network
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kvmc.pool import Pool
@@ -394,7 +420,7 @@ def pool_warm(
         made = Pool(rt).warm(
             image, size, parse_memory(memory) if memory else config.memory_mib,
             parse_cpus(cpus) if cpus else config.cpus, accel,
-            lambda done, total: progress.update(task, completed=done, total=total),
+            lambda done, total: progress.update(task, completed=done, total=total), parse_network(network),
         )
     typer.echo(f"{len(made)} member(s) warmed for {image}")
 
@@ -429,6 +455,61 @@ def pool_gc() -> None:
     from kvmc.pool import Pool
 
     typer.echo(f"removed {Pool(_runtime()).gc()} stale member(s)")
+
+
+@volume_app.command("create")
+def volume_create(
+    name: str = typer.Argument(..., help="Volume name: letters, digits and _.-"),
+    size: str = typer.Option("1g", "--size", help="Disk size (sparse: only written blocks use space)."),
+) -> None:
+    """Create a named volume (an ext4 disk image)."""
+    from kvmc.volumes import VolumeStore, parse_size
+
+    typer.echo(VolumeStore(_config().volumes_dir).create(name, parse_size(size)).name)
+
+
+@volume_app.command("ls")
+def volume_ls(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show names.")) -> None:
+    """List named volumes."""
+    from kvmc.volumes import VolumeStore
+
+    store = VolumeStore(_config().volumes_dir)
+    volumes = store.list()
+    if quiet:
+        for v in volumes:
+            typer.echo(v.name)
+        return
+    typer.echo(f"{'VOLUME NAME':<32}{'SIZE':>10}{'USED':>10}")
+    for v in volumes:
+        typer.echo(f"{v.name:<32}{v.size_bytes / 2**20:>8.0f}Mi{store.usage_bytes(v) / 2**20:>8.1f}Mi")
+
+
+@volume_app.command("inspect")
+def volume_inspect(names: List[str] = typer.Argument(..., help="Volume names.")) -> None:
+    """Show volumes as JSON, with the containers that mount them."""
+    rt = _runtime()
+    typer.echo(json.dumps([{**rt.volumes.get(n).to_dict(), "used_by": rt.volume_users(n)} for n in names], indent=2))
+
+
+@volume_app.command("rm")
+def volume_rm(names: List[str] = typer.Argument(..., help="Volume names.")) -> None:
+    """Remove volumes and their data; a volume that a container still mounts is refused."""
+    from kvmc.volumes import VolumeInUse
+
+    rt = _runtime()
+    failed = False
+    for name in names:
+        try:
+            users = rt.volume_users(name)
+            if users:
+                raise VolumeInUse(f"volume {name} is in use by container(s) {', '.join(users)}: remove them first")
+            rt.volumes.remove(name)
+            typer.echo(name)
+        except KvmcError as exc:
+            typer.echo(f"kvmc: {exc}", err=True)
+            failed = True
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

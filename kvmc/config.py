@@ -64,6 +64,10 @@ class Config:
         return self.data_dir / "images"
 
     @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
+
+    @property
     def containers_dir(self) -> Path:
         return self.data_dir / "containers"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import jinja2
 
 from kvmc.guest import GuestArtefacts
+from kvmc.mounts import volume_serial
 
 AGENT_PORT_NAME = "org.kvmc.agent"
 METADATA_NS = "https://kvmc.dev/xmlns/container/1"
@@ -24,6 +25,11 @@ EMULATOR = "/usr/bin/qemu-system-x86_64"
 # Under TCG, about one boot in three hangs calibrating the TSC against the PIT; telling the
 # kernel the host's TSC rate up front avoids that (docs/platform.md).
 CPUINFO = Path("/proc/cpuinfo")
+GUEST_MAC = "52:54:00:12:34:56"
+"""Every VM's NIC has this MAC: each VM has a user-mode network of its own, so no two NICs ever
+share a link, and a pool member's save restores only into a NIC with the MAC it was saved with."""
+VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+VIRTIOFSD_RO = Path(__file__).resolve().parent / "libexec" / "virtiofsd-ro"
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class DiskSpec:
     backing_path: Path | None = None
     backing_format: str = "raw"
     readonly: bool = False
+    serial: str | None = None
+    """virtio-blk serial: how the agent finds a volume's disk (kvmc/mounts.py)."""
     # The overlay is private to one VM and is flushed by the guest's sync before power-off;
     # writeback lets QEMU use the host page cache instead of O_DIRECT on small writes.
     cache: str = "writeback"
@@ -47,6 +55,21 @@ class ChannelSpec:
 
     socket: Path
     name: str = AGENT_PORT_NAME
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """A host directory shared through virtiofs; libvirt starts and stops its ``virtiofsd``."""
+
+    source: Path
+    tag: str
+    readonly: bool = False
+
+    @property
+    def binary(self) -> Path:
+        # QEMU 7.2's virtiofsd has no read-only mode: a wrapper gives it a read-only view of
+        # the directory in a mount namespace of its own (see the script for why and how).
+        return VIRTIOFSD_RO if self.readonly else VIRTIOFSD
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,10 @@ class VMSpec:
     console_log: Path
     disks: list[DiskSpec] = field(default_factory=list)
     channels: list[ChannelSpec] = field(default_factory=list)
+    network: bool = False
+    """A virtio-net NIC on QEMU's user-mode network (slirp), see kvmc/network.py."""
+    shares: list[ShareSpec] = field(default_factory=list)
+    mac: str = GUEST_MAC
     extra_cmdline: tuple[str, ...] = ()
     emulator: str = EMULATOR
     tsc_khz: int | None = None
@@ -81,27 +108,47 @@ class VMSpec:
     def cmdline(self) -> str:
         return kernel_cmdline(self.tsc_khz, self.extra_cmdline, acpi=self.acpi)
 
+    @property
+    def shared_memory(self) -> bool:
+        """vhost-user (virtiofsd) maps the guest's RAM: it must be a shareable memfd."""
+        return bool(self.shares)
+
+    @property
+    def qemu_args(self) -> tuple[str, ...]:
+        """What libvirt cannot express. virtio-mmio devices default to legacy (virtio 0.9.5)
+        mode, in which vhost-user-fs does not work; only VMs with shares get modern mode, so
+        the devices (and so the save files) of every other VM stay as they were."""
+        return ("-global", "virtio-mmio.force-legacy=false") if self.shares else ()
+
 
 OVERLAY_FILE = "rootfs.qcow2"
+ROOT_SERIAL = "kvmc-root"
+"""How images/initramfs/init finds the root disk among volume disks."""
 
 
 def container_vm(
     *, name: str, uuid: str, container_id: str, container_name: str, directory: Path, agent_socket: Path,
     image_disk: Path, guest: GuestArtefacts, domain_type: str, memory_mib: int, vcpus: int, state_root: str,
+    network: bool = True, volume_disks: tuple[Path, ...] = (), shares: tuple[ShareSpec, ...] = (),
 ) -> VMSpec:
     """The VM of one container, its files in ``directory`` (overlay, console log).
 
     Cold containers and pool members are both built here, so that a restored member is the
     very VM a cold boot of the same container would have been: libvirt restores a save only
     into a definition whose devices match, and only host-side paths may differ.
+    ``volume_disks`` are attached as vdb, vdc, ... with serials vol1, vol2, ... (the names
+    kvmc.mounts.agent_mount_items gives the agent).
     """
+    disks = [DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk, serial=ROOT_SERIAL)]
+    for index, disk in enumerate(volume_disks, start=1):
+        disks.append(DiskSpec(path=disk, target=f"vd{chr(ord('a') + index)}", format="raw",
+                              serial=volume_serial(index)))
     return VMSpec(
         name=name, uuid=uuid, container_id=container_id, container_name=container_name,
         domain_type=domain_type, memory_mib=memory_mib, vcpus=vcpus,
         kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
-        disks=[DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk)],
-        channels=[ChannelSpec(socket=agent_socket)], tsc_khz=host_tsc_khz(),
-        state_root=state_root, acpi=guest.acpi,
+        disks=disks, channels=[ChannelSpec(socket=agent_socket)], network=network, shares=list(shares),
+        tsc_khz=host_tsc_khz(), state_root=state_root, acpi=guest.acpi,
     )
 
 

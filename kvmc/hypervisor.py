@@ -15,8 +15,9 @@ from kvmc.errors import HypervisorError
 
 try:
     import libvirt
+    import libvirt_qemu
 except ImportError:  # pragma: no cover - depends on the host
-    libvirt = None
+    libvirt = libvirt_qemu = None
 
 T = TypeVar("T")
 START_HINT = 'start it with "libvirtd -d && virtlogd -d" as root, or run "make setup"'
@@ -118,6 +119,18 @@ class Hypervisor:
             self._call(lambda conn: conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING))
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot restore VM from {path}: {exc.get_error_message()}") from exc
+
+    def human_monitor_command(self, name: str, command: str) -> str:
+        """Run an HMP command in the VM's QEMU (libvirt's QEMU passthrough) and return its output.
+
+        Only for what libvirt has no API for: slirp host forwards (``hostfwd_add``) on a running
+        VM. libvirt marks the domain "tainted" for it, which is true and harmless here.
+        """
+        dom = self._require(name)
+        try:
+            return libvirt_qemu.qemuMonitorCommand(dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"QEMU of VM {name} refused '{command}': {exc.get_error_message()}") from exc
 
     def create_transient(self, xml: str) -> None:
         """Start a domain that libvirt forgets as soon as it stops (used by the accel probe)."""

@@ -52,6 +52,9 @@ class PoolKey:
     cpus: int
     accel: str
     guest_digest: str
+    network: str = "none"
+    """user | none: a NIC is a device, so it is part of what a saved VM is (members saved
+    before kvmc had networking have no NIC, hence the default)."""
 
 
 @dataclass
@@ -81,7 +84,7 @@ def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: P
         name=member.domain, uuid=member.uuid, container_id=member.id, container_name=f"pool-{member.id[:12]}",
         directory=directory, agent_socket=agent_socket, image_disk=image_disk, guest=guest,
         domain_type="kvm" if member.key.accel == "kvm" else "qemu", memory_mib=member.key.memory_mib,
-        vcpus=member.key.cpus, state_root=state_root,
+        vcpus=member.key.cpus, state_root=state_root, network=member.key.network == "user",
     )
 
 
@@ -107,8 +110,8 @@ class Pool:
                 continue  # claimed (renamed away) while we listed, or half-removed
         return found
 
-    def key_for(self, image_id: str, memory_mib: int, cpus: int, accel: str) -> PoolKey:
-        return PoolKey(image_id, memory_mib, cpus, accel, self.rt.guest().digest)
+    def key_for(self, image_id: str, memory_mib: int, cpus: int, accel: str, network: str = "user") -> PoolKey:
+        return PoolKey(image_id, memory_mib, cpus, accel, self.rt.guest().digest, network)
 
     def domains(self) -> set[str]:
         return {m.domain for _, m in self.members()} | {
@@ -148,11 +151,11 @@ class Pool:
         return member
 
     def warm(self, image_ref: str, size: int, memory_mib: int, cpus: int, accel: str | None,
-             progress: Callable[[int, int], None] = lambda done, total: None) -> list[Member]:
+             progress: Callable[[int, int], None] = lambda done, total: None, network: str = "user") -> list[Member]:
         """Top the pool for (image, size) up to ``size`` ready members; two boots at a time."""
         image = self.rt.images.get(image_ref)
         choice = self.rt.accel(accel)
-        key = self.key_for(image.id, memory_mib, cpus, choice.accel)
+        key = self.key_for(image.id, memory_mib, cpus, choice.accel, network)
         missing = max(0, size - sum(1 for _, m in self.members() if m.key == key))
         made: list[Member] = []
         progress(0, missing)
@@ -175,12 +178,13 @@ class Pool:
             return member
         return None
 
-    def refill_in_background(self, image_id: str, memory_mib: int, cpus: int, accel: str) -> None:
+    def refill_in_background(self, image_id: str, memory_mib: int, cpus: int, accel: str, network: str) -> None:
         """Start a detached ``kvmc pool warm`` for one member; the claiming run never waits."""
+        key = self.key_for(image_id, memory_mib, cpus, accel, network)
         subprocess.Popen(
             [sys.executable, "-m", "kvmc", "pool", "warm", image_id, "--size",
-             str(1 + sum(1 for _, m in self.members() if m.key == self.key_for(image_id, memory_mib, cpus, accel))),
-             "-m", f"{memory_mib}m", "--cpus", str(cpus), "--accel", accel],
+             str(1 + sum(1 for _, m in self.members() if m.key == key)),
+             "-m", f"{memory_mib}m", "--cpus", str(cpus), "--accel", accel, "--network", network],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
 

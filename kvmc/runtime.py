@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -25,14 +25,18 @@ from kvmc.accel import AccelChoice, choose_accel
 from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
 from kvmc.config import Config
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, container_vm, render_domain_xml
-from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageError, KvmcError
+from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, container_vm, render_domain_xml
+from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageError, KvmcError, UsageError
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
 from kvmc.images import ImageStore
+from kvmc.mounts import Mount, agent_mount_items, check_targets, parse_tmpfs, parse_volume, share_tag
+from kvmc.network import (DNS_SERVER, PortInUse, PortMapping, allocate_ports, guest_net_config, parse_network,
+                          parse_publish)
 from kvmc.pool import SAVE_FILE, Pool
 from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, StateStore, now_iso
+from kvmc.volumes import VolumeInUse, VolumeStore
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 HOST_ARCH = "amd64"
@@ -52,6 +56,13 @@ class RunOptions:
     cpus: int | None = None
     accel: str | None = None
     use_pool: bool = True
+    network: str = "user"
+    publish: list[str] = field(default_factory=list)
+    """docker's -p specs."""
+    volumes: list[str] = field(default_factory=list)
+    """docker's -v specs: NAME:/path or /host/dir:/path, then :ro or :rw."""
+    tmpfs: list[str] = field(default_factory=list)
+    read_only: bool = False
 
 
 def _raise_for(result: ProcessResult) -> int:
@@ -89,6 +100,7 @@ class Runtime:
         self.hv = Hypervisor(config.libvirt_uri)
         self.images = ImageStore(config.images_dir)
         self.state = StateStore(config.containers_dir)
+        self.volumes = VolumeStore(config.volumes_dir)
         self._guest: GuestArtefacts | None = None
 
     def _say(self, message: str) -> None:
@@ -114,6 +126,20 @@ class Runtime:
         if image.architecture and image.architecture != HOST_ARCH:
             raise ImageError(f'image "{opts.image}" is built for {image.architecture}; kvmc runs {HOST_ARCH} guests')
         process = build_process(image.config, opts.process)
+        network = parse_network(opts.network)
+        mounts = [parse_volume(v) for v in opts.volumes] + [parse_tmpfs(t) for t in opts.tmpfs]
+        check_targets(mounts)
+        if opts.publish and network == "none":
+            raise UsageError("-p needs a network: it cannot be combined with --network none")
+        ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
+        for mount in mounts:
+            if mount.kind == "volume":
+                self.volumes.create(mount.source, exist_ok=True)  # docker creates missing named volumes
+                self.check_volume_free(mount.source)
+        cold_reason = next((
+            f"host directory {m.source} is shared through virtiofs, and QEMU cannot save a VM with virtiofs"
+            if m.kind == "bind" else f"volume {m.source} is a disk of its own, which a saved VM does not have"
+            for m in mounts if m.needs_cold_boot), None)
         guest = self.guest()
         accel = self.accel(opts.accel)
         self._say(f"accelerator: {accel.accel} ({accel.reason})")
@@ -121,17 +147,18 @@ class Runtime:
         memory_mib = opts.memory_mib or self.config.memory_mib
         cpus = opts.cpus or self.config.cpus
         pool = Pool(self)
-        key = pool.key_for(image.id, memory_mib, cpus, accel.accel)
+        key = pool.key_for(image.id, memory_mib, cpus, accel.accel, network)
         container_id, name, directory = self.state.allocate(opts.name, make_dir=False)
-        member = pool.claim(key, directory) if opts.use_pool else None
+        member = pool.claim(key, directory) if opts.use_pool and not cold_reason else None
         if member is None:
             directory.mkdir(mode=0o755)
-            self._say("no ready pool member for this image and size: cold boot" if opts.use_pool
+            self._say(f"not pooled: {cold_reason}: cold boot" if cold_reason
+                      else "no ready pool member for this image and size: cold boot" if opts.use_pool
                       else "--no-pool: cold boot")
         else:
             self._say(f"claimed pool member {member.id[:12]} ({member.domain}): restore instead of boot")
             if self.config.pool_refill:
-                pool.refill_in_background(image.id, memory_mib, cpus, accel.accel)
+                pool.refill_in_background(image.id, memory_mib, cpus, accel.accel, network)
         process["hostname"] = process["hostname"] or container_id[:12]
         sockets = self.config.run_dir / container_id[:16]
         record = ContainerRecord(
@@ -141,6 +168,8 @@ class Runtime:
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
             agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
             boot="pool" if member else "cold", restore_from=str(directory / SAVE_FILE) if member else "",
+            network=network, ports=[p.to_dict() for p in ports], mounts=[m.to_dict() for m in mounts],
+            read_only=opts.read_only,
         )
         try:
             self.state.save(record)
@@ -153,7 +182,10 @@ class Runtime:
                 container_id=container_id, container_name=name, directory=directory,
                 agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
                 domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
-                state_root=str(self.config.data_dir),
+                state_root=str(self.config.data_dir), network=network == "user",
+                volume_disks=tuple(Path(self.volumes.get(m.source).path) for m in mounts if m.kind == "volume"),
+                shares=tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly)
+                             for i, m in enumerate((m for m in mounts if m.kind == "bind"), start=1)),
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
@@ -199,13 +231,17 @@ class Runtime:
         else:
             self.hv.start(record.domain)
         self.state.update(record, state="running", started_at=None, finished_at=None, exit_code=None, error=None)
+        self._publish_ports(record)
         conn = AgentConnection.connect(record.agent_socket, timeout=self.config.boot_timeout_s)
         proc = record.process
+        networked = record.network == "user"
         # A restored guest's clock is as old as its save file, and every clone of one save
         # shares its RNG state: the agent sets the clock and reseeds from these first.
         conn.run(MAIN_PROCESS_ID, ProcessSpec(
             args=proc["args"], env=proc["env"], cwd=proc["cwd"], user=proc["user"],
             hostname=proc["hostname"], stdin=proc["stdin"], time_ns=time.time_ns(), seed=os.urandom(64),
+            mounts=agent_mount_items([Mount(**m) for m in record.mounts]), readonly_root=record.read_only,
+            net=guest_net_config() if networked else None, dns=[DNS_SERVER] if networked else [],
         ))
         if restored:  # its READY went to the connection that warmed it
             self.state.update(record, started_at=now_iso())
@@ -221,6 +257,47 @@ class Runtime:
         self._say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
 
+    def _publish_ports(self, record: ContainerRecord) -> None:
+        """Add the container's host forwards to its running VM's slirp (cold or restored)."""
+        for port in map(lambda p: PortMapping(**p), record.ports):
+            # hostfwd_add prints nothing on success and a sentence when it cannot bind.
+            output = self.hv.human_monitor_command(record.domain, port.hostfwd()).strip()
+            if output:
+                raise PortInUse(f"cannot publish {port.host_ip}:{port.host_port}/{port.protocol}: "
+                                f"the port is already in use on the host ({output})")
+
+    # ------------------------------------------------ host resources in use
+    def _live_records(self, exclude: str | None = None) -> Iterator[ContainerRecord]:
+        for record in self.state.list():
+            if record.id != exclude and record.state in ("running", "starting"):
+                record = self.reconcile(record)
+                if record.state in ("running", "starting"):
+                    yield record
+
+    def published_ports(self, exclude: str | None = None) -> dict[tuple[str, int, str], str]:
+        """(host ip, port, protocol) -> name, for every port a running container publishes."""
+        return {(p["host_ip"], p["host_port"], p["protocol"]): r.name
+                for r in self._live_records(exclude) for p in r.ports}
+
+    def volume_users(self, name: str, running_only: bool = False) -> list[str]:
+        records = self._live_records() if running_only else self.state.list()
+        return [r.name for r in records if any(m["kind"] == "volume" and m["source"] == name for m in r.mounts)]
+
+    def check_volume_free(self, name: str, exclude: str | None = None) -> None:
+        """ext4 on a block device has one writer at a time: refuse a second running user."""
+        users = [u for u in self.volume_users(name, running_only=True) if exclude is None or u != exclude]
+        if users:
+            raise VolumeInUse(f"volume {name} is in use by running container {users[0]}: "
+                              "a kvmc volume is an ext4 disk and can be mounted by one running container at a time")
+
+    def check_host_resources(self, record: ContainerRecord) -> None:
+        """Before a VM starts: its host ports are free and its volumes are not mounted elsewhere."""
+        allocate_ports([PortMapping(**p) for p in record.ports], self.published_ports(exclude=record.id))
+        for mount in record.mounts:
+            if mount["kind"] == "volume":
+                self.volumes.get(mount["source"])  # removed meanwhile: say so rather than fail in QEMU
+                self.check_volume_free(mount["source"], exclude=record.name)
+
     # ------------------------------------------------------------------ start
     def start(self, record: ContainerRecord, *, wait_attach: bool = False,
               discard_on_failure: bool = False) -> subprocess.Popen:
@@ -233,6 +310,7 @@ class Runtime:
             current = self.reconcile(self.state.load(record.id) or record)
             if current.state in ("running", "starting"):
                 raise KvmcError(f"container {record.name} is already running")
+            self.check_host_resources(current)
             self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
                               error=None, monitor_pid=None)
             args = [sys.executable, "-m", "kvmc.monitor", record.id]
@@ -383,7 +461,10 @@ class Runtime:
     # ------------------------------------------------------------- reconcile
     def reconcile(self, record: ContainerRecord) -> ContainerRecord:
         """Make the record tell the truth about a VM whose monitor is gone."""
-        if record.state in ("running", "starting") and not _pid_alive(record.monitor_pid):
+        # "starting" without a monitor pid: start() has reset the record and is spawning the
+        # monitor, which records its own pid first thing. Not dead, just not yet born.
+        spawning = record.state == "starting" and record.monitor_pid is None
+        if record.state in ("running", "starting") and not spawning and not _pid_alive(record.monitor_pid):
             vm = self.hv.state(record.domain)
             if vm in ACTIVE_VM_STATES:
                 self.hv.destroy(record.domain)  # unmonitored: its output and exit are lost anyway
@@ -486,4 +567,9 @@ class Runtime:
         record = self.reconcile(self.state.resolve(ref))
         data = asdict(record)
         data["vm_state"] = self.hv.state(record.domain)
+        try:
+            config = self.images.get(record.image_id).config
+            data["image_config"] = {"exposed_ports": config.exposed_ports, "volumes": config.volumes}
+        except ImageError:
+            data["image_config"] = None
         return data

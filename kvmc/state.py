@@ -59,6 +59,13 @@ class ContainerRecord:
     restore_from: str = ""
     """A claimed pool member's save file: the first start restores it instead of booting."""
     guest_uptime_ms: int | None = None
+    network: str = "none"
+    """user | none (records from before networking had none)."""
+    ports: list[dict[str, Any]] = field(default_factory=list)
+    """Published ports, kvmc.network.PortMapping dicts with the host port as allocated."""
+    mounts: list[dict[str, Any]] = field(default_factory=list)
+    """kvmc.mounts.Mount dicts, in the order their devices are attached."""
+    read_only: bool = False
 
     @property
     def short_id(self) -> str:

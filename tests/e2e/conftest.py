@@ -96,14 +96,14 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def config_image(kvmc: Kvmc, layouts: Path) -> str:
-    """An image whose config sets Entrypoint, Cmd, Env, WorkingDir and User."""
+    """An image whose config sets Entrypoint, Cmd, Env, WorkingDir, User, ExposedPorts and Volumes."""
     layout = build_busybox_layout(layouts / "cfg", "latest")
     subprocess.run(
         ["umoci", "config", "--image", f"{layout}:latest",
          "--config.entrypoint", "/bin/sh", "--config.entrypoint", "-c",
          "--config.cmd", 'echo "cmd:$GREETING:$(pwd):$(id -un)"',
          "--config.env", "GREETING=from-image", "--config.workingdir", "/home/app",
-         "--config.user", "app"],
+         "--config.user", "app", "--config.exposedports", "8080/tcp", "--config.volume", "/var/data"],
         check=True, capture_output=True,
     )
     kvmc("image", "import", str(layout), "--name", "test/config:1", check=True)

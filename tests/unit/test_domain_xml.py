@@ -301,3 +301,46 @@ def test_host_tsc_khz_none_for_missing_or_garbled_file(tmp_path):
     garbled = tmp_path / "cpuinfo"
     garbled.write_text("cpu MHz\t\t: fast\n")
     assert host_tsc_khz(garbled) is None
+
+
+def test_network_adds_a_virtio_mmio_user_nic_and_none_adds_nothing() -> None:
+    assert render(make_spec()).find("devices/interface") is None
+    [nic] = render(make_spec(network=True)).findall("devices/interface")
+    assert nic.get("type") == "user"
+    assert nic.find("model").get("type") == "virtio"
+    assert nic.find("address").get("type") == "virtio-mmio"
+
+
+def test_volume_disks_carry_serials_and_shares_need_shared_memory_and_modern_mmio() -> None:
+    from kvmc.domain import ShareSpec, VIRTIOFSD, VIRTIOFSD_RO, container_vm
+    from kvmc.guest import GuestArtefacts
+
+    guest = GuestArtefacts(kernel=KERNEL, initramfs=INITRD, kernel_sha256="k", initramfs_sha256="i",
+                           agent_sha256="a", kernel_release="6.1")
+    spec = container_vm(
+        name="kvmc-x", uuid="6f1c3f5e-8a5b-4c1e-9d2e-0f3a4b5c6d7e", container_id="c" * 64, container_name="n",
+        directory=OVERLAY.parent, agent_socket=SOCKET, image_disk=BASE, guest=guest, domain_type="qemu",
+        memory_mib=256, vcpus=1, state_root="/var/lib/kvmc",
+        volume_disks=(Path("/v/a/disk.ext4"), Path("/v/b/disk.ext4")),
+        shares=(ShareSpec(Path("/srv/in"), "share1", readonly=True), ShareSpec(Path("/srv/out"), "share2")),
+    )
+    root = render(spec)
+    disks = root.findall("devices/disk")
+    assert [(d.find("target").get("dev"), d.findtext("serial")) for d in disks] == [
+        ("vda", "kvmc-root"), ("vdb", "vol1"), ("vdc", "vol2")]
+    assert disks[1].find("driver").get("type") == "raw"
+    fs = root.findall("devices/filesystem")
+    assert [(f.find("source").get("dir"), f.find("target").get("dir"), f.find("binary").get("path")) for f in fs] == [
+        ("/srv/in", "share1", str(VIRTIOFSD_RO)), ("/srv/out", "share2", str(VIRTIOFSD))]
+    assert all(f.find("driver").get("type") == "virtiofs" for f in fs)
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    qemu_ns = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    args = [a.get("value") for a in root.findall(f"{qemu_ns}commandline/{qemu_ns}arg")]
+    assert args == ["-global", "virtio-mmio.force-legacy=false"]
+    assert VIRTIOFSD_RO.exists() and VIRTIOFSD_RO.stat().st_mode & 0o111
+
+
+def test_plain_vm_keeps_private_memory_and_legacy_mmio() -> None:
+    root = render(make_spec(network=True))
+    assert root.find("memoryBacking") is None
+    assert root.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline") is None
