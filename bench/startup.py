@@ -1,12 +1,12 @@
-"""Start-up and memory: cold boots against pooled (saved, pre-booted) VMs, in one run.
+"""Start-up and memory: cold boots against pooled (saved, pre-booted) VMs and VM-template clones.
 
-Median of N runs each of `kvmc run --rm IMAGE true` cold (--no-pool) and pooled (a member
-warmed beforehand is restored), all at the same VM size; then the proportional set size (PSS)
-of N idle VMs of each kind (`run -d IMAGE sleep`), summed over their QEMU processes; then the
-ratios pooled/cold (target under TCG: start-up <= 0.25).
-
-The template mode of issue 4 (clones sharing one template's RAM) is not built yet: its row
-says so rather than print a number.
+Median of N runs each of `kvmc run --rm IMAGE true` cold (--no-pool), pooled (a member warmed
+beforehand is restored) and from a template (`pool warm --template`: each run clones the
+template's RAM file and device state), all at the same VM size; then the proportional set size
+(PSS) of N idle VMs of each kind (`run -d IMAGE sleep`), summed over their QEMU processes; then
+the ratios pooled/cold and template/cold (target under TCG: start-up <= 0.25) and PSS
+save-pool/cold and template/save-pool. A clone's PSS counts its share of the template's RAM
+file pages it maps; the file's other pages (tmpfs, paid once per template) are listed apart.
 Run with: .venv/bin/python bench/startup.py [--runs 5] [--image kvmc/busybox] [--memory 128m]
 """
 
@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kvmc.process import parse_memory
 
 
 def kvmc(*args: str) -> tuple[float, bytes]:
@@ -40,17 +42,22 @@ def qemu_pss_kib(domain: str) -> int:
     raise RuntimeError(f"no Pss for {domain}")
 
 
-def idle_pss(image: str, memory: str, runs: int, pooled: bool) -> float:
-    """Mean PSS (MiB) of ``runs`` idle VMs running side by side."""
-    names = [f"bench-idle-{os.getpid()}-{'p' if pooled else 'c'}{i}" for i in range(runs)]
-    if pooled:
+def idle_pss(image: str, memory: str, runs: int, mode: str) -> float:
+    """Mean PSS (MiB) of ``runs`` idle VMs running side by side; mode cold | pool | template
+    (for pool, members are warmed here; for template, the template must exist)."""
+    names = [f"bench-idle-{os.getpid()}-{mode[0]}{i}" for i in range(runs)]
+    if mode == "pool":
         kvmc("pool", "warm", image, "--size", str(runs), "-m", memory)
     try:
         for name in names:
-            kvmc("run", "-d", "--name", name, "-m", memory, *([] if pooled else ["--no-pool"]), image, "sleep", "600")
+            kvmc("run", "-d", "--name", name, "-m", memory, *(["--no-pool"] if mode == "cold" else []),
+                 image, "sleep", "600")
         time.sleep(3)  # let the guests settle into idle
-        domains = [json.loads(kvmc("inspect", n)[1])[0]["domain"] for n in names]
-        return statistics.mean(qemu_pss_kib(d) for d in domains) / 1024
+        infos = [json.loads(kvmc("inspect", n)[1])[0] for n in names]
+        wanted = {"cold": "cold", "pool": "pool", "template": "template"}[mode]
+        if any(i["boot"] != wanted for i in infos):
+            sys.exit(f"idle {mode} VMs booted as {[i['boot'] for i in infos]}")
+        return statistics.mean(qemu_pss_kib(i["domain"]) for i in infos) / 1024
     finally:
         subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", *names], capture_output=True)
 
@@ -62,26 +69,51 @@ def main() -> None:
     parser.add_argument("--memory", default="128m")
     args = parser.parse_args()
     image, memory, n = args.image, args.memory, args.runs
+    memory_mib = parse_memory(memory)
 
+    def pools(mode: str) -> list[dict]:
+        return [p for p in map(json.loads, kvmc("pool", "ls", "--format", "json")[1].splitlines())
+                if p["mode"] == mode and p["memory_mib"] == memory_mib]
+
+    # Save mode first: while a template of this key exists, runs clone it instead of claiming.
     cold = [kvmc("run", "--rm", "--no-pool", "-m", memory, image, "true")[0] for _ in range(n)]
     warm_wall, _ = kvmc("pool", "warm", image, "--size", str(n), "-m", memory)
-    save_mib = [p["save_mib"] for p in map(json.loads, kvmc("pool", "ls", "--format", "json")[1].splitlines())]
+    save_mib = [p["save_mib"] for p in pools("save")]
     pooled = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
-    pss_cold = idle_pss(image, memory, n, pooled=False)
-    pss_pool = idle_pss(image, memory, n, pooled=True)
+    pss_cold = idle_pss(image, memory, n, "cold")
+    pss_pool = idle_pss(image, memory, n, "pool")
+
+    template_wall, out = kvmc("pool", "warm", image, "--template", "-m", memory)
+    made = b" made " in out
+    try:
+        [template] = pools("template")
+        templated = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
+        pss_template = idle_pss(image, memory, n, "template")
+        ram_mib = pools("template")[0]["ram_mib"]
+    finally:
+        if made:  # leave a template that was there before alone
+            kvmc("pool", "rm", image, "--mode", "template")
 
     med = statistics.median
     print(f"kvmc start-up, image {image}, {memory} VMs, median of {n} (seconds, MiB)")
-    print(f"{'measure':<52}{'value':>10}")
-    print(f"{'cold   kvmc run --rm IMAGE true (baseline)':<52}{med(cold):>10.3f}")
-    print(f"{'pooled kvmc run --rm IMAGE true':<52}{med(pooled):>10.3f}")
-    print(f"{'template kvmc run --rm IMAGE true':<52}{'not built':>10}")
-    print(f"{'pool warm-up, per member (2 in parallel)':<52}{warm_wall / n:>10.3f}")
-    print(f"{'save file per member':<52}{(save_mib[0] if save_mib else float('nan')):>10.1f}")
-    print(f"{'PSS per idle VM, cold boot':<52}{pss_cold:>10.1f}")
-    print(f"{'PSS per idle VM, restored from the pool':<52}{pss_pool:>10.1f}")
-    print(f"{'ratio pooled/cold start-up (target <= 0.25)':<52}{med(pooled) / med(cold):>10.2f}")
-    print(f"{'ratio PSS pooled/cold':<52}{pss_pool / pss_cold:>10.2f}")
+    print(f"{'measure':<60}{'value':>10}")
+    print(f"{'cold     kvmc run --rm IMAGE true (baseline)':<60}{med(cold):>10.3f}")
+    print(f"{'pooled   kvmc run --rm IMAGE true':<60}{med(pooled):>10.3f}")
+    print(f"{'template kvmc run --rm IMAGE true':<60}{med(templated):>10.3f}")
+    print(f"{'pool warm-up, per member (2 in parallel)':<60}{warm_wall / n:>10.3f}")
+    print(f"{'template warm-up (one template)':<60}{template_wall:>10.3f}")
+    print(f"{'save file per member':<60}{(save_mib[0] if save_mib else float('nan')):>10.1f}")
+    print(f"{'template device state file':<60}{template['save_mib']:>10.2f}")
+    print(f"{'template RAM file in tmpfs (paid once per template)':<60}{ram_mib:>10.1f}")
+    print(f"{'PSS per idle VM, cold boot':<60}{pss_cold:>10.1f}")
+    print(f"{'PSS per idle VM, restored from the pool':<60}{pss_pool:>10.1f}")
+    print(f"{'PSS per idle VM, template clone':<60}{pss_template:>10.1f}")
+    print(f"{'ratio pooled/cold start-up (target <= 0.25)':<60}{med(pooled) / med(cold):>10.2f}")
+    print(f"{'ratio template/cold start-up (target <= 0.25)':<60}{med(templated) / med(cold):>10.2f}")
+    print(f"{'ratio PSS save-pool/cold':<60}{pss_pool / pss_cold:>10.2f}")
+    print(f"{'ratio PSS template/save-pool':<60}{pss_template / pss_pool:>10.2f}")
+    print(f"{'ratio PSS template/save-pool, + RAM file/N (upper bound)':<60}"
+          f"{(pss_template + ram_mib / n) / pss_pool:>10.2f}")
 
 
 if __name__ == "__main__":

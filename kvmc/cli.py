@@ -30,7 +30,8 @@ volume_app = typer.Typer(help="Named volumes: ext4 disks that outlive containers
 app.add_typer(volume_app, name="volume")
 system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", no_args_is_help=True)
 app.add_typer(system_app, name="system")
-pool_app = typer.Typer(help="Pools of pre-booted, saved VMs that 'run' restores instead of booting.",
+pool_app = typer.Typer(help="Pools of pre-booted, saved VMs (or VM templates) that 'run' restores (or "
+                       "clones) instead of booting.",
                        no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
 
@@ -125,8 +126,9 @@ def run(
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
-    A ready pool member of the same image and size (kvmc pool warm) is restored instead of
-    booting; -v says which happened, and so does 'kvmc inspect' (boot: pool or cold).
+    A ready pool template of the same image and size (kvmc pool warm --template) is cloned, or
+    else a ready pool member restored, instead of booting; -v says which happened, and so does
+    'kvmc inspect' (boot: template, pool or cold).
     """
     if detach and interactive:
         raise KvmcError("-d and -i cannot be combined: a detached container has no stdin")
@@ -402,11 +404,18 @@ def image_rm(refs: List[str] = typer.Argument(...), force: bool = typer.Option(F
 @pool_app.command("warm")
 def pool_warm(
     image: str = typer.Argument(..., help="Image name[:tag] or id."),
-    size: int = typer.Option(2, "--size", "-n", help="How many ready members to keep for this image and size."),
+    size: Optional[int] = typer.Option(None, "--size", "-n",
+                                       help="How many ready members to keep for this image and size (default 2)."),
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, accel: Optional[str] = _ACCEL,
     network: str = typer.Option("user", "--network", help="user or none: members serve runs with this network."),
+    template: bool = typer.Option(False, "--template", help="Make one VM template instead of saved members: "
+                                  "its RAM in a file on tmpfs that every run maps copy-on-write."),
 ) -> None:
-    """Boot VMs of IMAGE to the point where the agent waits, save them, and keep them ready."""
+    """Boot VMs of IMAGE to the point where the agent waits, save them, and keep them ready.
+
+    With --template: one template VM for this image and size (made if there is none), whose
+    captured RAM and device state serve any number of runs (clones); --size does not apply.
+    """
     from kvmc.network import parse_network
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -414,12 +423,20 @@ def pool_warm(
 
     rt = _runtime()
     config = rt.config
+    memory_mib = parse_memory(memory) if memory else config.memory_mib
+    cpu_count = parse_cpus(cpus) if cpus else config.cpus
+    if template:
+        if size is not None:
+            raise KvmcError("--size does not apply to --template: one template serves any number of runs")
+        made, new = Pool(rt).warm_template(image, memory_mib, cpu_count, accel, parse_network(network))
+        typer.echo(f"template {made.id[:12]} {'made' if new else 'already ready'} for {image} "
+                   f"(RAM file {made.mem_path})")
+        return
     with Progress(TextColumn("warming {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task(image, total=None)
         made = Pool(rt).warm(
-            image, size, parse_memory(memory) if memory else config.memory_mib,
-            parse_cpus(cpus) if cpus else config.cpus, accel,
+            image, 2 if size is None else size, memory_mib, cpu_count, accel,
             lambda done, total: progress.update(task, completed=done, total=total), parse_network(network),
         )
     typer.echo(f"{len(made)} member(s) warmed for {image}")
@@ -427,7 +444,8 @@ def pool_warm(
 
 @pool_app.command("ls")
 def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json' for one object per line.")) -> None:
-    """List pools: image, VM size, ready and stale members, save file size."""
+    """List pools: mode (save or template), image, VM size, ready and stale members or templates,
+    save (or template state) file size, and a template's RAM file size in tmpfs."""
     from kvmc.pool import Pool
 
     rows = Pool(_runtime()).summary()
@@ -435,26 +453,36 @@ def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json'
         for row in rows:
             typer.echo(json.dumps(row))
         return
-    typer.echo(f"{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'STALE':>7}{'SAVE':>10}")
+    typer.echo(f"{'MODE':<10}{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'STALE':>7}"
+               f"{'SAVE':>10}{'RAM':>10}")
     for r in rows:
-        typer.echo(f"{r['image'][:26]:<28}{r['memory_mib']:>6}Mi{r['cpus']:>6}{r['accel']:>7}{r['ready']:>7}"
-                   f"{r['stale']:>7}{r['save_mib']:>8}Mi")
+        ram = f"{r['ram_mib']:>8}Mi" if r["mode"] == "template" else f"{'-':>10}"
+        typer.echo(f"{r['mode']:<10}{r['image'][:26]:<28}{r['memory_mib']:>6}Mi{r['cpus']:>6}{r['accel']:>7}"
+                   f"{r['ready']:>7}{r['stale']:>7}{r['save_mib']:>8}Mi{ram}")
 
 
 @pool_app.command("rm")
-def pool_rm(image: Optional[str] = typer.Argument(None, help="Only this image's members (default: all).")) -> None:
-    """Remove pool members: their saved state, disks and domains."""
+def pool_rm(
+    image: Optional[str] = typer.Argument(None, help="Only this image's members and templates (default: all)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Only 'save' members or only 'template's."),
+) -> None:
+    """Remove pool members and templates: their saved state, disks, RAM files and domains."""
     from kvmc.pool import Pool
 
-    typer.echo(f"removed {Pool(_runtime()).remove(image)} member(s)")
+    if mode not in (None, "save", "template"):
+        raise KvmcError(f'--mode must be "save" or "template", not "{mode}"')
+    members, templates = Pool(_runtime()).remove(image, mode)
+    typer.echo(f"removed {members} member(s) and {templates} template(s)")
 
 
 @pool_app.command("gc")
 def pool_gc() -> None:
-    """Remove members made from an image or guest kernel that has changed, and abandoned warm-ups."""
+    """Remove members and templates made from an image or guest kernel that has changed, and
+    abandoned warm-ups."""
     from kvmc.pool import Pool
 
-    typer.echo(f"removed {Pool(_runtime()).gc()} stale member(s)")
+    members, templates = Pool(_runtime()).gc()
+    typer.echo(f"removed {members} stale member(s) and {templates} stale template(s)")
 
 
 @volume_app.command("create")

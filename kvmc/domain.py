@@ -73,6 +73,40 @@ class ShareSpec:
 
 
 @dataclass(frozen=True)
+class TemplateMemory:
+    """Guest RAM in a file on tmpfs, for VM templating (kvmc/pool.py, docs/platform.md).
+
+    The template maps the file shared (``shared=True``: its guest writes land in the file,
+    which then holds the template's RAM); each clone maps the same file privately
+    (``shared=False``: copy-on-write, the file is never written again). libvirt 9.0 cannot name
+    such a file (its ``<memoryBacking><source type='file'/>`` path is per domain start, under
+    ``memory_backing_dir``, and removed when the domain stops), so the backend is passed on
+    QEMU's command line and the machine is pointed at it.
+    """
+
+    path: Path
+    size_mib: int
+    shared: bool
+    backend_id: str = "kvmc-tmpl-ram"
+    """Not libvirt's ``microvm.ram``: that backend is still created, but nothing maps it."""
+
+    def __post_init__(self) -> None:
+        if "," in str(self.path) or "=" in str(self.path):
+            raise ValueError(f"QEMU option syntax cannot carry the memory file path {self.path}")
+
+    @property
+    def qemu_args(self) -> tuple[str, ...]:
+        return (
+            "-object",
+            f"memory-backend-file,id={self.backend_id},size={self.size_mib << 20},"
+            f"mem-path={self.path},share={'on' if self.shared else 'off'}",
+            # libvirt always emits -machine microvm,...,memory-backend=microvm.ram; QEMU merges
+            # repeated -machine options and the last one wins.
+            "-machine", f"memory-backend={self.backend_id}",
+        )
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """Everything that makes one kvmc VM; ``domain_type`` is libvirt's: 'kvm' or 'qemu' (TCG)."""
 
@@ -103,6 +137,19 @@ class VMSpec:
     # itself (microvm auto-kernel-cmdline) and the guest ends the VM by reset (on_reboot=destroy).
     # Which one a guest kernel boots with is recorded in its guest.json (GuestArtefacts.acpi).
     acpi: bool = True
+    template_memory: TemplateMemory | None = None
+    """Guest RAM in a template's file (kvmc/pool.py): shared for the template, private for a clone."""
+    incoming_defer: bool = False
+    """Start QEMU waiting for a migration stream (``-incoming defer``): a template's clone,
+    whose device state kvmc then loads with QMP ``migrate-incoming``."""
+
+    def __post_init__(self) -> None:
+        if self.template_memory is not None:
+            if self.template_memory.size_mib != self.memory_mib:
+                raise ValueError(f"the template memory file is {self.template_memory.size_mib} MiB, "
+                                 f"the VM has {self.memory_mib} MiB: they must be equal")
+            if self.shares:
+                raise ValueError("a VM with virtiofs shares needs libvirt's memfd RAM, not a template's file")
 
     @property
     def cmdline(self) -> str:
@@ -117,8 +164,15 @@ class VMSpec:
     def qemu_args(self) -> tuple[str, ...]:
         """What libvirt cannot express. virtio-mmio devices default to legacy (virtio 0.9.5)
         mode, in which vhost-user-fs does not work; only VMs with shares get modern mode, so
-        the devices (and so the save files) of every other VM stay as they were."""
-        return ("-global", "virtio-mmio.force-legacy=false") if self.shares else ()
+        the devices (and so the save files) of every other VM stay as they were. A template
+        or clone names its RAM file, and a clone waits for its device state (docs/platform.md,
+        "VM templating through libvirt")."""
+        args: tuple[str, ...] = ("-global", "virtio-mmio.force-legacy=false") if self.shares else ()
+        if self.template_memory is not None:
+            args += self.template_memory.qemu_args
+        if self.incoming_defer:
+            args += ("-incoming", "defer")
+        return args
 
 
 OVERLAY_FILE = "rootfs.qcow2"

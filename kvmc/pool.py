@@ -1,23 +1,40 @@
-"""Pools of pre-booted, saved VMs that ``run`` claims instead of booting (Kata's VM cache).
+"""Pools that ``run`` uses instead of booting: saved VMs (Kata's VM cache) and VM templates.
 
-A member is a VM booted once to the point where the guest agent waits for its command, then
-saved by libvirt (``virDomainSave``) into the member's own directory, together with its qcow2
-overlay (save file ~89 MiB for a 128 MiB guest under TCG; ``init_on_free=1`` on the guest
-cmdline cut it to 53 MiB but made each pooled run ~0.3 s slower, since every page the container
-frees is then zeroed in emulation: kvmc leaves it off). Each member is its own persistent domain: libvirt restores a saved image only under
-the name and UUID it was saved with (docs/platform.md).
+**Save mode** (``kvmc pool warm IMAGE --size N``). A member is a VM booted once to the point
+where the guest agent waits for its command, then saved by libvirt (``virDomainSave``) into the
+member's own directory, together with its qcow2 overlay (save file ~36 MiB for a 128 MiB guest
+with kvmc's kernel under TCG; ``init_on_free=1`` on the guest cmdline shrinks it but makes each
+pooled run ~0.3 s slower, since every page the container frees is then zeroed in emulation:
+kvmc leaves it off). Each member is its own persistent domain: libvirt restores a saved image
+only under the name and UUID it was saved with (docs/platform.md). A member serves one run.
 
 Claiming is a ``rename()`` of the member's directory into the new container's directory: the
 file system makes it atomic, so two concurrent ``run``s can never get the same member; the
 loser simply tries the next one. The claimed domain is then redefined with the container's
 paths (socket, console log, overlay location) and restored from the save file.
 
-A member records the digests it was made from (image id, guest kernel+initramfs, accel, size):
-one made from anything that has since changed is never claimed and is removed by ``pool gc``.
+**Template mode** (``kvmc pool warm IMAGE --template``; Kata's VM templating). One VM per pool
+key boots with its RAM in a file on tmpfs (``/dev/shm/kvmc-tmpl-<id16>.mem``, QEMU
+memory-backend-file, ``share=on``) to the point where the agent waits; then QEMU is stopped and
+only its device state is migrated into ``template.state`` with the ``x-ignore-shared``
+capability (the RAM stays in the file), and the VM is destroyed. The template is the RAM file,
+the state file and the guest's frozen overlay ``template.qcow2``; it is never consumed. Each
+clone copies ``template.qcow2`` as its own overlay (the template's page cache in RAM describes
+exactly those blocks), maps the RAM file privately (``share=off``: copy-on-write, so idle clones
+share the template's pages), starts paused with ``-incoming defer`` and loads the device state
+(QMP ``migrate-incoming``), then resumes. libvirt cannot name the RAM file nor set the
+capability, so those go through ``<qemu:commandline>`` and QMP passthrough
+(docs/platform.md, "VM templating through libvirt").
+
+Members and templates record the digests they were made from (image id, guest kernel+initramfs,
+accel, size, network): one made from anything that has since changed is never used and is
+removed by ``pool gc``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -33,7 +50,8 @@ from typing import Callable, Iterator
 
 from kvmc.agent import AgentConnection
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, OVERLAY_FILE, VMSpec, container_vm, render_domain_xml
+from kvmc.domain import DOMAIN_PREFIX, OVERLAY_FILE, TemplateMemory, VMSpec, container_vm, render_domain_xml
+from kvmc.errors import HypervisorError, KvmcError
 from kvmc.guest import GuestArtefacts
 from kvmc.state import now_iso
 
@@ -41,6 +59,17 @@ MEMBER_FILE = "member.json"
 SAVE_FILE = "state.save"
 WARMING_PREFIX = ".warming-"
 STALE_WARMING_S = 600
+
+TEMPLATES_DIR = "templates"
+TEMPLATE_FILE = "template.json"
+TEMPLATE_STATE = "template.state"
+TEMPLATE_DISK = "template.qcow2"
+TEMPLATE_RAM_DIR = Path("/dev/shm")
+"""tmpfs: the template's RAM must be page cache that every clone can map, not disk."""
+MIGRATION_TIMEOUT_S = 60.0
+STATE_FD_NAME = "kvmc-state"
+_IGNORE_SHARED = {"execute": "migrate-set-capabilities",
+                  "arguments": {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}}
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,86 @@ class Member:
         return cls(**{**data, "key": PoolKey(**data["key"])})
 
 
+@dataclass
+class Template:
+    """One template: RAM file on tmpfs + device state + frozen overlay; serves any number of clones."""
+
+    id: str
+    key: PoolKey
+    created: str
+    mem_path: str
+    state_bytes: int = 0
+
+    @property
+    def domain(self) -> str:
+        """The template VM's (transient) domain, alive only while the template is made."""
+        return template_domain(self.id)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "key": asdict(self.key)}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Template:
+        data = json.loads(text)
+        return cls(**{**data, "key": PoolKey(**data["key"])})
+
+
+def template_domain(template_id: str) -> str:
+    return f"{DOMAIN_PREFIX}tmpl-{template_id[:16]}"
+
+
+def template_ram_file(template_id: str) -> Path:
+    return TEMPLATE_RAM_DIR / f"kvmc-tmpl-{template_id[:16]}.mem"
+
+
+def clone_spec(spec: VMSpec, template: Template) -> VMSpec:
+    """The first start of a container cloned from ``template``: the container's own VM, its RAM
+    the template's file mapped privately, QEMU waiting for the template's device state."""
+    return dataclasses.replace(
+        spec, template_memory=TemplateMemory(Path(template.mem_path), spec.memory_mib, shared=False),
+        incoming_defer=True)
+
+
+def _wait_migration(hv, domain: str, timeout: float = MIGRATION_TIMEOUT_S) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = hv.qmp(domain, {"execute": "query-migrate"}) or {}
+        if info.get("status") == "completed":
+            return info
+        if info.get("status") in ("failed", "cancelled"):
+            raise HypervisorError(f"migration of VM {domain} {info['status']}: {info.get('error-desc', '')}".strip())
+        time.sleep(0.005)
+    raise HypervisorError(f"migration of VM {domain} did not complete within {timeout:.0f}s")
+
+
+def capture_template_state(hv, domain: str, state_file: Path) -> dict:  # noqa: ANN001 - kvmc.hypervisor
+    """Stop the template VM and write its device state (not its RAM, which stays in the shared
+    file) to ``state_file``. ``fd:`` because libvirt's seccomp sandbox (spawn=deny) kills a
+    QEMU that tries ``exec:``; the fd is handed over with the getfd command."""
+    hv.qmp(domain, {"execute": "stop"})
+    hv.qmp(domain, _IGNORE_SHARED)
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        hv.qmp_with_fd(domain, {"execute": "getfd", "arguments": {"fdname": STATE_FD_NAME}}, fd)
+    finally:
+        os.close(fd)
+    hv.qmp(domain, {"execute": "migrate", "arguments": {"uri": f"fd:{STATE_FD_NAME}"}})
+    # Completion also flushes and inactivates QEMU's block nodes: the overlay is consistent now.
+    return _wait_migration(hv, domain)
+
+
+def load_template_state(hv, domain: str, state_file: Path) -> None:  # noqa: ANN001 - kvmc.hypervisor
+    """Feed a template's device state to a clone started paused with ``-incoming defer``."""
+    hv.qmp(domain, _IGNORE_SHARED)  # must match the stream's, or QEMU refuses the load
+    fd = os.open(state_file, os.O_RDONLY)
+    try:
+        hv.qmp_with_fd(domain, {"execute": "getfd", "arguments": {"fdname": STATE_FD_NAME}}, fd)
+    finally:
+        os.close(fd)
+    hv.qmp(domain, {"execute": "migrate-incoming", "arguments": {"uri": f"fd:{STATE_FD_NAME}"}})
+    _wait_migration(hv, domain)
+
+
 def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: Path, guest: GuestArtefacts,
               state_root: str) -> VMSpec:
     """The VM a member is while it waits in the pool (a claim redefines it, see Runtime.create)."""
@@ -95,6 +204,10 @@ class Pool:
         self.rt = runtime
         self.root = runtime.config.data_dir / "pool"
 
+    @property
+    def templates_root(self) -> Path:
+        return self.root / TEMPLATES_DIR
+
     # ---------------------------------------------------------------- members
     def members(self) -> list[tuple[Path, Member]]:
         """Claimable members (warming ones are hidden behind a dot-prefixed directory)."""
@@ -102,7 +215,7 @@ class Pool:
             return []
         found = []
         for path in sorted(self.root.iterdir()):
-            if path.name.startswith("."):
+            if path.name.startswith(".") or path.name == TEMPLATES_DIR:
                 continue
             try:
                 found.append((path, Member.from_json((path / MEMBER_FILE).read_text())))
@@ -114,9 +227,14 @@ class Pool:
         return PoolKey(image_id, memory_mib, cpus, accel, self.rt.guest().digest, network)
 
     def domains(self) -> set[str]:
+        """Domains the pool owns: members, and template VMs while they are being made."""
         return {m.domain for _, m in self.members()} | {
             f"{DOMAIN_PREFIX}pool-{p.name.removeprefix(WARMING_PREFIX)[:16]}"
             for p in (self.root.iterdir() if self.root.is_dir() else []) if p.name.startswith(WARMING_PREFIX)
+        } | {
+            template_domain(p.name.removeprefix(WARMING_PREFIX))
+            for p in (self.templates_root.iterdir() if self.templates_root.is_dir() else [])
+            if p.name.startswith(WARMING_PREFIX)
         }
 
     # ------------------------------------------------------------------ warm
@@ -165,6 +283,126 @@ class Pool:
                 progress(len(made), missing)
         return made
 
+    # -------------------------------------------------------------- templates
+    def templates(self) -> list[tuple[Path, Template]]:
+        """Complete templates (one being made hides behind a dot-prefixed directory)."""
+        if not self.templates_root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.templates_root.iterdir()):
+            if path.name.startswith("."):
+                continue
+            try:
+                found.append((path, Template.from_json((path / TEMPLATE_FILE).read_text())))
+            except (OSError, ValueError, TypeError, KeyError):
+                continue  # removed while we listed
+        return found
+
+    def template_for(self, key: PoolKey) -> tuple[Path, Template] | None:
+        """The template that serves runs of ``key``, if one is ready (its RAM file still there)."""
+        for path, template in self.templates():
+            if template.key == key and os.path.exists(template.mem_path):
+                return path, template
+        return None
+
+    def _make_template(self, key: PoolKey, image_disk: Path) -> Template:
+        """Boot the template VM to agent-ready, capture it, destroy it; only then publish it."""
+        template_id = secrets.token_hex(32)
+        template = Template(id=template_id, key=key, created=now_iso(), mem_path=str(template_ram_file(template_id)))
+        warming = self.templates_root / f"{WARMING_PREFIX}{template_id}"
+        warming.mkdir(parents=True, mode=0o755)
+        self.rt.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sock = self.rt.config.run_dir / f"tmpl-{template_id[:16]}.agent.sock"
+        try:
+            create_overlay(image_disk, warming / OVERLAY_FILE)
+            spec = container_vm(
+                name=template.domain, uuid=str(uuid.uuid4()), container_id=template_id,
+                container_name=f"template-{template_id[:12]}", directory=warming, agent_socket=sock,
+                image_disk=image_disk, guest=self.rt.guest(), domain_type="kvm" if key.accel == "kvm" else "qemu",
+                memory_mib=key.memory_mib, vcpus=key.cpus, state_root=str(self.rt.config.data_dir),
+                network=key.network == "user",
+            )
+            spec = dataclasses.replace(spec, template_memory=TemplateMemory(
+                Path(template.mem_path), key.memory_mib, shared=True))
+            # Transient: nothing of the template VM outlives its capture.
+            self.rt.hv.create_transient(render_domain_xml(spec, self.rt.config.templates_dir))
+            with AgentConnection.connect(str(sock), timeout=self.rt.config.boot_timeout_s) as conn:
+                conn.wait_ready(self.rt.config.boot_timeout_s)
+            capture_template_state(self.rt.hv, template.domain, warming / TEMPLATE_STATE)
+            self.rt.hv.destroy(template.domain)
+            # From now on only ever copied: never opened read-write again.
+            os.rename(warming / OVERLAY_FILE, warming / TEMPLATE_DISK)
+            for name in (TEMPLATE_DISK, TEMPLATE_STATE):
+                os.chmod(warming / name, 0o444)
+            template.state_bytes = (warming / TEMPLATE_STATE).stat().st_size
+            (warming / TEMPLATE_FILE).write_text(template.to_json())
+            os.rename(warming, self.templates_root / template_id)
+        except BaseException:
+            self.rt.hv.destroy(template.domain)
+            shutil.rmtree(warming, ignore_errors=True)
+            Path(template.mem_path).unlink(missing_ok=True)
+            raise
+        finally:
+            sock.unlink(missing_ok=True)
+        return template
+
+    def warm_template(self, image_ref: str, memory_mib: int, cpus: int, accel: str | None,
+                      network: str = "user") -> tuple[Template, bool]:
+        """The template for (image, size, ...), made if there is none; True if made now."""
+        image = self.rt.images.get(image_ref)
+        choice = self.rt.accel(accel)
+        key = self.key_for(image.id, memory_mib, cpus, choice.accel, network)
+        self.templates_root.mkdir(parents=True, exist_ok=True)
+        with (self.templates_root / ".lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two concurrent warms make one template
+            found = self.template_for(key)
+            if found is not None:
+                return found[1], False
+            return self._make_template(key, image.disk_path), True
+
+    def start_clone(self, domain: str, clone_xml: str, template_dir: Path) -> None:
+        """Start ``domain`` as a clone of the template in ``template_dir``, running on return.
+
+        ``clone_xml`` is the live definition of this one start (the domain's persistent
+        definition stays the cold one). Any failure leaves the domain shut off.
+        """
+        state = template_dir / TEMPLATE_STATE
+        try:
+            template = Template.from_json((template_dir / TEMPLATE_FILE).read_text())
+        except (OSError, ValueError, TypeError, KeyError):
+            template = None
+        if template is None or not state.exists() or not os.path.exists(template.mem_path):
+            raise KvmcError(f"the VM template {template_dir.name[:12]} this container was cloned from is gone "
+                            "(pool rm or pool gc removed it): remove the container and run it again")
+        self.rt.hv.create_transient(clone_xml, paused=True)
+        try:
+            load_template_state(self.rt.hv, domain, state)
+            self.rt.hv.resume(domain)
+        except BaseException:
+            self.rt.hv.destroy(domain)
+            raise
+
+    def _remove_template(self, path: Path, template: Template | None) -> None:
+        if template is not None:
+            Path(template.mem_path).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def stale_templates(self) -> Iterator[tuple[Path, Template | None]]:
+        """Templates made from a guest or image that changed, and abandoned ones being made."""
+        guest = self.rt.guest().digest
+        live_images = {i.id for i in self.rt.images.list() if i.tags}
+        for path, template in self.templates():
+            if (template.key.guest_digest != guest or template.key.image_id not in live_images
+                    or not os.path.exists(template.mem_path)):
+                yield path, template
+        if self.templates_root.is_dir():
+            for path in self.templates_root.iterdir():
+                if path.name.startswith(WARMING_PREFIX) and time.time() - path.stat().st_mtime > STALE_WARMING_S:
+                    template_id = path.name.removeprefix(WARMING_PREFIX)
+                    self.rt.hv.destroy(template_domain(template_id))
+                    template_ram_file(template_id).unlink(missing_ok=True)
+                    yield path, None
+
     # ----------------------------------------------------------------- claim
     def claim(self, key: PoolKey, target: Path) -> Member | None:
         """Atomically take a matching member: its directory becomes ``target``."""
@@ -194,15 +432,21 @@ class Pool:
             self.rt.hv.undefine(member.domain)
         shutil.rmtree(path, ignore_errors=True)
 
-    def remove(self, image_ref: str | None) -> int:
-        """Remove every member (of one image, if given)."""
+    def remove(self, image_ref: str | None, mode: str | None = None) -> tuple[int, int]:
+        """Remove every member and template (of one image, of one mode: 'save' or 'template',
+        if given): (members, templates)."""
         image_id = self.rt.images.get(image_ref).id if image_ref else None
         removed = 0
-        for path, member in self.members():
+        for path, member in self.members() if mode in (None, "save") else []:
             if image_id is None or member.key.image_id == image_id:
                 self._remove(path, member)
                 removed += 1
-        return removed
+        templates = 0
+        for path, template in self.templates() if mode in (None, "template") else []:
+            if image_id is None or template.key.image_id == image_id:
+                self._remove_template(path, template)
+                templates += 1
+        return removed, templates
 
     def stale(self) -> Iterator[tuple[Path, Member | None]]:
         """Members made from a guest or image that changed, and abandoned warm-ups."""
@@ -218,24 +462,44 @@ class Pool:
                     self.rt.hv.undefine(f"{DOMAIN_PREFIX}pool-{member_id[:16]}")
                     yield path, None
 
-    def gc(self) -> int:
+    def gc(self) -> tuple[int, int]:
+        """Remove stale members and templates: (members, templates)."""
         removed = 0
         for path, member in list(self.stale()):
             self._remove(path, member)
             removed += 1
-        return removed
+        templates = 0
+        for path, template in list(self.stale_templates()):
+            self._remove_template(path, template)
+            templates += 1
+        return removed, templates
 
     def summary(self) -> list[dict]:
-        """One row per pool key: image, size, ready members, whether it is stale."""
+        """One row per pool key and mode (save: ready/stale members; template: one template,
+        ready or stale, and the size of its RAM file in tmpfs)."""
         stale = {m.id for _, m in self.stale() if m is not None}
         tags = {i.id: (i.tags[0] if i.tags else i.short_id) for i in self.rt.images.list()}
-        rows: dict[PoolKey, dict] = {}
-        for _, member in self.members():
-            row = rows.setdefault(member.key, {
-                "image": tags.get(member.key.image_id, member.key.image_id[:12]), "image_id": member.key.image_id,
-                "memory_mib": member.key.memory_mib, "cpus": member.key.cpus, "accel": member.key.accel,
-                "ready": 0, "stale": 0, "save_mib": 0.0,
+        rows: dict[tuple[str, PoolKey], dict] = {}
+
+        def row_for(mode: str, key: PoolKey, ident: str = "") -> dict:
+            return rows.setdefault((mode + ident, key), {
+                "mode": mode, "image": tags.get(key.image_id, key.image_id[:12]), "image_id": key.image_id,
+                "memory_mib": key.memory_mib, "cpus": key.cpus, "accel": key.accel, "network": key.network,
+                "ready": 0, "stale": 0, "save_mib": 0.0, "ram_mib": 0.0,
             })
+
+        for _, member in self.members():
+            row = row_for("save", member.key)
             row["stale" if member.id in stale else "ready"] += 1
             row["save_mib"] = round(member.save_bytes / (1 << 20), 1)
+        stale_templates = {t.id for _, t in self.stale_templates() if t is not None}
+        for _, template in self.templates():
+            row = row_for("template", template.key, template.id)
+            row["stale" if template.id in stale_templates else "ready"] += 1
+            row["id"] = template.id[:12]
+            row["save_mib"] = round(template.state_bytes / (1 << 20), 2)
+            try:  # what the RAM file occupies in tmpfs (the guest pages the template touched)
+                row["ram_mib"] = round(os.stat(template.mem_path).st_blocks * 512 / (1 << 20), 1)
+            except OSError:
+                pass
         return list(rows.values())

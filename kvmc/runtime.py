@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from kvmc.images import ImageStore
 from kvmc.mounts import Mount, agent_mount_items, check_targets, parse_tmpfs, parse_volume, share_tag
 from kvmc.network import (DNS_SERVER, PortInUse, PortMapping, allocate_ports, guest_net_config, parse_network,
                           parse_publish)
-from kvmc.pool import SAVE_FILE, Pool
+from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
 from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, StateStore, now_iso
 from kvmc.volumes import VolumeInUse, VolumeStore
@@ -41,6 +42,8 @@ from kvmc.volumes import VolumeInUse, VolumeStore
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 HOST_ARCH = "amd64"
 ACTIVE_VM_STATES = ("running", "paused", "blocked")
+CLONE_XML = "clone.xml"
+"""A template clone's first-start definition (the persistent one, domain.xml, boots cold)."""
 
 
 @dataclass
@@ -149,11 +152,17 @@ class Runtime:
         pool = Pool(self)
         key = pool.key_for(image.id, memory_mib, cpus, accel.accel, network)
         container_id, name, directory = self.state.allocate(opts.name, make_dir=False)
-        member = pool.claim(key, directory) if opts.use_pool and not cold_reason else None
-        if member is None:
+        # A template serves any number of runs and is not consumed: prefer it to a save member.
+        found = pool.template_for(key) if opts.use_pool and not cold_reason else None
+        template_dir, template = found if found else (None, None)
+        member = pool.claim(key, directory) if opts.use_pool and not cold_reason and not template else None
+        if template is not None:
+            directory.mkdir(mode=0o755)
+            self._say(f"cloned template {template.id[:12]} (RAM {template.mem_path}): no boot")
+        elif member is None:
             directory.mkdir(mode=0o755)
             self._say(f"not pooled: {cold_reason}: cold boot" if cold_reason
-                      else "no ready pool member for this image and size: cold boot" if opts.use_pool
+                      else "no ready pool member or template for this image and size: cold boot" if opts.use_pool
                       else "--no-pool: cold boot")
         else:
             self._say(f"claimed pool member {member.id[:12]} ({member.domain}): restore instead of boot")
@@ -167,13 +176,20 @@ class Runtime:
             memory_mib=memory_mib, cpus=cpus,
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
             agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
-            boot="pool" if member else "cold", restore_from=str(directory / SAVE_FILE) if member else "",
+            boot="pool" if member else "template" if template else "cold",
+            restore_from=str(directory / SAVE_FILE) if member else "",
+            clone_from=str(template_dir) if template_dir else "",
             network=network, ports=[p.to_dict() for p in ports], mounts=[m.to_dict() for m in mounts],
             read_only=opts.read_only,
         )
         try:
             self.state.save(record)
-            if member is None:
+            if template_dir is not None:
+                # A copy of the template's frozen overlay: the clone's cached ext4 state (in the
+                # template's RAM) describes exactly these blocks. A copy, not an overlay on top of
+                # it, so the container keeps no link to the template once it exists.
+                shutil.copyfile(template_dir / TEMPLATE_DISK, directory / OVERLAY_FILE)
+            elif member is None:
                 create_overlay(image.disk_path, directory / OVERLAY_FILE)
             spec = container_vm(
                 # A claimed member keeps its name and UUID (libvirt restores a save only under
@@ -189,6 +205,9 @@ class Runtime:
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
+            if template is not None:  # the live definition of the first start only (Runtime.boot)
+                (directory / CLONE_XML).write_text(render_domain_xml(clone_spec(spec, template),
+                                                                     self.config.templates_dir))
             self.hv.define(xml)  # for a pool member: the same domain, redefined with this container's paths
         except BaseException:
             self.discard(record)
@@ -222,12 +241,19 @@ class Runtime:
     def boot(self, record: ContainerRecord) -> AgentConnection:
         """Start the domain, connect to its agent and hand it the main process (monitor side)."""
         started = time.monotonic()
-        restored = bool(record.restore_from)
+        directory = self.state.container_dir(record.id)
+        restored, cloned = bool(record.restore_from), bool(record.clone_from)
         if restored:
             save = Path(record.restore_from)
-            self.hv.restore(save, (self.state.container_dir(record.id) / "domain.xml").read_text())
+            self.hv.restore(save, (directory / "domain.xml").read_text())
             save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
             self.state.update(record, restore_from="")
+        elif cloned:
+            # Started from the clone definition as this start's live definition; the persistent
+            # definition stays the cold one, so a later start boots from the container's overlay.
+            Pool(self).start_clone(record.domain, (directory / CLONE_XML).read_text(), Path(record.clone_from))
+            (directory / CLONE_XML).unlink(missing_ok=True)
+            self.state.update(record, clone_from="")
         else:
             self.hv.start(record.domain)
         self.state.update(record, state="running", started_at=None, finished_at=None, exit_code=None, error=None)
@@ -235,17 +261,19 @@ class Runtime:
         conn = AgentConnection.connect(record.agent_socket, timeout=self.config.boot_timeout_s)
         proc = record.process
         networked = record.network == "user"
-        # A restored guest's clock is as old as its save file, and every clone of one save
-        # shares its RNG state: the agent sets the clock and reseeds from these first.
+        # A restored or cloned guest's clock is as old as its save file or template, and every
+        # clone of one save or template shares its RNG state: the agent sets the clock and
+        # reseeds from these first.
         conn.run(MAIN_PROCESS_ID, ProcessSpec(
             args=proc["args"], env=proc["env"], cwd=proc["cwd"], user=proc["user"],
             hostname=proc["hostname"], stdin=proc["stdin"], time_ns=time.time_ns(), seed=os.urandom(64),
             mounts=agent_mount_items([Mount(**m) for m in record.mounts]), readonly_root=record.read_only,
             net=guest_net_config() if networked else None, dns=[DNS_SERVER] if networked else [],
         ))
-        if restored:  # its READY went to the connection that warmed it
+        if restored or cloned:  # its READY went to the connection that warmed it
             self.state.update(record, started_at=now_iso())
-            self._say(f"restored pool member in {time.monotonic() - started:.2f}s")
+            self._say(f"{'restored pool member' if restored else 'cloned template'} in "
+                      f"{time.monotonic() - started:.2f}s")
             return conn
         try:
             conn.wait_ready(self.config.boot_timeout_s)

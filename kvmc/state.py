@@ -58,6 +58,8 @@ class ContainerRecord:
     boot: str = "cold"
     restore_from: str = ""
     """A claimed pool member's save file: the first start restores it instead of booting."""
+    clone_from: str = ""
+    """A pool template's directory: the first start clones it instead of booting (kvmc/pool.py)."""
     guest_uptime_ms: int | None = None
     network: str = "none"
     """user | none (records from before networking had none)."""

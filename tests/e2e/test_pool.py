@@ -1,19 +1,23 @@
-"""Pools of saved VMs, end to end: pooled runs behave as cold ones, claims are atomic, a
-restored guest gets a fresh clock and RNG, and a changed image invalidates its pool.
+"""Pools of saved VMs and VM templates, end to end: pooled and cloned runs behave as cold
+ones, claims are atomic, a restored or cloned guest gets a fresh clock and RNG, a cloned
+container lives on as an ordinary one, and a changed image invalidates its pool.
 
-Each test warms members of its own VM size, so no other test's run can claim them.
+Each test warms members (or a template) of its own VM size, so no other test's run can use them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
 from kvmc.images import add_layer, build_busybox_layout
 from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
+from tests.e2e.test_network_volumes import SERVE_8080, _fetch, _free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +108,131 @@ def test_pool_refill_tops_the_pool_up_after_a_claim(kvmc: Kvmc) -> None:
     assert _ready(kvmc, 224) == 1
     kvmc("pool", "rm", DEFAULT_IMAGE, check=True)
     assert _ready(kvmc, 224) == 0
+
+
+# ------------------------------------------------------------------------------------ templates
+def _templates(kvmc: Kvmc, memory_mib: int) -> list[dict]:
+    return [p for p in _pools(kvmc) if p["mode"] == "template" and p["memory_mib"] == memory_mib]
+
+
+def _template_files(kvmc: Kvmc, memory_mib: int) -> tuple[Path, Path]:
+    """(template directory, RAM file) of this session's one template of that size."""
+    [(directory, data)] = [(p.parent, json.loads(p.read_text()))
+                           for p in (kvmc.data_dir / "pool" / "templates").glob("*/template.json")
+                           if json.loads(p.read_text())["key"]["memory_mib"] == memory_mib]
+    return directory, Path(data["mem_path"])
+
+
+def test_template_run_behaves_like_a_cold_one(kvmc: Kvmc) -> None:
+    warmed = kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "-m", "272m", check=True)
+    assert b"made" in warmed.stdout
+    again = kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "-m", "272m", check=True)
+    assert b"already ready" in again.stdout  # one template per pool key
+    [row] = _templates(kvmc, 272)
+    assert row["ready"] == 1 and row["stale"] == 0 and row["ram_mib"] > 1
+    _, ram = _template_files(kvmc, 272)
+    assert ram.parent == Path("/dev/shm") and ram.stat().st_size == 272 << 20
+    script = 'echo "$X $(id -un) $(pwd)"; date +%s; echo err >&2; exit 3'
+    cold = kvmc("run", "--rm", "--no-pool", "-m", "272m", "-e", "X=1", "-u", "app", "-w", "/tmp",
+                DEFAULT_IMAGE, "sh", "-c", script)
+    host_before = time.time()
+    cloned = kvmc("-v", "run", "--name", "cloned", "-m", "272m", "-e", "X=1", "-u", "app", "-w", "/tmp",
+                  DEFAULT_IMAGE, "sh", "-c", script)
+    host_after = time.time()
+    assert b"cloned template " + row["id"].encode() in cloned.stderr
+    assert cloned.returncode == cold.returncode == 3
+    cold_lines, cloned_lines = cold.stdout.decode().splitlines(), cloned.stdout.decode().splitlines()
+    assert cloned_lines[0] == cold_lines[0] == "1 app /tmp"
+    assert host_before - 2 <= int(cloned_lines[1]) <= host_after + 2  # the template's clock was reset
+    assert cloned.stderr.endswith(b"err\n")
+    info = json.loads(kvmc("inspect", "cloned", check=True).stdout)[0]
+    assert info["boot"] == "template" and info["exit_code"] == 3
+    assert _templates(kvmc, 272)[0]["ready"] == 1  # a template is not consumed
+    assert not kvmc("gc", check=True).stdout  # no orphans: the template VM itself is gone
+    kvmc("rm", "cloned", check=True)
+    assert info["domain"] not in kvmc.domains()
+    assert b"--size does not apply" in kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "--size", "2").stderr
+
+
+def test_concurrent_template_clones_get_their_own_randomness_and_the_hosts_clock(kvmc: Kvmc) -> None:
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "-m", "288m", check=True)
+    script = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; exec sleep 600"
+
+    def one(i: int):
+        return kvmc("run", "-d", "--name", f"tc{i}", "-m", "288m", DEFAULT_IMAGE, "sh", "-c", script)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as workers:
+            results = list(workers.map(one, range(2)))
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        infos = [json.loads(kvmc("inspect", f"tc{i}", check=True).stdout)[0] for i in range(2)]
+        assert [i["boot"] for i in infos] == ["template", "template"]
+        assert [i["vm_state"] for i in infos] == ["running", "running"]  # both clones at once
+        assert infos[0]["domain"] != infos[1]["domain"]
+        randoms = []
+        for i in range(2):
+            deadline = time.monotonic() + 30
+            while not (out := kvmc("logs", f"tc{i}", check=True).stdout.strip()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            randoms.append(out)
+        assert all(len(r) == 64 for r in randoms) and randoms[0] != randoms[1]
+        for i in range(2):
+            host_before = time.time()
+            guest = int(kvmc("exec", f"tc{i}", "date", "+%s", check=True).stdout)
+            assert host_before - 2 <= guest <= time.time() + 2
+    finally:
+        for i in range(2):
+            kvmc("rm", "-f", f"tc{i}")
+
+
+def test_cloned_container_publishes_ports_and_restarts_cold_from_its_own_disk(kvmc: Kvmc) -> None:
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "-m", "304m", check=True)
+    port = _free_port()
+    kvmc("-v", "run", "-d", "--name", "tweb", "-m", "304m", "-p", f"127.0.0.1:{port}:8080",
+         DEFAULT_IMAGE, "sh", "-c", SERVE_8080, check=True)
+    try:
+        info = json.loads(kvmc("inspect", "tweb", check=True).stdout)[0]
+        assert info["boot"] == "template"
+        assert _fetch(port).startswith(b"hello-from-")
+        kvmc("exec", "tweb", "sh", "-c", "echo kept > /root/kept; sync", check=True)
+        kvmc("stop", "-t", "2", "tweb", check=True)
+        # the persistent definition is the plain one: the next start is a cold boot
+        inactive = os.popen(f"virsh -c qemu:///system dumpxml --inactive {info['domain']}").read()
+        assert "memory-backend-file" not in inactive and "incoming" not in inactive
+        kvmc("start", "tweb", check=True)
+        assert kvmc("exec", "tweb", "cat", "/root/kept", check=True).stdout == b"kept\n"
+        assert _fetch(port).startswith(b"hello-from-")
+    finally:
+        kvmc("rm", "-f", "tweb", check=True)
+    assert info["domain"] not in kvmc.domains()
+
+
+def test_pool_rm_removes_the_template_and_its_ram_file(kvmc: Kvmc) -> None:
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "-m", "320m", check=True)
+    directory, ram = _template_files(kvmc, 320)
+    assert directory.is_dir() and ram.exists()
+    kvmc("create", "--name", "tlate", "-m", "320m", DEFAULT_IMAGE, "true", check=True)
+    assert b"template(s)" in kvmc("pool", "rm", DEFAULT_IMAGE, check=True).stdout
+    assert not directory.exists() and not ram.exists() and not _templates(kvmc, 320)
+    # a container created from it but never started cannot clone it any more: a clear error
+    late = kvmc("start", "-a", "tlate")
+    assert late.returncode == 125 and b"template" in late.stderr and b"is gone" in late.stderr
+    kvmc("rm", "-f", "tlate", check=True)
+    proc = kvmc("-v", "run", "--rm", "-m", "320m", DEFAULT_IMAGE, "true")
+    assert proc.returncode == 0 and b"cold boot" in proc.stderr
+
+
+def test_changed_image_makes_its_template_stale(kvmc: Kvmc, layouts) -> None:
+    layout = build_busybox_layout(layouts / "tmplinv", "latest")
+    add_layer(layout, "latest", lambda rootfs: (rootfs / "etc/version").write_text("one\n"))
+    kvmc("image", "import", str(layout), "--name", "test/tmplinv:1", check=True)
+    kvmc("pool", "warm", "test/tmplinv:1", "--template", "-m", "336m", check=True)
+    _, ram = _template_files(kvmc, 336)
+    add_layer(layout, "latest", lambda rootfs: (rootfs / "etc/version").write_text("two\n"))
+    kvmc("image", "import", str(layout), "--name", "test/tmplinv:1", check=True)  # same tag, new image
+    [row] = _templates(kvmc, 336)
+    assert row["stale"] == 1 and row["ready"] == 0
+    proc = kvmc("-v", "run", "--rm", "-m", "336m", "test/tmplinv:1", "cat", "/etc/version")
+    assert proc.stdout == b"two\n" and b"cold boot" in proc.stderr
+    assert b"1 stale template(s)" in kvmc("pool", "gc", check=True).stdout
+    assert not _templates(kvmc, 336) and not ram.exists()

@@ -344,3 +344,51 @@ def test_plain_vm_keeps_private_memory_and_legacy_mmio() -> None:
     root = render(make_spec(network=True))
     assert root.find("memoryBacking") is None
     assert root.find("{http://libvirt.org/schemas/domain/qemu/1.0}commandline") is None
+
+
+def _qemu_args(root: ET.Element) -> list[str]:
+    qemu_ns = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    return [a.get("value") for a in root.findall(f"{qemu_ns}commandline/{qemu_ns}arg")]
+
+
+def test_template_maps_its_ram_file_shared_and_a_clone_privately_waiting_for_its_state() -> None:
+    from dataclasses import replace
+
+    from kvmc.domain import TemplateMemory
+    from kvmc.pool import PoolKey, Template, clone_spec
+
+    ram = Path("/dev/shm/kvmc-tmpl-0123456789abcdef.mem")
+    template_root = render(make_spec(template_memory=TemplateMemory(ram, 384, shared=True)))
+    assert template_root.find("memoryBacking") is None  # libvirt's own syntax cannot name the file
+    assert template_root.find("memory").text == "384"
+    assert _qemu_args(template_root) == [
+        "-object", f"memory-backend-file,id=kvmc-tmpl-ram,size={384 << 20},mem-path={ram},share=on",
+        "-machine", "memory-backend=kvmc-tmpl-ram",
+    ]
+
+    cold = make_spec(network=True)
+    template = Template(id="0123456789abcdef" * 4, key=PoolKey("i", 384, 2, "tcg", "g", "user"),
+                        created="now", mem_path=str(ram))
+    clone = clone_spec(cold, template)
+    assert replace(clone, template_memory=None, incoming_defer=False) == cold  # only the RAM and -incoming differ
+    clone_root = render(clone)
+    assert _qemu_args(clone_root) == [
+        "-object", f"memory-backend-file,id=kvmc-tmpl-ram,size={384 << 20},mem-path={ram},share=off",
+        "-machine", "memory-backend=kvmc-tmpl-ram",
+        "-incoming", "defer",
+    ]
+    cold_root = render(cold)
+    for element in ("name", "uuid", "memory", "os/cmdline", "devices/interface/mac"):
+        assert ET.tostring(clone_root.find(element)) == ET.tostring(cold_root.find(element))
+
+
+def test_template_memory_must_match_the_vm_and_be_expressible() -> None:
+    from kvmc.domain import ShareSpec, TemplateMemory
+
+    with pytest.raises(ValueError, match="must be equal"):
+        make_spec(template_memory=TemplateMemory(Path("/dev/shm/t.mem"), 256, shared=False))
+    with pytest.raises(ValueError, match="memfd"):
+        make_spec(template_memory=TemplateMemory(Path("/dev/shm/t.mem"), 384, shared=False),
+                  shares=[ShareSpec(Path("/srv"), "share1")])
+    with pytest.raises(ValueError, match="option syntax"):
+        TemplateMemory(Path("/dev/shm/a,b.mem"), 384, shared=True)
