@@ -553,7 +553,8 @@ def system_df() -> None:
     """Show the disk space used by images and containers, and what prune could reclaim."""
     usage = _runtime().disk_usage()
     typer.echo(f"{'TYPE':<12}{'TOTAL':>7}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
-    for kind, key, active in (("Images", "images", "active"), ("Containers", "containers", "running")):
+    for kind, key, active in (("Images", "images", "active"), ("Containers", "containers", "running"),
+                              ("Volumes", "volumes", "active")):
         u = usage[key]
         typer.echo(f"{kind:<12}{u['count']:>7}{u[active]:>8}{u['bytes'] / 1e6:>10.1f}MB{u['reclaimable'] / 1e6:>12.1f}MB")
 

@@ -86,8 +86,20 @@ class PoolKey:
     before kvmc had networking have no NIC, hence the default)."""
 
 
+class _KeyedJson:
+    """JSON round trip of a pool dataclass whose ``key`` field is a PoolKey."""
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "key": asdict(self.key)}, indent=1)  # type: ignore[call-overload, attr-defined]
+
+    @classmethod
+    def from_json(cls, text: str):  # noqa: ANN206 - returns cls
+        data = json.loads(text)
+        return cls(**{**data, "key": PoolKey(**data["key"])})
+
+
 @dataclass
-class Member:
+class Member(_KeyedJson):
     """One saved VM waiting to be claimed."""
 
     id: str
@@ -97,17 +109,9 @@ class Member:
     created: str
     save_bytes: int = 0
 
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "key": asdict(self.key)}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Member:
-        data = json.loads(text)
-        return cls(**{**data, "key": PoolKey(**data["key"])})
-
 
 @dataclass
-class Template:
+class Template(_KeyedJson):
     """One template: RAM file on tmpfs + device state + frozen overlay; serves any number of clones."""
 
     id: str
@@ -121,13 +125,6 @@ class Template:
         """The template VM's (transient) domain, alive only while the template is made."""
         return template_domain(self.id)
 
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "key": asdict(self.key)}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Template:
-        data = json.loads(text)
-        return cls(**{**data, "key": PoolKey(**data["key"])})
 
 
 def template_domain(template_id: str) -> str:

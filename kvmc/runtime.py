@@ -552,10 +552,15 @@ class Runtime:
         records = [self.reconcile(r) for r in self.state.list()]
         used = {r.image_id for r in records}
         images = self.images.list()
+        volumes = self.volumes.list()
+        mounted = {m["source"] for r in records for m in r.mounts if m["kind"] == "volume"}
         return {
             "images": {"count": len(images), "active": sum(i.id in used for i in images),
                        "bytes": sum(allocated(i.disk_path.parent) for i in images),
                        "reclaimable": sum(allocated(i.disk_path.parent) for i in images if i.id not in used)},
+            "volumes": {"count": len(volumes), "active": sum(v.name in mounted for v in volumes),
+                        "bytes": sum(self.volumes.usage_bytes(v) for v in volumes),
+                        "reclaimable": sum(self.volumes.usage_bytes(v) for v in volumes if v.name not in mounted)},
             "containers": {"count": len(records), "running": sum(r.state == "running" for r in records),
                            "bytes": sum(allocated(self.state.container_dir(r.id)) for r in records),
                            "reclaimable": sum(allocated(self.state.container_dir(r.id))

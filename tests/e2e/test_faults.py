@@ -62,12 +62,17 @@ def test_gc_finds_and_removes_orphan_domains(kvmc: Kvmc) -> None:
 
 
 def test_system_df_and_prune(kvmc: Kvmc) -> None:
-    kvmc("create", "--name", "prunable", DEFAULT_IMAGE, "true", check=True)
+    kvmc("create", "--name", "prunable", "-v", "dfvol:/data", DEFAULT_IMAGE, "true", check=True)
     df = kvmc("system", "df", check=True).stdout.decode()
     assert "Images" in df and "Containers" in df
+    [volumes] = [line.split() for line in df.splitlines() if line.startswith("Volumes")]
+    assert int(volumes[1]) >= 1 and int(volumes[2]) >= 1  # total, active (prunable mounts it)
     pruned = kvmc("system", "prune", check=True).stdout.decode()
     assert "Deleted container: prunable" in pruned
     assert kvmc("inspect", "prunable").returncode == 125
+    # As in docker, prune keeps volumes: data is only deleted by name.
+    assert b"dfvol" in kvmc("volume", "ls", "-q", check=True).stdout
+    kvmc("volume", "rm", "dfvol", check=True)
 
 
 @pytest.mark.serial
