@@ -183,20 +183,21 @@ ROOT_SERIAL = "kvmc-root"
 def container_vm(
     *, name: str, uuid: str, container_id: str, container_name: str, directory: Path, agent_socket: Path,
     image_disk: Path, guest: GuestArtefacts, domain_type: str, memory_mib: int, vcpus: int, state_root: str,
-    network: bool = True, volume_disks: tuple[Path, ...] = (), shares: tuple[ShareSpec, ...] = (),
+    network: bool = True, volume_disks: tuple[tuple[Path, bool], ...] = (), shares: tuple[ShareSpec, ...] = (),
 ) -> VMSpec:
     """The VM of one container, its files in ``directory`` (overlay, console log).
 
     Cold containers and pool members are both built here, so that a restored member is the
     very VM a cold boot of the same container would have been: libvirt restores a save only
     into a definition whose devices match, and only host-side paths may differ.
-    ``volume_disks`` are attached as vdb, vdc, ... with serials vol1, vol2, ... (the names
-    kvmc.mounts.agent_mount_items gives the agent).
+    ``volume_disks`` (disk image, read-only) are attached as vdb, vdc, ... with serials vol1,
+    vol2, ... (the names kvmc.mounts.agent_mount_items gives the agent); a read-only one is
+    read-only in QEMU too, so the guest cannot write it whatever it mounts.
     """
     disks = [DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk, serial=ROOT_SERIAL)]
-    for index, disk in enumerate(volume_disks, start=1):
+    for index, (disk, readonly) in enumerate(volume_disks, start=1):
         disks.append(DiskSpec(path=disk, target=f"vd{chr(ord('a') + index)}", format="raw",
-                              serial=volume_serial(index)))
+                              serial=volume_serial(index), readonly=readonly))
     return VMSpec(
         name=name, uuid=uuid, container_id=container_id, container_name=container_name,
         domain_type=domain_type, memory_mib=memory_mib, vcpus=vcpus,

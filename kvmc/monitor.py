@@ -227,8 +227,11 @@ class Monitor:
         record = self.record
         vm_failed = result is None
         try:
-            if record.auto_remove or vm_failed:
-                self.rt.hv.destroy(record.domain)  # nothing left to save: skip the guest's power-off
+            # --rm: nothing of the VM outlives it, so skip the guest's power-off; but named
+            # volumes do outlive it, and the agent unmounts them cleanly on the way out.
+            keeps_volumes = any(m["kind"] == "volume" for m in record.mounts)
+            if vm_failed or (record.auto_remove and not keeps_volumes):
+                self.rt.hv.destroy(record.domain)
             elif not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
                 self.rt.hv.destroy(record.domain)
         except KvmcError as exc:  # libvirt unreachable: still record the exit; gc/rm finish later

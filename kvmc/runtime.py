@@ -199,7 +199,8 @@ class Runtime:
                 agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
                 domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
                 state_root=str(self.config.data_dir), network=network == "user",
-                volume_disks=tuple(Path(self.volumes.get(m.source).path) for m in mounts if m.kind == "volume"),
+                volume_disks=tuple((Path(self.volumes.get(m.source).path), m.readonly)
+                                   for m in mounts if m.kind == "volume"),
                 shares=tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly)
                              for i, m in enumerate((m for m in mounts if m.kind == "bind"), start=1)),
             )
@@ -255,6 +256,9 @@ class Runtime:
             (directory / CLONE_XML).unlink(missing_ok=True)
             self.state.update(record, clone_from="")
         else:
+            for mount in record.mounts:  # only cold boots have volumes (see create)
+                if mount["kind"] == "volume" and mount["readonly"]:
+                    self.volumes.replay_journal(mount["source"])
             self.hv.start(record.domain)
         self.state.update(record, state="running", started_at=None, finished_at=None, exit_code=None, error=None)
         self._publish_ports(record)

@@ -232,19 +232,41 @@ static void reap_all(void)
 }
 
 /* The end of the VM (or of the test agent): kill what is left, flush, power off. */
+/* Unmount everything under the container root, newest first (/proc/mounts lists mounts in
+ * the order they were made), then the root: volumes, tmpfs, shares, what the container
+ * mounted itself. A volume still mounted at power-off is an ext4 whose journal needs
+ * recovery, and such a file system cannot be mounted read-only (-v NAME:/path:ro) later. */
+static void unmount_container(void)
+{
+	enum { MAX_MOUNTS = 256 };
+	char *points[MAX_MOUNTS], line[4096];
+	size_t rootlen = strlen(root);
+	int n = 0;
+	FILE *f = fopen("/proc/mounts", "re");
+	while (f && n < MAX_MOUNTS && fgets(line, sizeof line, f)) {
+		char *point = strchr(line, ' '), *end;
+		if (!point || !(end = strchr(++point, ' ')))
+			continue;
+		*end = 0;
+		if (!strncmp(point, root, rootlen) && (point[rootlen] == '/' || !point[rootlen]))
+			points[n++] = strdup(point);
+	}
+	if (f)
+		fclose(f);
+	while (n-- > 0) {
+		if (points[n] && umount2(points[n], 0) < 0 && errno != EINVAL && errno != ENOENT)
+			umount2(points[n], MNT_DETACH);
+		free(points[n]);
+	}
+}
+
 static _Noreturn void finish(void)
 {
 	kill_all(SIGKILL);
 	reap_all();
 	if (is_pid1 && !no_poweroff) {
 		sync();
-		static const char *subs[] = { "/dev/pts", "/dev/shm", "/dev", "/proc", "/sys", "" };
-		char path[4096];
-		for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++) {
-			snprintf(path, sizeof path, "%s%s", root, subs[i]);
-			if (umount2(path, 0) < 0 && errno != EINVAL && errno != ENOENT)
-				umount2(path, MNT_DETACH);
-		}
+		unmount_container();
 		sync();
 		reboot(exit_by_reboot ? RB_AUTOBOOT : RB_POWER_OFF);
 		logmsg("reboot(%s): %s", exit_by_reboot ? "RB_AUTOBOOT" : "RB_POWER_OFF", strerror(errno));

@@ -321,7 +321,7 @@ def test_volume_disks_carry_serials_and_shares_need_shared_memory_and_modern_mmi
         name="kvmc-x", uuid="6f1c3f5e-8a5b-4c1e-9d2e-0f3a4b5c6d7e", container_id="c" * 64, container_name="n",
         directory=OVERLAY.parent, agent_socket=SOCKET, image_disk=BASE, guest=guest, domain_type="qemu",
         memory_mib=256, vcpus=1, state_root="/var/lib/kvmc",
-        volume_disks=(Path("/v/a/disk.ext4"), Path("/v/b/disk.ext4")),
+        volume_disks=((Path("/v/a/disk.ext4"), False), (Path("/v/b/disk.ext4"), True)),
         shares=(ShareSpec(Path("/srv/in"), "share1", readonly=True), ShareSpec(Path("/srv/out"), "share2")),
     )
     root = render(spec)
@@ -329,6 +329,7 @@ def test_volume_disks_carry_serials_and_shares_need_shared_memory_and_modern_mmi
     assert [(d.find("target").get("dev"), d.findtext("serial")) for d in disks] == [
         ("vda", "kvmc-root"), ("vdb", "vol1"), ("vdc", "vol2")]
     assert disks[1].find("driver").get("type") == "raw"
+    assert [d.find("readonly") is not None for d in disks] == [False, False, True]
     fs = root.findall("devices/filesystem")
     assert [(f.find("source").get("dir"), f.find("target").get("dir"), f.find("binary").get("path")) for f in fs] == [
         ("/srv/in", "share1", str(VIRTIOFSD_RO)), ("/srv/out", "share2", str(VIRTIOFSD))]
