@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -31,6 +30,8 @@ from kvmc.errors import CommandNotFound, CommandNotInvokable, GuestError, ImageE
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.hypervisor import Hypervisor
 from kvmc.images import ImageStore
+from kvmc.monitor import MonitorProcess
+from kvmc.monitor import spawn as spawn_monitor
 from kvmc.mounts import Mount, agent_mount_items, check_targets, parse_tmpfs, parse_volume, share_tag
 from kvmc.network import (DNS_SERVER, PortInUse, PortMapping, allocate_ports, guest_net_config, parse_network,
                           parse_publish)
@@ -332,7 +333,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ start
     def start(self, record: ContainerRecord, *, wait_attach: bool = False,
-              discard_on_failure: bool = False) -> subprocess.Popen:
+              discard_on_failure: bool = False) -> MonitorProcess:
         """Hand the container to a new monitor process (which boots it and outlives this CLI).
 
         The record is reset before the monitor is spawned and never written here afterwards:
@@ -345,16 +346,10 @@ class Runtime:
             self.check_host_resources(current)
             self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
                               error=None, monitor_pid=None)
-            args = [sys.executable, "-m", "kvmc.monitor", record.id]
-            if wait_attach:
-                args.append("--wait-attach")
-            if discard_on_failure:
-                args.append("--discard-on-failure")
-            with (self.state.container_dir(record.id) / "monitor.log").open("ab") as log:
-                return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                        start_new_session=True)
+            return spawn_monitor(self.config, record.id, self.state.container_dir(record.id) / "monitor.log",
+                                 wait_attach=wait_attach, discard_on_failure=discard_on_failure)
 
-    def wait_started(self, record: ContainerRecord, monitor: subprocess.Popen) -> ContainerRecord:
+    def wait_started(self, record: ContainerRecord, monitor: MonitorProcess) -> ContainerRecord:
         """Wait until a detached start's process runs (or failed); raise on failure."""
         deadline = time.monotonic() + self.config.boot_timeout_s + 10
         while time.monotonic() < deadline:
