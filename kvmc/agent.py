@@ -369,7 +369,10 @@ def attach_process(
             elif frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
                 done.set()
-                conn.ack_exit(proc_id)
+                try:
+                    conn.ack_exit(proc_id)
+                except OSError:
+                    pass  # a monitor that failed the start closes at once: the outcome is known
                 return result
     finally:
         done.set()

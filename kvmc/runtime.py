@@ -397,11 +397,14 @@ class Runtime:
         """Relay process 1's stdio through the monitor until the container ends; its exit code."""
         conn = self._connect_monitor(record)
         with conn:
-            conn.send(FrameType.ATTACH, MAIN_PROCESS_ID, b"stdin=1" if stdin is not None else b"")
             try:
+                conn.send(FrameType.ATTACH, MAIN_PROCESS_ID, b"stdin=1" if stdin is not None else b"")
                 with self._forward_signals(conn, MAIN_PROCESS_ID):
                     result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr)
-            except GuestError as exc:
+            except (GuestError, OSError) as exc:
+                ended = self.state.load(record.id)
+                if ended is not None and ended.state == "exited" and ended.error:
+                    raise KvmcError(ended.error) from exc  # it failed before we could hear it
                 raise KvmcError(f"lost the monitor of container {record.name}: {exc}") from exc
             # The monitor closes the connection once the exit is recorded (and --rm done).
             try:
@@ -442,12 +445,12 @@ class Runtime:
         proc_id = random.randint(2, 0xFFFF)
         conn = self._connect_monitor(record)
         with conn:
-            conn.run(proc_id, spec)
             with self._forward_signals(conn, proc_id):
                 try:
+                    conn.run(proc_id, spec)
                     result = attach_process(conn, proc_id, stdin=stdin if opts.interactive else None,
                                             stdout=stdout, stderr=stderr)
-                except GuestError as exc:
+                except (GuestError, OSError) as exc:
                     raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
         return _raise_for(result)
 
@@ -457,8 +460,11 @@ class Runtime:
         record = self.reconcile(self.state.resolve(ref))
         if record.state != "running":
             raise KvmcError(f"container {record.name} is not running")
-        with self._connect_monitor(record) as conn:
-            conn.signal(MAIN_PROCESS_ID, signum)
+        try:
+            with self._connect_monitor(record) as conn:
+                conn.signal(MAIN_PROCESS_ID, signum)
+        except OSError as exc:  # the monitor closed between connect and send: it just ended
+            raise KvmcError(f"container {record.name} is not running") from exc
         return record
 
     def stop(self, ref: str, timeout_s: int | None = None) -> ContainerRecord:
@@ -469,7 +475,7 @@ class Runtime:
             try:
                 with self._connect_monitor(record) as conn:
                     conn.shutdown(timeout)
-            except KvmcError:
+            except (KvmcError, OSError):
                 pass  # monitor gone: destroy below
             if not self.wait_exited(record, timeout + self.SHUTOFF_WAIT_S):
                 self.hv.destroy(record.domain)
