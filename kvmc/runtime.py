@@ -130,16 +130,7 @@ class Runtime:
         if image.architecture and image.architecture != HOST_ARCH:
             raise ImageError(f'image "{opts.image}" is built for {image.architecture}; kvmc runs {HOST_ARCH} guests')
         process = build_process(image.config, opts.process)
-        network = parse_network(opts.network)
-        mounts = [parse_volume(v) for v in opts.volumes] + [parse_tmpfs(t) for t in opts.tmpfs]
-        check_targets(mounts)
-        if opts.publish and network == "none":
-            raise UsageError("-p needs a network: it cannot be combined with --network none")
-        ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
-        for mount in mounts:
-            if mount.kind == "volume":
-                self.volumes.create(mount.source, exist_ok=True)  # docker creates missing named volumes
-                self.check_volume_free(mount.source)
+        network, ports, mounts = self._network_and_mounts(opts)
         cold_reason = next((
             f"host directory {m.source} is shared through virtiofs, and QEMU cannot save a VM with virtiofs"
             if m.kind == "bind" else f"volume {m.source} is a disk of its own, which a saved VM does not have"
@@ -199,11 +190,7 @@ class Runtime:
                 container_id=container_id, container_name=name, directory=directory,
                 agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
                 domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
-                state_root=str(self.config.data_dir), network=network == "user",
-                volume_disks=tuple((Path(self.volumes.get(m.source).path), m.readonly)
-                                   for m in mounts if m.kind == "volume"),
-                shares=tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly)
-                             for i, m in enumerate((m for m in mounts if m.kind == "bind"), start=1)),
+                state_root=str(self.config.data_dir), network=network == "user", **self._storage_devices(mounts),
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
@@ -215,6 +202,34 @@ class Runtime:
             self.discard(record)
             raise
         return record
+
+    def _network_and_mounts(self, opts: RunOptions) -> tuple[str, list[PortMapping], list[Mount]]:
+        """Parse and check --network, -p, -v and --tmpfs before anything is created.
+
+        Host ports must be free now and named volumes (created if missing, as docker does)
+        must not be held by a running container.
+        """
+        network = parse_network(opts.network)
+        mounts = [parse_volume(v) for v in opts.volumes] + [parse_tmpfs(t) for t in opts.tmpfs]
+        check_targets(mounts)
+        if opts.publish and network == "none":
+            raise UsageError("-p needs a network: it cannot be combined with --network none")
+        ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
+        for mount in mounts:
+            if mount.kind == "volume":
+                self.volumes.create(mount.source, exist_ok=True)
+                self.check_volume_free(mount.source)
+        return network, ports, mounts
+
+    def _storage_devices(self, mounts: list[Mount]) -> dict:
+        """container_vm's volume disks and virtiofs shares, numbered in the order of ``mounts``
+        (the numbering kvmc.mounts.agent_mount_items gives the agent)."""
+        volumes = [m for m in mounts if m.kind == "volume"]
+        binds = [m for m in mounts if m.kind == "bind"]
+        return {
+            "volume_disks": tuple((Path(self.volumes.get(m.source).path), m.readonly) for m in volumes),
+            "shares": tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly) for i, m in enumerate(binds, start=1)),
+        }
 
     def discard(self, record: ContainerRecord) -> None:
         """Remove everything a container owns: domain, directory (disk, logs), sockets, name."""
