@@ -155,17 +155,22 @@ def _wait_migration(hv, domain: str, timeout: float = MIGRATION_TIMEOUT_S) -> di
     raise HypervisorError(f"migration of VM {domain} did not complete within {timeout:.0f}s")
 
 
+def _hand_over(hv, domain: str, fd: int) -> None:  # noqa: ANN001 - kvmc.hypervisor
+    """Give QEMU ``fd`` (the state file) as STATE_FD_NAME for ``migrate``/``migrate-incoming fd:``;
+    our copy is closed either way."""
+    try:
+        hv.qmp_with_fd(domain, {"execute": "getfd", "arguments": {"fdname": STATE_FD_NAME}}, fd)
+    finally:
+        os.close(fd)
+
+
 def capture_template_state(hv, domain: str, state_file: Path) -> dict:  # noqa: ANN001 - kvmc.hypervisor
     """Stop the template VM and write its device state (not its RAM, which stays in the shared
     file) to ``state_file``. ``fd:`` because libvirt's seccomp sandbox (spawn=deny) kills a
     QEMU that tries ``exec:``; the fd is handed over with the getfd command."""
     hv.qmp(domain, {"execute": "stop"})
     hv.qmp(domain, _IGNORE_SHARED)
-    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        hv.qmp_with_fd(domain, {"execute": "getfd", "arguments": {"fdname": STATE_FD_NAME}}, fd)
-    finally:
-        os.close(fd)
+    _hand_over(hv, domain, os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     hv.qmp(domain, {"execute": "migrate", "arguments": {"uri": f"fd:{STATE_FD_NAME}"}})
     # Completion also flushes and inactivates QEMU's block nodes: the overlay is consistent now.
     return _wait_migration(hv, domain)
@@ -174,11 +179,7 @@ def capture_template_state(hv, domain: str, state_file: Path) -> dict:  # noqa: 
 def load_template_state(hv, domain: str, state_file: Path) -> None:  # noqa: ANN001 - kvmc.hypervisor
     """Feed a template's device state to a clone started paused with ``-incoming defer``."""
     hv.qmp(domain, _IGNORE_SHARED)  # must match the stream's, or QEMU refuses the load
-    fd = os.open(state_file, os.O_RDONLY)
-    try:
-        hv.qmp_with_fd(domain, {"execute": "getfd", "arguments": {"fdname": STATE_FD_NAME}}, fd)
-    finally:
-        os.close(fd)
+    _hand_over(hv, domain, os.open(state_file, os.O_RDONLY))
     hv.qmp(domain, {"execute": "migrate-incoming", "arguments": {"uri": f"fd:{STATE_FD_NAME}"}})
     _wait_migration(hv, domain)
 
@@ -206,19 +207,25 @@ class Pool:
         return self.root / TEMPLATES_DIR
 
     # ---------------------------------------------------------------- members
-    def members(self) -> list[tuple[Path, Member]]:
-        """Claimable members (warming ones are hidden behind a dot-prefixed directory)."""
-        if not self.root.is_dir():
+    @staticmethod
+    def _published(root: Path, record_file: str, kind: type) -> list:
+        """(directory, record) for every published directory under ``root`` (ones still being
+        made hide behind a dot prefix), read from ``record_file``."""
+        if not root.is_dir():
             return []
         found = []
-        for path in sorted(self.root.iterdir()):
-            if path.name.startswith(".") or path.name == TEMPLATES_DIR:
+        for path in sorted(root.iterdir()):
+            if path.name.startswith("."):
                 continue
             try:
-                found.append((path, Member.from_json((path / MEMBER_FILE).read_text())))
+                found.append((path, kind.from_json((path / record_file).read_text())))
             except (OSError, ValueError, TypeError, KeyError):
-                continue  # claimed (renamed away) while we listed, or half-removed
+                continue  # claimed or removed while we listed (or not a record's directory)
         return found
+
+    def members(self) -> list[tuple[Path, Member]]:
+        """Claimable members (the templates directory beside them holds no member.json)."""
+        return self._published(self.root, MEMBER_FILE, Member)
 
     def key_for(self, image_id: str, memory_mib: int, cpus: int, accel: str, network: str = "user") -> PoolKey:
         return PoolKey(image_id, memory_mib, cpus, accel, self.rt.guest().digest, network)
@@ -282,18 +289,8 @@ class Pool:
 
     # -------------------------------------------------------------- templates
     def templates(self) -> list[tuple[Path, Template]]:
-        """Complete templates (one being made hides behind a dot-prefixed directory)."""
-        if not self.templates_root.is_dir():
-            return []
-        found = []
-        for path in sorted(self.templates_root.iterdir()):
-            if path.name.startswith("."):
-                continue
-            try:
-                found.append((path, Template.from_json((path / TEMPLATE_FILE).read_text())))
-            except (OSError, ValueError, TypeError, KeyError):
-                continue  # removed while we listed
-        return found
+        """Complete templates."""
+        return self._published(self.templates_root, TEMPLATE_FILE, Template)
 
     def template_for(self, key: PoolKey) -> tuple[Path, Template] | None:
         """The template that serves runs of ``key``, if one is ready (its RAM file still there)."""
@@ -380,8 +377,11 @@ class Pool:
             raise
 
     def _remove_template(self, path: Path, template: Template | None) -> None:
-        if template is not None:
-            Path(template.mem_path).unlink(missing_ok=True)
+        """Remove a template, or (``template`` None) an abandoned one's VM, RAM file and directory."""
+        template_id = template.id if template else path.name.removeprefix(WARMING_PREFIX)
+        if template is None:
+            self.rt.hv.destroy(template_domain(template_id))
+        template_ram_file(template_id).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
     def stale_templates(self) -> Iterator[tuple[Path, Template | None]]:
@@ -392,13 +392,7 @@ class Pool:
             if (template.key.guest_digest != guest or template.key.image_id not in live_images
                     or not os.path.exists(template.mem_path)):
                 yield path, template
-        if self.templates_root.is_dir():
-            for path in self.templates_root.iterdir():
-                if path.name.startswith(WARMING_PREFIX) and time.time() - path.stat().st_mtime > STALE_WARMING_S:
-                    template_id = path.name.removeprefix(WARMING_PREFIX)
-                    self.rt.hv.destroy(template_domain(template_id))
-                    template_ram_file(template_id).unlink(missing_ok=True)
-                    yield path, None
+        yield from self._abandoned(self.templates_root)
 
     # ----------------------------------------------------------------- claim
     def claim(self, key: PoolKey, target: Path) -> Member | None:
@@ -425,9 +419,18 @@ class Pool:
 
     # ---------------------------------------------------------------- remove
     def _remove(self, path: Path, member: Member | None) -> None:
-        if member is not None:
-            self.rt.hv.undefine(member.domain)
+        """Remove a member, or (``member`` None) an abandoned warm-up's domain and directory."""
+        self.rt.hv.undefine(member.domain if member else
+                            f"{DOMAIN_PREFIX}pool-{path.name.removeprefix(WARMING_PREFIX)[:16]}")
         shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _abandoned(root: Path) -> Iterator[tuple[Path, None]]:
+        """Warm-ups under ``root`` older than any warm-up takes: a crashed ``pool warm``'s."""
+        if root.is_dir():
+            for path in root.iterdir():
+                if path.name.startswith(WARMING_PREFIX) and time.time() - path.stat().st_mtime > STALE_WARMING_S:
+                    yield path, None
 
     def remove(self, image_ref: str | None, mode: str | None = None) -> tuple[int, int]:
         """Remove every member and template (of one image, of one mode: 'save' or 'template',
@@ -446,18 +449,15 @@ class Pool:
         return removed, templates
 
     def stale(self) -> Iterator[tuple[Path, Member | None]]:
-        """Members made from a guest or image that changed, and abandoned warm-ups."""
+        """Members made from a guest or image that changed, and abandoned warm-ups (None).
+
+        Only finds them (``pool ls`` lists through here); :meth:`gc` removes them."""
         guest = self.rt.guest().digest
         live_images = {i.id for i in self.rt.images.list() if i.tags}
         for path, member in self.members():
             if member.key.guest_digest != guest or member.key.image_id not in live_images:
                 yield path, member
-        if self.root.is_dir():
-            for path in self.root.iterdir():
-                if path.name.startswith(WARMING_PREFIX) and time.time() - path.stat().st_mtime > STALE_WARMING_S:
-                    member_id = path.name.removeprefix(WARMING_PREFIX)
-                    self.rt.hv.undefine(f"{DOMAIN_PREFIX}pool-{member_id[:16]}")
-                    yield path, None
+        yield from self._abandoned(self.root)
 
     def gc(self) -> tuple[int, int]:
         """Remove stale members and templates: (members, templates)."""

@@ -64,3 +64,34 @@ def test_concurrent_claims_never_share_a_member(tmp_path: Path) -> None:
     won = [r.id for r in results if r is not None]
     assert sorted(won) == sorted({f"{n:064x}" for n in range(3)})
     assert pool.members() == []
+
+
+def test_abandoned_warm_ups_are_listed_without_side_effects_and_removed_by_gc(tmp_path: Path, monkeypatch) -> None:
+    """A crashed `pool warm` leaves a dot-directory (and for a template, a RAM file): stale()
+    (what `pool ls` reads) only finds it; gc removes it with the VM it may have left."""
+    import os
+    import time
+
+    import kvmc.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "TEMPLATE_RAM_DIR", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    calls: list[tuple[str, str]] = []
+    hv = SimpleNamespace(undefine=lambda name: calls.append(("undefine", name)),
+                         destroy=lambda name: calls.append(("destroy", name)))
+    images = SimpleNamespace(list=lambda: [])
+    pool = Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path), hv=hv, images=images,
+                                guest=lambda: SimpleNamespace(digest="g")))
+    member_dir = pool.root / f".warming-{'1' * 64}"
+    template_dir = pool.templates_root / f".warming-{'2' * 64}"
+    for path in (member_dir, template_dir):
+        path.mkdir(parents=True)
+        os.utime(path, (time.time() - pool_module.STALE_WARMING_S - 1,) * 2)
+    ram = pool_module.template_ram_file("2" * 64)
+    ram.write_bytes(b"x")
+    assert [p for p, _ in pool.stale()] == [member_dir]
+    assert [p for p, _ in pool.stale_templates()] == [template_dir]
+    assert calls == [] and ram.exists()
+    assert pool.gc() == (1, 1)
+    assert calls == [("undefine", "kvmc-pool-" + "1" * 16), ("destroy", "kvmc-tmpl-" + "2" * 16)]
+    assert not member_dir.exists() and not template_dir.exists() and not ram.exists()
