@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from kvmc.errors import UsageError
 
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
@@ -141,6 +139,8 @@ def load_config(env: Mapping[str, str] | None = None) -> Config:
     for path in config_files(env):
         if not path.is_file():
             continue
+        import yaml  # only with a config file: importing PyYAML costs every kvmc call ~15 ms
+
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
