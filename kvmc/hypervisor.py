@@ -155,6 +155,26 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot resume VM {name}: {exc.get_error_message()}") from exc
 
+    def pause(self, name: str) -> None:
+        """Stop a running VM's vCPUs (a few ms; its memory and devices stay as they are)."""
+        dom = self._require(name)
+        try:
+            dom.suspend()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot pause VM {name}: {exc.get_error_message()}") from exc
+
+    def forget(self, name: str) -> None:
+        """Undefine without stopping: a running domain becomes transient, and libvirt drops it
+        by itself once it stops; a shut-off one is gone at once. A missing domain is no error."""
+        dom = self._lookup(name)
+        if dom is None:
+            return
+        try:
+            dom.undefine()
+        except libvirt.libvirtError as exc:
+            if self._lookup(name) is not None and dom.isPersistent():
+                raise HypervisorError(f"cannot undefine VM {name}: {exc.get_error_message()}") from exc
+
     def qmp(self, name: str, command: dict[str, Any], fds: tuple[int, ...] = ()) -> Any:
         """Run a QMP command in the VM's QEMU through libvirt (passthrough) and return its
         ``return`` value; ``fds`` are passed along (SCM_RIGHTS) for ``getfd``/``add-fd``.

@@ -21,6 +21,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from kvmc.agent import (
     CLIENT_TO_MONITOR,
@@ -193,13 +194,11 @@ class Monitor:
                 self._broadcast(frame)
 
     # ------------------------------------------------------------------- main
-    def run(self) -> int:
+    def run(self, listener: socket.socket | None = None) -> int:
+        """Serve ``listener`` (bound to the control socket; made here if None) until the end."""
         record = self.record
         ctl = Path(record.control_socket)
-        ctl.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(ctl))
-        listener.listen(16)
+        listener = listener or listen_control(ctl)
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
         failure: str | None = None
         result: ProcessResult | None = None
@@ -217,23 +216,42 @@ class Monitor:
                 failure = self.rt.vm_lost_reason(record, failure)
         finally:
             self.conn_ready.set()
-        self._finish(result, failure)
+        deferred = self._finish(result, failure)
         listener.close()
         ctl.unlink(missing_ok=True)
         for client in list(self.clients):
+            try:  # shutdown: a thread blocked in recv() keeps a merely closed socket open
+                client.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             client.sock.close()
+        if deferred is not None:
+            try:
+                deferred()
+            except KvmcError as exc:
+                print(f"kvmc-monitor: {exc}", file=sys.stderr)
         return 0
 
-    def _finish(self, result: ProcessResult | None, failure: str | None) -> None:
+    def _finish(self, result: ProcessResult | None, failure: str | None) -> Callable[[], None] | None:
+        """Stop the VM, record the end, tell the clients, remove the container if asked to.
+
+        Returns what is left to do once the clients are gone: when the container is removed
+        and nothing of its VM outlives it, the VM is only paused here and destroyed after the
+        client has its answer. libvirt's destroy takes >= 200 ms however fast QEMU dies (it
+        polls the process in 0.2 s steps, virProcessKillPainfully), and a paused QEMU of an
+        already undefined domain whose files are deleted is nothing kvmc still shows (gc
+        knows it by its reaping marker); the monitor stays until libvirt has dropped it.
+        """
         record = self.record
         vm_failed = result is None
+        removing = record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure)
+        # Named volumes outlive the VM: the agent unmounts them cleanly on the way out, so a
+        # container with volumes is let power off (or destroyed if it failed).
+        quick = removing and not any(m["kind"] == "volume" for m in record.mounts)
         try:
-            # --rm: nothing of the VM outlives it, so skip the guest's power-off; but named
-            # volumes do outlive it, and the agent unmounts them cleanly on the way out.
-            keeps_volumes = any(m["kind"] == "volume" for m in record.mounts)
-            if vm_failed or (record.auto_remove and not keeps_volumes):
-                self.rt.hv.destroy(record.domain)
-            elif not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
+            if quick:
+                self._freeze(record.domain)
+            elif vm_failed or not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
                 self.rt.hv.destroy(record.domain)
         except KvmcError as exc:  # libvirt unreachable: still record the exit; gc/rm finish later
             print(f"kvmc-monitor: {exc}", file=sys.stderr)
@@ -253,11 +271,37 @@ class Monitor:
             self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, encode_exit(code)))
         elif self.pending_exit is not None:
             self._broadcast(self.pending_exit)
-        if record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure):
-            self.rt.discard(record)
+        if not removing:
+            return None
+        self.rt.discard(record, stop_vm=not quick)
+        return (lambda: self.rt.reap(record.domain)) if quick else None
+
+    def _freeze(self, domain: str) -> None:
+        """Pause a running VM (ms); one that is not running, or cannot pause, is destroyed."""
+        if self.rt.hv.state(domain) in ("running", "blocked"):
+            try:
+                self.rt.hv.pause(domain)
+                return
+            except KvmcError:
+                pass
+        self.rt.hv.destroy(domain)
 
 
-def serve(config: Config, container_id: str, wait_attach: bool, discard_on_failure: bool) -> int:
+def listen_control(path: Path) -> socket.socket:
+    """The monitor's control socket, listening."""
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(16)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def serve(config: Config, container_id: str, wait_attach: bool, discard_on_failure: bool,
+          listener: socket.socket | None = None) -> int:
     """Be the monitor of one container until it has ended (and, if asked, is removed)."""
     from kvmc.runtime import Runtime
 
@@ -267,7 +311,7 @@ def serve(config: Config, container_id: str, wait_attach: bool, discard_on_failu
         print(f"kvmc-monitor: no container {container_id}", file=sys.stderr)
         return 1
     runtime.state.update(record, monitor_pid=os.getpid())
-    return Monitor(runtime, record, wait_attach, discard_on_failure).run()
+    return Monitor(runtime, record, wait_attach, discard_on_failure).run(listener)
 
 
 @dataclass
@@ -284,7 +328,7 @@ class MonitorProcess:
         return None if pid == 0 else os.waitstatus_to_exitcode(status)
 
 
-def spawn(config: Config, container_id: str, log_path: Path, *, wait_attach: bool,
+def spawn(config: Config, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
           discard_on_failure: bool) -> MonitorProcess:
     """Fork the container's monitor: a new session that outlives the CLI.
 
@@ -292,17 +336,26 @@ def spawn(config: Config, container_id: str, log_path: Path, *, wait_attach: boo
     module imported, which takes a new interpreter ~0.15 s under this host's CPUs, on the path
     of every run and start. The child keeps nothing of the parent but its code: it closes every
     inherited descriptor (the CLI's libvirt connection, the container lock it holds while
-    spawning) and opens its own.
+    spawning) and opens its own, except the control socket: it is bound and listening before
+    the fork, so the CLI's attach connects at once instead of polling for it to appear.
     """
+    listener = listen_control(control_socket)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        listener.close()
+        raise
     if pid:
+        listener.close()
         return MonitorProcess(pid)
     code = 1
     try:
         os.setsid()
-        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        keep = listener.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
         devnull = os.open(os.devnull, os.O_RDWR)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(devnull, 0)
@@ -310,7 +363,7 @@ def spawn(config: Config, container_id: str, log_path: Path, *, wait_attach: boo
         os.dup2(log, 2)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
-        code = serve(config, container_id, wait_attach, discard_on_failure)
+        code = serve(config, container_id, wait_attach, discard_on_failure, listener)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the CLI
         traceback.print_exc()
     finally:

@@ -231,12 +231,39 @@ class Runtime:
             "shares": tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly) for i, m in enumerate(binds, start=1)),
         }
 
-    def discard(self, record: ContainerRecord) -> None:
-        """Remove everything a container owns: domain, directory (disk, logs), sockets, name."""
+    def discard(self, record: ContainerRecord, stop_vm: bool = True) -> None:
+        """Remove everything a container owns: domain, directory (disk, logs), sockets, name.
+
+        ``stop_vm`` False (the monitor of a --rm container, see Monitor._finish): a VM still
+        running is only undefined, and libvirt drops it when the monitor destroys it.
+        """
         try:
-            self.hv.undefine(record.domain)
+            if stop_vm:
+                self.hv.undefine(record.domain)
+            else:
+                self.reaping_marker(record.domain).write_text(str(os.getpid()))
+                self.hv.forget(record.domain)
         finally:
             self.state.remove(record)
+
+    def reaping_marker(self, domain: str) -> Path:
+        """Names the process that destroys an undefined domain left running by
+        ``discard(stop_vm=False)``: while it lives, the domain is no orphan (see gc)."""
+        return self.config.run_dir / f"{domain.removeprefix(DOMAIN_PREFIX)}.reaping"
+
+    def reap(self, domain: str) -> None:
+        """Destroy a domain left running by ``discard(stop_vm=False)`` (undefined: libvirt then
+        drops it) and remove its marker."""
+        try:
+            self.hv.destroy(domain)
+        finally:
+            self.reaping_marker(domain).unlink(missing_ok=True)
+
+    def _being_reaped(self, domain: str) -> bool:
+        try:
+            return _pid_alive(int(self.reaping_marker(domain).read_text()))
+        except (OSError, ValueError):
+            return False
 
     # ------------------------------------------------------------------- boot
     def console_tail(self, record: ContainerRecord, lines: int = 8) -> str:
@@ -361,7 +388,8 @@ class Runtime:
             self.check_host_resources(current)
             self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
                               error=None, monitor_pid=None)
-            return spawn_monitor(self.config, record.id, self.state.container_dir(record.id) / "monitor.log",
+            return spawn_monitor(self.config, record.id, Path(record.control_socket),
+                                 self.state.container_dir(record.id) / "monitor.log",
                                  wait_attach=wait_attach, discard_on_failure=discard_on_failure)
 
     def wait_started(self, record: ContainerRecord, monitor: MonitorProcess) -> ContainerRecord:
@@ -541,7 +569,7 @@ class Runtime:
         known = {r.domain for r in self.state.list()} | Pool(self).domains()
         orphans = []
         for name in self.hv.domain_names(DOMAIN_PREFIX):
-            if name in known:
+            if name in known or self._being_reaped(name):
                 continue
             meta = self.hv.metadata(name, METADATA_NS) or ""
             match = re.search(r"<(?:\w+:)?state-root>([^<]*)</", meta)
