@@ -410,11 +410,15 @@ def pool_warm(
     network: str = typer.Option("user", "--network", help="user or none: members serve runs with this network."),
     template: bool = typer.Option(False, "--template", help="Make one VM template instead of saved members: "
                                   "its RAM in a file on tmpfs that every run maps copy-on-write."),
+    hot: bool = typer.Option(False, "--hot", help="Also keep the members restored and paused, so a run "
+                             "resumes one instead of restoring it: faster, but each holds its RAM meanwhile."),
 ) -> None:
     """Boot VMs of IMAGE to the point where the agent waits, save them, and keep them ready.
 
-    With --template: one template VM for this image and size (made if there is none), whose
-    captured RAM and device state serve any number of runs (clones); --size does not apply.
+    With --hot: members are restored from their save files ahead of time and wait paused
+    (existing members of this image and size are made hot too). With --template: one template
+    VM for this image and size (made if there is none), whose captured RAM and device state
+    serve any number of runs (clones); --size and --hot do not apply.
     """
     from kvmc.network import parse_network
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -426,8 +430,9 @@ def pool_warm(
     memory_mib = parse_memory(memory) if memory else config.memory_mib
     cpu_count = parse_cpus(cpus) if cpus else config.cpus
     if template:
-        if size is not None:
-            raise KvmcError("--size does not apply to --template: one template serves any number of runs")
+        if size is not None or hot:
+            raise KvmcError(f"{'--size' if size is not None else '--hot'} does not apply to --template: "
+                            "one template serves any number of runs")
         made, new = Pool(rt).warm_template(image, memory_mib, cpu_count, accel, parse_network(network))
         typer.echo(f"template {made.id[:12]} {'made' if new else 'already ready'} for {image} "
                    f"(RAM file {made.mem_path})")
@@ -437,15 +442,16 @@ def pool_warm(
         task = progress.add_task(image, total=None)
         made = Pool(rt).warm(
             image, 2 if size is None else size, memory_mib, cpu_count, accel,
-            lambda done, total: progress.update(task, completed=done, total=total), parse_network(network),
+            lambda done, total: progress.update(task, completed=done, total=total), parse_network(network), hot,
         )
-    typer.echo(f"{len(made)} member(s) warmed for {image}")
+    typer.echo(f"{len(made)} member(s) {'made or heated' if hot else 'warmed'} for {image}")
 
 
 @pool_app.command("ls")
 def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json' for one object per line.")) -> None:
-    """List pools: mode (save or template), image, VM size, ready and stale members or templates,
-    save (or template state) file size, and a template's RAM file size in tmpfs."""
+    """List pools: mode (save or template), image, VM size, ready members (HOT: of those, how
+    many wait restored and paused) and stale ones, or templates, save (or template state) file
+    size, and a template's RAM file size in tmpfs."""
     from kvmc.pool import Pool
 
     rows = Pool(_runtime()).summary()
@@ -453,12 +459,13 @@ def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json'
         for row in rows:
             typer.echo(json.dumps(row))
         return
-    typer.echo(f"{'MODE':<10}{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'STALE':>7}"
-               f"{'SAVE':>10}{'RAM':>10}")
+    typer.echo(f"{'MODE':<10}{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'HOT':>5}"
+               f"{'STALE':>7}{'SAVE':>10}{'RAM':>10}")
     for r in rows:
         ram = f"{r['ram_mib']:>8}Mi" if r["mode"] == "template" else f"{'-':>10}"
+        hot = r["hot"] if r["mode"] == "save" else "-"
         typer.echo(f"{r['mode']:<10}{r['image'][:26]:<28}{r['memory_mib']:>6}Mi{r['cpus']:>6}{r['accel']:>7}"
-                   f"{r['ready']:>7}{r['stale']:>7}{r['save_mib']:>8}Mi{ram}")
+                   f"{r['ready']:>7}{hot:>5}{r['stale']:>7}{r['save_mib']:>8}Mi{ram}")
 
 
 @pool_app.command("rm")

@@ -114,10 +114,12 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot save VM {name}: {exc.get_error_message()}") from exc
 
-    def restore(self, path: Path, xml: str) -> None:
-        """Resume a saved VM; ``xml`` may change host-side paths, not the name or UUID."""
+    def restore(self, path: Path, xml: str, paused: bool = False) -> None:
+        """Resume a saved VM; ``xml`` may change host-side paths, not the name or UUID. With
+        ``paused`` its memory and devices are loaded but its vCPUs wait for :meth:`resume`."""
+        flags = libvirt.VIR_DOMAIN_SAVE_PAUSED if paused else libvirt.VIR_DOMAIN_SAVE_RUNNING
         try:
-            self._call(lambda conn: conn.restoreFlags(str(path), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING))
+            self._call(lambda conn: conn.restoreFlags(str(path), xml, flags))
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot restore VM from {path}: {exc.get_error_message()}") from exc
 

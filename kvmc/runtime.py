@@ -156,10 +156,12 @@ class Runtime:
             self._say(f"not pooled: {cold_reason}: cold boot" if cold_reason
                       else "no ready pool member or template for this image and size: cold boot" if opts.use_pool
                       else "--no-pool: cold boot")
-        else:
-            self._say(f"claimed pool member {member.id[:12]} ({member.domain}): restore instead of boot")
+        hot = member is not None and pool.is_hot(member)
+        if member is not None:
+            self._say(f"claimed {'hot ' if hot else ''}pool member {member.id[:12]} ({member.domain}): "
+                      f"{'resume' if hot else 'restore'} instead of boot")
             if self.config.pool_refill:
-                pool.refill_in_background(image.id, memory_mib, cpus, accel.accel, network)
+                pool.refill_in_background(image.id, memory_mib, cpus, accel.accel, network, hot)
         process["hostname"] = process["hostname"] or container_id[:12]
         sockets = self.config.run_dir / container_id[:16]
         record = ContainerRecord(
@@ -169,13 +171,15 @@ class Runtime:
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
             agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
             boot="pool" if member else "template" if template else "cold",
-            restore_from=str(directory / SAVE_FILE) if member else "",
+            restore_from=str(directory / SAVE_FILE) if member else "", resume_paused=hot,
             clone_from=str(template_dir) if template_dir else "",
             network=network, ports=[p.to_dict() for p in ports], mounts=[m.to_dict() for m in mounts],
             read_only=opts.read_only,
         )
         try:
             self.state.save(record)
+            if hot and not pool.take_socket(member, Path(record.agent_socket)):
+                self.state.update(record, resume_paused=False)
             if template_dir is not None:
                 # A copy of the template's frozen overlay: the clone's cached ext4 state (in the
                 # template's RAM) describes exactly these blocks. A copy, not an overlay on top of
@@ -199,6 +203,8 @@ class Runtime:
                                                                      self.config.templates_dir))
             self.hv.define(xml)  # for a pool member: the same domain, redefined with this container's paths
         except BaseException:
+            if member is not None:
+                pool.member_socket(member).unlink(missing_ok=True)
             self.discard(record)
             raise
         return record
@@ -289,9 +295,10 @@ class Runtime:
         restored, cloned = bool(record.restore_from), bool(record.clone_from)
         if restored:
             save = Path(record.restore_from)
-            self.hv.restore(save, (directory / "domain.xml").read_text())
+            if not (record.resume_paused and self._resume_hot(record)):
+                self.hv.restore(save, (directory / "domain.xml").read_text())
             save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
-            self.state.update(record, restore_from="")
+            self.state.update(record, restore_from="", resume_paused=False)
         elif cloned:
             # Started from the clone definition as this start's live definition; the persistent
             # definition stays the cold one, so a later start boots from the container's overlay.
@@ -331,6 +338,16 @@ class Runtime:
         self.state.update(record, started_at=now_iso())
         self._say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
+
+    def _resume_hot(self, record: ContainerRecord) -> bool:
+        """Resume a claimed hot member's paused VM; False (VM destroyed) if it cannot be."""
+        try:
+            self.hv.resume(record.domain)
+            return True
+        except KvmcError as exc:
+            self._say(f"hot pool member could not be resumed ({exc}): restoring its save file")
+            self.hv.destroy(record.domain)
+            return False
 
     def _publish_ports(self, record: ContainerRecord) -> None:
         """Add the container's host forwards to its running VM's slirp (cold or restored)."""

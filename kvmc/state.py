@@ -58,6 +58,9 @@ class ContainerRecord:
     boot: str = "cold"
     restore_from: str = ""
     """A claimed pool member's save file: the first start restores it instead of booting."""
+    resume_paused: bool = False
+    """A claimed hot pool member: the first start resumes its paused, already restored VM (and
+    restores from ``restore_from`` only if that VM is gone)."""
     clone_from: str = ""
     """A pool template's directory: the first start clones it instead of booting (kvmc/pool.py)."""
     guest_uptime_ms: int | None = None

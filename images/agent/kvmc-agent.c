@@ -1205,9 +1205,13 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--port-name") && i + 1 < argc) port_name = argv[++i];
 		else if (!strcmp(argv[i], "--no-poweroff")) no_poweroff = 1;
 		else if (!strcmp(argv[i], "--exit-by-reboot")) exit_by_reboot = 1;
-		else {
+		else if (!strcmp(argv[i], "--version")) {
+			/* Also what a hot pool member runs once, as /proc/self/exe, to warm it up. */
+			puts("kvmc-agent/1");
+			return 0;
+		} else {
 			fprintf(stderr, "usage: kvmc-agent --root DIR (--port-name NAME | --port SOCKET) "
-					"[--no-poweroff] [--exit-by-reboot]\n");
+					"[--no-poweroff] [--exit-by-reboot] | --version\n");
 			return 2;
 		}
 	}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
 from tests.e2e.test_network_volumes import SERVE_8080, _fetch, _free_port
 
 pytestmark = pytest.mark.e2e
+RUN_DIR = Path("/run/kvmc")  # kvmc's sockets (tests run as root); shared by every state root
 
 
 def _pools(kvmc: Kvmc) -> list[dict]:
@@ -53,6 +55,69 @@ def test_pooled_run_behaves_like_a_cold_one(kvmc: Kvmc) -> None:
     assert _ready(kvmc, 160) == 0
     kvmc("rm", "pooled", check=True)
     assert info["domain"] not in kvmc.domains()
+
+
+def _virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True).stdout.strip()
+
+
+def _members(kvmc: Kvmc, memory_mib: int) -> list[dict]:
+    found = [json.loads(m.read_text()) for m in (kvmc.data_dir / "pool").glob("*/member.json")]
+    return [m for m in found if m["key"]["memory_mib"] == memory_mib]
+
+
+def test_hot_members_wait_paused_and_a_claim_resumes_one(kvmc: Kvmc) -> None:
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--size", "1", "-m", "352m", check=True)
+    assert [p["hot"] for p in _pools(kvmc) if p["memory_mib"] == 352] == [0]
+    # --hot makes the saved member hot and two more hot ones.
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--size", "3", "--hot", "-m", "352m", check=True)
+    [row] = [p for p in _pools(kvmc) if p["memory_mib"] == 352]
+    assert row["ready"] == 3 and row["hot"] == 3
+    members = _members(kvmc, 352)
+    assert [_virsh("domstate", m["domain"]) for m in members] == ["paused"] * 3
+    sockets = {m["domain"]: RUN_DIR / f"pool-{m['id'][:16]}.agent.sock" for m in members}
+    assert all(sock.is_socket() for sock in sockets.values())
+
+    script = 'echo "$X $(id -un) $(pwd)"; date +%s; echo err >&2; exit 3'
+    host_before = time.time()
+    hot = kvmc("-v", "run", "--name", "hot", "-m", "352m", "-e", "X=1", "-u", "app", "-w", "/tmp",
+               DEFAULT_IMAGE, "sh", "-c", script)
+    host_after = time.time()
+    assert b"claimed hot pool member" in hot.stderr and hot.returncode == 3
+    lines = hot.stdout.decode().splitlines()
+    assert lines[0] == "1 app /tmp" and host_before - 2 <= int(lines[1]) <= host_after + 2
+    assert hot.stderr.endswith(b"err\n")
+    info = json.loads(kvmc("inspect", "hot", check=True).stdout)[0]
+    assert info["boot"] == "pool" and not info["resume_paused"] and not info["restore_from"]
+    assert not sockets[info["domain"]].exists()  # moved to the container, removed with its VM
+    # Its persistent definition is the container's own: a restart boots cold from its disk.
+    again = kvmc("start", "-a", "hot")
+    assert again.returncode == 3 and again.stdout.decode().splitlines()[0] == "1 app /tmp"
+    kvmc("rm", "hot", check=True)
+    assert info["domain"] not in kvmc.domains()
+
+    # A hot member whose QEMU went away (libvirtd or host restart) is restored from its save file.
+    rest = [m for m in members if m["domain"] != info["domain"]]
+    for member in rest:
+        _virsh("destroy", member["domain"])
+    assert [p["hot"] for p in _pools(kvmc) if p["memory_mib"] == 352] == [0]
+    restored = kvmc("-v", "run", "--rm", "-m", "352m", DEFAULT_IMAGE, "echo", "restored")
+    assert restored.stdout == b"restored\n" and b"claimed pool member" in restored.stderr
+    [claimed] = [m for m in rest if m["domain"] not in {x["domain"] for x in _members(kvmc, 352)}]
+    deadline = time.time() + 10  # --rm answers first, libvirt drops the paused VM just after
+    while claimed["domain"] in _virsh("list", "--all", "--name").split() and time.time() < deadline:
+        time.sleep(0.1)
+    assert claimed["domain"] not in _virsh("list", "--all", "--name").split()
+    assert not list(RUN_DIR.glob(f"pool-{claimed['id'][:16]}.*"))
+
+    # pool rm removes a hot member's QEMU and socket too.
+    kvmc("pool", "warm", DEFAULT_IMAGE, "--size", "2", "--hot", "-m", "352m", check=True)
+    left = _members(kvmc, 352)
+    assert len(left) == 2 and "paused" in {_virsh("domstate", m["domain"]) for m in left}
+    kvmc("pool", "rm", check=True)
+    names = _virsh("list", "--all", "--name").split()
+    assert not {m["domain"] for m in left} & set(names)
+    assert not [p for m in left for p in RUN_DIR.glob(f"pool-{m['id'][:16]}.*")]
 
 
 def test_restored_clones_read_different_random_bytes(kvmc: Kvmc) -> None:

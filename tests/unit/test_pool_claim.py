@@ -11,8 +11,10 @@ from kvmc.pool import MEMBER_FILE, Member, Pool, PoolKey
 KEY = PoolKey(image_id="a" * 64, memory_mib=128, cpus=1, accel="tcg", guest_digest="g")
 
 
-def _pool(tmp_path: Path) -> Pool:
-    return Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path)))
+def _pool(tmp_path: Path, paused: frozenset[str] = frozenset()) -> Pool:
+    """A pool over ``tmp_path`` whose libvirt knows the domains in ``paused`` as hot members."""
+    hv = SimpleNamespace(state=lambda name: "paused" if name in paused else "shutoff")
+    return Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path, run_dir=tmp_path / "run"), hv=hv))
 
 
 def _member(pool: Pool, n: int, key: PoolKey = KEY) -> Member:
@@ -36,6 +38,16 @@ def test_claim_matches_the_key_only(tmp_path: Path) -> None:
     claimed = pool.claim(KEY, tmp_path / "c2")
     assert claimed is not None and claimed.id == f"{2:064x}"
     assert (tmp_path / "c2" / MEMBER_FILE).exists()
+
+
+def test_claim_takes_a_hot_member_first(tmp_path: Path) -> None:
+    pool = _pool(tmp_path, paused=frozenset({f"kvmc-pool-{2:016x}"}))
+    for n in (1, 2, 3):
+        _member(pool, n)
+    first = pool.claim(KEY, tmp_path / "c1")
+    assert first is not None and first.id == f"{2:064x}" and pool.is_hot(first)
+    second = pool.claim(KEY, tmp_path / "c2")
+    assert second is not None and not pool.is_hot(second)
 
 
 def test_warming_members_are_not_claimable(tmp_path: Path) -> None:
@@ -78,9 +90,10 @@ def test_abandoned_warm_ups_are_listed_without_side_effects_and_removed_by_gc(tm
     (tmp_path / "shm").mkdir()
     calls: list[tuple[str, str]] = []
     hv = SimpleNamespace(undefine=lambda name: calls.append(("undefine", name)),
-                         destroy=lambda name: calls.append(("destroy", name)))
+                         destroy=lambda name: calls.append(("destroy", name)), state=lambda name: "shutoff")
     images = SimpleNamespace(list=lambda: [])
-    pool = Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path), hv=hv, images=images,
+    pool = Pool(SimpleNamespace(config=SimpleNamespace(data_dir=tmp_path, run_dir=tmp_path / "run"), hv=hv,
+                                images=images,
                                 guest=lambda: SimpleNamespace(digest="g")))
     member_dir = pool.root / f".warming-{'1' * 64}"
     template_dir = pool.templates_root / f".warming-{'2' * 64}"
