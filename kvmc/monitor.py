@@ -235,24 +235,35 @@ class Monitor:
     def _finish(self, result: ProcessResult | None, failure: str | None) -> Callable[[], None] | None:
         """Stop the VM, record the end, tell the clients, remove the container if asked to.
 
-        Returns what is left to do once the clients are gone: when the container is removed
-        and nothing of its VM outlives it, the VM is only paused here and destroyed after the
-        client has its answer. libvirt's destroy takes >= 200 ms however fast QEMU dies (it
-        polls the process in 0.2 s steps, virProcessKillPainfully), and a paused QEMU of an
-        already undefined domain whose files are deleted is nothing kvmc still shows (gc
-        knows it by its reaping marker); the monitor stays until libvirt has dropped it.
+        Returns what is left to do once the clients are gone, so that a client hears the exit
+        code as soon as the process has ended:
+
+        * a removed container whose VM leaves nothing behind: its VM is only paused here and
+          destroyed afterwards. libvirt's destroy takes >= 200 ms however fast QEMU dies (it
+          polls the process in 0.2 s steps, virProcessKillPainfully), and a paused QEMU of an
+          already undefined domain whose files are deleted is nothing kvmc still shows (gc
+          knows it by its reaping marker); the monitor stays until libvirt has dropped it.
+        * a kept container without volumes: it is recorded exited (docker's state follows the
+          process) while its guest powers off (~0.3 s under TCG, so the disk is consistent for
+          a later start); the record keeps naming this monitor until the VM is off, and
+          ``start``/``rm`` wait for it or end it.
+
+        Containers with named volumes, and VMs that failed, are stopped before anyone hears:
+        the volume's ext4 must be cleanly unmounted when ``run`` returns.
         """
         record = self.record
         vm_failed = result is None
         removing = record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure)
-        # Named volumes outlive the VM: the agent unmounts them cleanly on the way out, so a
-        # container with volumes is let power off (or destroyed if it failed).
-        quick = removing and not any(m["kind"] == "volume" for m in record.mounts)
+        has_volumes = any(m["kind"] == "volume" for m in record.mounts)
+        quick = removing and not has_volumes
+        powering_off = not removing and not vm_failed and not has_volumes
         try:
             if quick:
                 self._freeze(record.domain)
-            elif vm_failed or not self.rt.hv.wait_stopped(record.domain, self.rt.SHUTOFF_WAIT_S):
+            elif vm_failed:
                 self.rt.hv.destroy(record.domain)
+            elif not powering_off:
+                self._power_off(record.domain)
         except KvmcError as exc:  # libvirt unreachable: still record the exit; gc/rm finish later
             print(f"kvmc-monitor: {exc}", file=sys.stderr)
         if result is not None:
@@ -262,7 +273,8 @@ class Monitor:
         try:
             self.rt.state.update(
                 record, state="exited", finished_at=now_iso(), exit_code=code, error=error,
-                guest_uptime_ms=result.started_uptime_ms if result else None, monitor_pid=None,
+                guest_uptime_ms=result.started_uptime_ms if result else None,
+                monitor_pid=os.getpid() if powering_off else None,
             )
         except OSError:
             pass  # removed under us (rm -f): nothing left to record
@@ -271,10 +283,24 @@ class Monitor:
             self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, encode_exit(code)))
         elif self.pending_exit is not None:
             self._broadcast(self.pending_exit)
+        if powering_off:
+            return self._release_after_power_off
         if not removing:
             return None
         self.rt.discard(record, stop_vm=not quick)
         return (lambda: self.rt.reap(record.domain)) if quick else None
+
+    def _power_off(self, domain: str) -> None:
+        """Wait for the guest's own power-off (the agent's, after EXIT_ACK); destroy if it hangs."""
+        if not self.rt.hv.wait_stopped(domain, self.rt.SHUTOFF_WAIT_S):
+            self.rt.hv.destroy(domain)
+
+    def _release_after_power_off(self) -> None:
+        self._power_off(self.record.domain)
+        try:
+            self.rt.state.update(self.record, monitor_pid=None)
+        except OSError:
+            pass  # removed meanwhile
 
     def _freeze(self, domain: str) -> None:
         """Pause a running VM (ms); one that is not running, or cannot pause, is destroyed."""

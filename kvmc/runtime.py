@@ -92,6 +92,17 @@ def _pid_alive(pid: int | None) -> bool:
         return False
 
 
+def _is_monitor(pid: int | None) -> bool:
+    """A live kvmc process (monitors are forked from the kvmc CLI, so their command line is
+    kvmc's), not whatever reused the pid of one that died."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        return b"kvmc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Runtime:
     """Creates, starts, stops and removes containers; every other layer is reached through here."""
 
@@ -402,12 +413,33 @@ class Runtime:
             current = self.reconcile(self.state.load(record.id) or record)
             if current.state in ("running", "starting"):
                 raise KvmcError(f"container {record.name} is already running")
+            self._wait_powered_off(current)
             self.check_host_resources(current)
             self.state.update(record, state="starting", started_at=None, finished_at=None, exit_code=None,
                               error=None, monitor_pid=None)
             return spawn_monitor(self.config, record.id, Path(record.control_socket),
                                  self.state.container_dir(record.id) / "monitor.log",
                                  wait_attach=wait_attach, discard_on_failure=discard_on_failure)
+
+    def _wait_powered_off(self, record: ContainerRecord) -> None:
+        """An exited container's monitor may still be waiting for its guest to power off (see
+        Monitor._finish): its VM can be started again only once it is off."""
+        if record.state != "exited":
+            return
+        deadline = time.monotonic() + self.SHUTOFF_WAIT_S + 5
+        while _is_monitor(record.monitor_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _is_monitor(record.monitor_pid):
+            raise KvmcError(f"container {record.name} is still shutting down: see "
+                            f"{self.state.container_dir(record.id) / 'monitor.log'}")
+        if self.hv.state(record.domain) in ACTIVE_VM_STATES:  # its monitor was killed meanwhile
+            self.hv.destroy(record.domain)
+
+    def _end_monitor(self, record: ContainerRecord) -> None:
+        """Kill the container's monitor, if one still lives (a running container's, for rm -f,
+        or an exited one's that waits for its guest's power-off)."""
+        if record.monitor_pid and record.monitor_pid != os.getpid() and _is_monitor(record.monitor_pid):
+            os.kill(record.monitor_pid, signal.SIGKILL)
 
     def wait_started(self, record: ContainerRecord, monitor: MonitorProcess) -> ContainerRecord:
         """Wait until a detached start's process runs (or failed); raise on failure."""
@@ -576,8 +608,7 @@ class Runtime:
         if record.state in ("running", "starting"):
             if not force:
                 raise KvmcError(f"container {record.name} is running: stop it first or use rm -f")
-            if record.monitor_pid and _pid_alive(record.monitor_pid):
-                os.kill(record.monitor_pid, signal.SIGKILL)
+        self._end_monitor(record)
         self.discard(record)
         return record
 
@@ -637,6 +668,7 @@ class Runtime:
         removed = []
         for record in map(self.reconcile, self.state.list()):
             if record.state in ("exited", "created"):
+                self._end_monitor(record)
                 self.discard(record)
                 removed.append(record.name)
         deleted = []

@@ -82,6 +82,26 @@ def test_files_survive_stop_and_start(kvmc: Kvmc) -> None:
     kvmc("rm", "keeper", check=True)
 
 
+def test_run_answers_while_the_guest_powers_off_and_start_waits_for_it(kvmc: Kvmc) -> None:
+    # run returns with the exit code while the guest still powers off; a start right away must
+    # wait for that (its disk must be consistent), and rm right away must leave nothing.
+    script = "echo run >> /root/runs; cat /root/runs | wc -l; exit 4"
+    first = kvmc("run", "--name", "early", DEFAULT_IMAGE, "sh", "-c", script)
+    assert first.returncode == 4 and first.stdout.strip() == b"1"
+    info = _inspect(kvmc, "early")
+    assert info["state"] == "exited" and info["exit_code"] == 4
+    again = kvmc("start", "-a", "early")
+    assert again.returncode == 4 and again.stdout.strip() == b"2"
+    kvmc("rm", "early", check=True)
+    assert info["domain"] not in kvmc.domains()
+    kvmc("run", "--name", "early2", DEFAULT_IMAGE, "true", check=True)
+    domain = _inspect(kvmc, "early2")["domain"]
+    kvmc("rm", "early2", check=True)  # its monitor may still wait for the power-off: ended
+    names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert domain not in names
+
+
 def test_signal_exit_code_and_restart(kvmc: Kvmc) -> None:
     kvmc("run", "-d", "--name", "sleeper", DEFAULT_IMAGE, "sleep", "300", check=True)
     kvmc("kill", "sleeper", check=True)  # SIGKILL by default
