@@ -53,7 +53,6 @@ import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -362,6 +361,8 @@ class Pool:
             if job is None:
                 return self._make_member(key, image.disk_path, hot)
             return job[1] if self._heat(job[0], job[1], image.disk_path) else None
+
+        from concurrent.futures import ThreadPoolExecutor  # only warm-ups need threads
 
         with ThreadPoolExecutor(max_workers=2) as workers:
             for member in workers.map(one, [*cold, *([None] * missing)]):

@@ -12,7 +12,6 @@ Modules, one job each:
 * ``builder`` - the default busybox image, built locally with umoci
 """
 
-from kvmc.images.builder import add_layer, build_busybox_image, build_busybox_layout
 from kvmc.images.model import Image, ImageConfig
 from kvmc.images.refs import normalize_name, parse_reference, pull_source
 from kvmc.images.store import ImageStore, RemoveResult
@@ -29,3 +28,13 @@ __all__ = [
     "parse_reference",
     "pull_source",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - the builder's functions, imported on first use
+    """The builder (and the tools it imports) only for the commands that build images: every
+    other kvmc call, ``run`` first, is spared importing it."""
+    if name in ("add_layer", "build_busybox_image", "build_busybox_layout"):
+        from kvmc.images import builder
+
+        return getattr(builder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
