@@ -1,12 +1,16 @@
-"""Start-up and memory: cold boots against pooled (saved, pre-booted) VMs and VM-template clones.
+"""Start-up and memory: cold boots against pooled (saved, pre-booted) VMs, hot pool members and VM-template clones.
 
-Median of N runs each of `kvmc run --rm IMAGE true` cold (--no-pool), pooled (a member warmed
-beforehand is restored) and from a template (`pool warm --template`: each run clones the
-template's RAM file and device state), all at the same VM size; then the proportional set size
-(PSS) of N idle VMs of each kind (`run -d IMAGE sleep`), summed over their QEMU processes; then
-the ratios pooled/cold and template/cold (target under TCG: start-up <= 0.25) and PSS
-save-pool/cold and template/save-pool. A clone's PSS counts its share of the template's RAM
-file pages it maps; the file's other pages (tmpfs, paid once per template) are listed apart.
+Median of N runs each of `kvmc run --rm IMAGE true` (--rm: every run also pays for removing
+its container): cold (--no-pool); pooled (a member
+warmed beforehand is restored from its save file); hot (`pool warm --hot`: the member was
+restored ahead of time and waits paused, the run resumes it); and from a template (`pool warm
+--template`: each run clones the template's RAM file and device state), all at the same VM
+size; and `kvmc run IMAGE true` without --rm (the container is kept; removed outside the
+timing) cold and hot. Then the proportional set size (PSS) of the hot members waiting paused, and of N idle
+VMs of each kind (`run -d IMAGE sleep`), summed over their QEMU processes; then the ratios to
+cold (target under TCG: start-up <= 0.25) and PSS save-pool/cold and template/save-pool. A
+clone's PSS counts its share of the template's RAM file pages it maps; the file's other pages
+(tmpfs, paid once per template) are listed apart.
 Run with: .venv/bin/python bench/startup.py [--runs 5] [--image kvmc/busybox] [--memory 128m]
 """
 
@@ -31,6 +35,13 @@ def kvmc(*args: str) -> tuple[float, bytes]:
     if proc.returncode != 0:
         sys.exit(f"kvmc {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
     return wall, proc.stdout
+
+
+def data_dir() -> Path:
+    """kvmc's state root (where the pool lives), as kvmc itself resolves it."""
+    from kvmc.config import load_config
+
+    return load_config().data_dir
 
 
 def qemu_pss_kib(domain: str) -> int:
@@ -62,6 +73,15 @@ def idle_pss(image: str, memory: str, runs: int, mode: str) -> float:
         subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", *names], capture_output=True)
 
 
+def kept_runs(image: str, memory: str, runs: int, *flags: str) -> list[float]:
+    """Wall times of ``kvmc run --name N IMAGE true`` (no --rm); the containers are removed after."""
+    names = [f"bench-kept-{os.getpid()}-{i}" for i in range(runs)]
+    try:
+        return [kvmc("run", "--name", name, "-m", memory, *flags, image, "true")[0] for name in names]
+    finally:
+        subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", *names], capture_output=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -80,6 +100,17 @@ def main() -> None:
     warm_wall, _ = kvmc("pool", "warm", image, "--size", str(n), "-m", memory)
     save_mib = [p["save_mib"] for p in pools("save")]
     pooled = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
+    hot_warm_wall, _ = kvmc("pool", "warm", image, "--size", str(n), "--hot", "-m", memory)
+    if [p["hot"] for p in pools("save")] != [n]:
+        sys.exit(f"expected {n} hot members, found {pools('save')}")
+    members = [json.loads(m.read_text()) for m in (data_dir() / "pool").glob("*/member.json")]
+    pss_hot_waiting = statistics.mean(qemu_pss_kib(m["domain"]) for m in members
+                                      if m["key"]["memory_mib"] == memory_mib) / 1024
+    hot = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
+    # The same without --rm: the container is kept (removed after the timing).
+    cold_kept = kept_runs(image, memory, n, "--no-pool")
+    kvmc("pool", "warm", image, "--size", str(n), "--hot", "-m", memory)
+    hot_kept = kept_runs(image, memory, n)
     pss_cold = idle_pss(image, memory, n, "cold")
     pss_pool = idle_pss(image, memory, n, "pool")
 
@@ -98,18 +129,25 @@ def main() -> None:
     print(f"kvmc start-up, image {image}, {memory} VMs, median of {n} (seconds, MiB)")
     print(f"{'measure':<60}{'value':>10}")
     print(f"{'cold     kvmc run --rm IMAGE true (baseline)':<60}{med(cold):>10.3f}")
-    print(f"{'pooled   kvmc run --rm IMAGE true':<60}{med(pooled):>10.3f}")
+    print(f"{'pooled   kvmc run --rm IMAGE true (restore on claim)':<60}{med(pooled):>10.3f}")
+    print(f"{'hot      kvmc run --rm IMAGE true (pool warm --hot)':<60}{med(hot):>10.3f}")
     print(f"{'template kvmc run --rm IMAGE true':<60}{med(templated):>10.3f}")
+    print(f"{'cold     kvmc run IMAGE true (kept; baseline)':<60}{med(cold_kept):>10.3f}")
+    print(f"{'hot      kvmc run IMAGE true (kept)':<60}{med(hot_kept):>10.3f}")
     print(f"{'pool warm-up, per member (2 in parallel)':<60}{warm_wall / n:>10.3f}")
+    print(f"{'hot pool warm-up, per member (2 in parallel)':<60}{hot_warm_wall / n:>10.3f}")
     print(f"{'template warm-up (one template)':<60}{template_wall:>10.3f}")
     print(f"{'save file per member':<60}{(save_mib[0] if save_mib else float('nan')):>10.1f}")
     print(f"{'template device state file':<60}{template['save_mib']:>10.2f}")
     print(f"{'template RAM file in tmpfs (paid once per template)':<60}{ram_mib:>10.1f}")
+    print(f"{'PSS per hot member waiting paused':<60}{pss_hot_waiting:>10.1f}")
     print(f"{'PSS per idle VM, cold boot':<60}{pss_cold:>10.1f}")
     print(f"{'PSS per idle VM, restored from the pool':<60}{pss_pool:>10.1f}")
     print(f"{'PSS per idle VM, template clone':<60}{pss_template:>10.1f}")
-    print(f"{'ratio pooled/cold start-up (target <= 0.25)':<60}{med(pooled) / med(cold):>10.2f}")
-    print(f"{'ratio template/cold start-up (target <= 0.25)':<60}{med(templated) / med(cold):>10.2f}")
+    print(f"{'ratio pooled/cold start-up, restore on claim':<60}{med(pooled) / med(cold):>10.2f}")
+    print(f"{'ratio hot pooled/cold start-up (target <= 0.25)':<60}{med(hot) / med(cold):>10.2f}")
+    print(f"{'ratio template/cold start-up':<60}{med(templated) / med(cold):>10.2f}")
+    print(f"{'ratio hot pooled/cold, kept containers (target <= 0.25)':<60}{med(hot_kept) / med(cold_kept):>10.2f}")
     print(f"{'ratio PSS save-pool/cold':<60}{pss_pool / pss_cold:>10.2f}")
     print(f"{'ratio PSS template/save-pool':<60}{pss_template / pss_pool:>10.2f}")
     print(f"{'ratio PSS template/save-pool, + RAM file/N (upper bound)':<60}"
