@@ -274,10 +274,9 @@ class Pool:
         Why: under TCG a restored QEMU starts with an empty translation cache, so the first
         fork, chroot and exec in the guest are translated anew on the claiming run's path
         (measured: the claim's RUN to STARTED took 0.15 s without this, 0.08 s with it); after
-        this they are cached in the paused QEMU. It runs
-        in the container's root (the binary is reached through /proc/self/exe, so any image
-        does) and changes nothing there; the claim's RUN still sets the clock and reseeds
-        the RNG.
+        this they are cached in the paused QEMU. It runs in the container's root (the binary
+        is reached through /proc/self/exe, so any image does) and changes nothing there; the
+        claim's RUN still sets the clock and reseeds the RNG.
         """
         self.rt.hv.resume(member.domain)
         timeout = self.rt.config.boot_timeout_s
