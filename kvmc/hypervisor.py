@@ -99,20 +99,20 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"libvirt refused the domain: {exc.get_error_message()}") from exc
 
-    def start(self, name: str) -> None:
+    def _on_domain(self, name: str, what: str, action: Callable[[Any], Any]) -> Any:
+        """Run ``action`` on domain ``name``; a libvirt error becomes "cannot WHAT VM NAME: why"."""
         dom = self._require(name)
         try:
-            dom.create()
+            return action(dom)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot start VM {name}: {exc.get_error_message()}") from exc
+            raise HypervisorError(f"cannot {what} VM {name}: {exc.get_error_message()}") from exc
+
+    def start(self, name: str) -> None:
+        self._on_domain(name, "start", lambda dom: dom.create())
 
     def save(self, name: str, path: Path) -> None:
         """Save a running VM's memory and device state to ``path``; the domain is then shut off."""
-        dom = self._require(name)
-        try:
-            dom.save(str(path))
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot save VM {name}: {exc.get_error_message()}") from exc
+        self._on_domain(name, "save", lambda dom: dom.save(str(path)))
 
     def restore(self, path: Path, xml: str, paused: bool = False) -> None:
         """Resume a saved VM; ``xml`` may change host-side paths, not the name or UUID. With
@@ -151,19 +151,11 @@ class Hypervisor:
 
     def resume(self, name: str) -> None:
         """Let a paused VM's vCPUs run (libvirt's own ``cont``, so its view of the state stays right)."""
-        dom = self._require(name)
-        try:
-            dom.resume()
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot resume VM {name}: {exc.get_error_message()}") from exc
+        self._on_domain(name, "resume", lambda dom: dom.resume())
 
     def pause(self, name: str) -> None:
         """Stop a running VM's vCPUs (a few ms; its memory and devices stay as they are)."""
-        dom = self._require(name)
-        try:
-            dom.suspend()
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot pause VM {name}: {exc.get_error_message()}") from exc
+        self._on_domain(name, "pause", lambda dom: dom.suspend())
 
     def forget(self, name: str) -> None:
         """Undefine without stopping: a running domain becomes transient, and libvirt drops it
@@ -246,14 +238,7 @@ class Hypervisor:
     def undefine(self, name: str) -> None:
         """Forget a domain (destroying it first if it runs); a missing domain is no error."""
         self.destroy(name)
-        dom = self._lookup(name)
-        if dom is None:
-            return
-        try:
-            dom.undefine()
-        except libvirt.libvirtError as exc:
-            if self._lookup(name) is not None:
-                raise HypervisorError(f"cannot undefine VM {name}: {exc.get_error_message()}") from exc
+        self.forget(name)
 
     def metadata(self, name: str, namespace: str) -> str | None:
         """The XML of the domain's ``<metadata>`` element in ``namespace``, or None."""
