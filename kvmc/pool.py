@@ -301,6 +301,7 @@ class Pool:
             self._restore_paused(member, warming, image_disk)
         except BaseException:
             self.rt.hv.destroy(member.domain)  # stays a saved member: its save file is intact
+            self.member_socket(member).unlink(missing_ok=True)
             raise
         finally:
             os.rename(warming, path)
