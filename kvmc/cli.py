@@ -1,39 +1,47 @@
-"""The kvmc command line: parse flags, print, map errors to docker's exit codes. No logic.
+"""The kvmc command line: parse flags, make one service call, print. No rules of its own.
 
-Exit codes follow docker: the container command's own code; 125 when kvmc itself fails
+Every rule (what may be removed, which states allow what) is in kvmc/service, shared with the
+API server; this module only turns flags into service calls, results into text, and errors
+into docker's exit codes: the container command's own code; 125 when kvmc itself fails
 (including bad flags); 126 when the command cannot be invoked; 127 when it is not found.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import typer
 
 from kvmc.config import Config, load_config
-from kvmc.errors import KvmcError
+from kvmc.errors import KvmcError, UsageError
+from kvmc.service.reports import for_each
 from kvmc.process import ProcessOptions, parse_cpus, parse_memory
 
+# Help texts are plain text: "[HOSTIP:]" and "[/tcp|udp]" are docker's syntax, not rich markup.
+_PLAIN = {"rich_markup_mode": None, "no_args_is_help": True}
 app = typer.Typer(
     help="Run OCI container images as lightweight microVMs: one VM per container, docker's workflow.",
-    no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
+    **_PLAIN,
 )
-image_app = typer.Typer(help="Manage images in kvmc's local store.", no_args_is_help=True)
+image_app = typer.Typer(help="Manage images in kvmc's local store.", **_PLAIN)
 app.add_typer(image_app, name="image")
-volume_app = typer.Typer(help="Named volumes: ext4 disks that outlive containers (-v NAME:/path).",
-                         no_args_is_help=True)
+volume_app = typer.Typer(help="Named volumes: ext4 disks that outlive containers (-v NAME:/path).", **_PLAIN)
 app.add_typer(volume_app, name="volume")
-system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", no_args_is_help=True)
+system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", **_PLAIN)
 app.add_typer(system_app, name="system")
 pool_app = typer.Typer(help="Pools of pre-booted, saved VMs (or VM templates) that 'run' restores (or "
-                       "clones) instead of booting.",
-                       no_args_is_help=True)
+                       "clones) instead of booting.", **_PLAIN)
 app.add_typer(pool_app, name="pool")
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 _state: dict[str, object] = {}
 
@@ -44,16 +52,40 @@ def _config() -> Config:
     return _state["config"]  # type: ignore[return-value]
 
 
-def _runtime():  # noqa: ANN202 - imported lazily: `kvmc --help` must not need libvirt
-    from kvmc.runtime import Runtime
+def _services():  # noqa: ANN202 - imported lazily: `kvmc --help` must not need libvirt
+    if "services" not in _state:
+        from kvmc.service import Services
 
-    return Runtime(_config(), verbose=bool(_state.get("verbose")))
+        _state["services"] = Services.for_config(_config(), verbose=bool(_state.get("verbose")))
+    return _state["services"]
 
 
-def _store():  # noqa: ANN202
-    from kvmc.images import ImageStore
+@contextmanager
+def _forward_signals(send: Callable[[int], None]) -> Iterator[None]:
+    """While a process is attached, this terminal's signals go to it (docker's --sig-proxy)."""
+    previous = {sig: signal.signal(sig, lambda signum, _frame: send(signum)) for sig in FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
-    return ImageStore(_config().images_dir)
+
+def _stdio() -> tuple:
+    return sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer
+
+
+def _report_each(reports: list, exit_code: int | None = 1) -> None:
+    """Print each item's ref (or its error); if any failed, exit with ``exit_code`` (None:
+    the first failure's own code, 125 for kvmc's errors)."""
+    failed = [r.error for r in reports if not r.ok]
+    for report in reports:
+        if report.ok:
+            typer.echo(report.ref)
+        else:
+            typer.echo(f"kvmc: {report.error}", err=True)
+    if failed:
+        raise typer.Exit(failed[0].exit_code if exit_code is None else exit_code)
 
 
 @app.callback()
@@ -74,7 +106,7 @@ def _run_options(
     if args and args[0] == "--":
         args = args[1:]
     return RunOptions(
-        image=image,
+        image=image, host_env=os.environ,
         process=ProcessOptions(
             command=args, entrypoint=entrypoint, env=list(env or []), env_files=list(env_file or []),
             workdir=workdir, user=user, hostname=hostname, interactive=interactive,
@@ -131,12 +163,14 @@ def run(
     'kvmc inspect' (boot: template, pool or cold).
     """
     if detach and interactive:
-        raise KvmcError("-d and -i cannot be combined: a detached container has no stdin")
+        raise UsageError("-d and -i cannot be combined: a detached container has no stdin")
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only)
     opts.use_pool = not no_pool
-    code = _runtime().run(opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer)
-    raise typer.Exit(code)
+    record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals)
+    if code is None:
+        typer.echo(record.id)
+    raise typer.Exit(code or 0)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -152,7 +186,7 @@ def create(
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
                         False, True, hostname, accel, network, publish, volume, tmpfs, read_only)
-    typer.echo(_runtime().create(opts).id)
+    typer.echo(_services().containers.create(opts).id)
 
 
 @app.command()
@@ -161,14 +195,13 @@ def start(
     attach_: bool = typer.Option(False, "-a", "--attach", help="Attach to the output and wait for the exit."),
 ) -> None:
     """Start created or stopped containers (their disks keep what they wrote)."""
-    rt = _runtime()
-    for ref in containers:
-        record = rt.state.resolve(ref)
-        monitor = rt.start(record, wait_attach=attach_)
-        if attach_:
-            raise typer.Exit(rt.attach(record, None, sys.stdout.buffer, sys.stderr.buffer))
-        rt.wait_started(record, monitor)
-        typer.echo(ref)
+    service = _services().containers
+    if attach_:
+        if len(containers) > 1:
+            raise UsageError("you cannot start and attach multiple containers at once")
+        _, stdout, stderr = _stdio()
+        raise typer.Exit(service.start_attached(containers[0], None, stdout, stderr, signals=_forward_signals))
+    _report_each(for_each(containers, service.start), exit_code=None)
 
 
 @app.command()
@@ -177,10 +210,8 @@ def stop(
     time_: Optional[int] = typer.Option(None, "-t", "--time", help="Seconds to wait after SIGTERM before SIGKILL (default 10)."),
 ) -> None:
     """Stop running containers: SIGTERM, SIGKILL after the timeout, then the VM powers off."""
-    rt = _runtime()
-    for ref in containers:
-        rt.stop(ref, time_)
-        typer.echo(ref)
+    service = _services().containers
+    _report_each(for_each(containers, lambda ref: service.stop(ref, time_)), exit_code=None)
 
 
 @app.command()
@@ -189,11 +220,8 @@ def restart(
     time_: Optional[int] = typer.Option(None, "-t", "--time", help="Seconds to wait before killing it."),
 ) -> None:
     """Stop then start containers."""
-    rt = _runtime()
-    for ref in containers:
-        record = rt.stop(ref, time_)
-        rt.wait_started(record, rt.start(record))
-        typer.echo(ref)
+    service = _services().containers
+    _report_each(for_each(containers, lambda ref: service.restart(ref, time_)), exit_code=None)
 
 
 @app.command()
@@ -202,28 +230,19 @@ def kill(
     signal_: str = typer.Option("KILL", "-s", "--signal", help="Signal name or number (default KILL)."),
 ) -> None:
     """Send a signal to containers' main processes."""
-    import signal as signals
+    from kvmc.service.containers import parse_signal
 
-    name = signal_.upper().removeprefix("SIG")
-    try:
-        signum = int(name) if name.isdigit() else int(getattr(signals, f"SIG{name}"))
-    except AttributeError:
-        raise KvmcError(f'invalid signal "{signal_}"') from None
-    rt = _runtime()
-    for ref in containers:
-        rt.kill(ref, signum)
-        typer.echo(ref)
+    signum = parse_signal(signal_)
+    service = _services().containers
+    _report_each(for_each(containers, lambda ref: service.kill(ref, signum)), exit_code=None)
 
 
 @app.command()
 def wait(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
     """Block until containers stop, then print their exit codes."""
-    rt = _runtime()
+    service = _services().containers
     for ref in containers:
-        record = rt.state.resolve(ref)
-        rt.wait_exited(record)
-        current = rt.state.load(record.id)
-        typer.echo(current.exit_code if current and current.exit_code is not None else 0)
+        typer.echo(service.wait(ref))
 
 
 @app.command(name="exec", context_settings={"allow_interspersed_args": False})
@@ -237,20 +256,15 @@ def exec_(
     args = list(command)
     if args and args[0] == "--":
         args = args[1:]
-    if not args:
-        raise KvmcError("exec needs a command")
     opts = ProcessOptions(command=args, env=list(env or []), workdir=workdir, user=user, interactive=interactive)
-    raise typer.Exit(_runtime().exec(container, opts, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer))
+    raise typer.Exit(_services().containers.exec(container, opts, *_stdio(), signals=_forward_signals,
+                                                 host_env=os.environ))
 
 
 @app.command()
 def attach(container: str = typer.Argument(..., help="Container name or id prefix.")) -> None:
     """Attach to a running container's output (and stdin) until it exits."""
-    rt = _runtime()
-    record = rt.reconcile(rt.state.resolve(container))
-    if record.state != "running":
-        raise KvmcError(f"container {record.name} is not running")
-    raise typer.Exit(rt.attach(record, sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer))
+    raise typer.Exit(_services().containers.attach(container, *_stdio(), signals=_forward_signals))
 
 
 @app.command("ps")
@@ -260,21 +274,21 @@ def ps(
     format_: Optional[str] = typer.Option(None, "--format", help="'json' for one JSON object per line."),
 ) -> None:
     """List containers."""
-    rt = _runtime()
-    records = [r for r in map(rt.reconcile, rt.state.list()) if all_ or r.state == "running"]
+    service = _services().containers
+    records = service.list(all_)
     if quiet:
         for r in records:
             typer.echo(r.short_id)
         return
     if format_ == "json":
         for r in records:
-            typer.echo(json.dumps(rt.inspect(r.id)))
+            typer.echo(json.dumps(service.inspect(r.id)))
         return
     from kvmc.network import format_ports
 
     rows = [("CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "NAMES")]
     for r in records:
-        cmd = " ".join(r.process["args"])
+        cmd = " ".join(r.process.args)
         cmd = f'"{cmd[:20]}…"' if len(cmd) > 21 else f'"{cmd}"'
         status = f"Exited ({r.exit_code})" if r.state == "exited" else r.state.capitalize()
         rows.append((r.short_id, r.image[:22], cmd, status, format_ports(r.ports), r.name))
@@ -289,24 +303,15 @@ def rm(
     force: bool = typer.Option(False, "-f", "--force", help="Kill a running container first."),
 ) -> None:
     """Remove containers: their VM, disk, sockets and logs."""
-    rt = _runtime()
-    failed = False
-    for ref in containers:
-        try:
-            rt.remove(ref, force=force)
-            typer.echo(ref)
-        except KvmcError as exc:
-            typer.echo(f"kvmc: {exc}", err=True)
-            failed = True
-    if failed:
-        raise typer.Exit(1)
+    service = _services().containers
+    _report_each(for_each(containers, lambda ref: service.remove(ref, force=force)))
 
 
 @app.command()
 def inspect(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
     """Show containers' records as JSON."""
-    rt = _runtime()
-    typer.echo(json.dumps([rt.inspect(ref) for ref in containers], indent=2))
+    service = _services().containers
+    typer.echo(json.dumps([service.inspect(ref) for ref in containers], indent=2))
 
 
 @app.command()
@@ -317,17 +322,7 @@ def logs(
     timestamps: bool = typer.Option(False, "-t", "--timestamps", help="Prefix each chunk with its time."),
 ) -> None:
     """Print a container's output (kept in its log, whether it ran attached or detached)."""
-    from kvmc.logs import follow_log
-
-    rt = _runtime()
-    record = rt.state.resolve(container)
-    log = rt.state.container_dir(record.id) / "container.log"
-
-    def running() -> bool:
-        current = rt.state.load(record.id)
-        return current is not None and rt.reconcile(current).state in ("running", "starting")
-
-    for entry in follow_log(log, tail=tail, follow=follow, still_running=running):
+    for entry in _services().containers.logs(container, tail=tail, follow=follow):
         stream = sys.stdout if entry["stream"] == "stdout" else sys.stderr
         stream.write(f"{entry['time']} {entry['log']}" if timestamps else entry["log"])
         stream.flush()
@@ -336,7 +331,7 @@ def logs(
 @app.command()
 def images(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids.")) -> None:
     """List images in the local store."""
-    found = _store().list()
+    found = _services().images.list()
     if quiet:
         for img in found:
             typer.echo(img.short_id)
@@ -350,7 +345,7 @@ def images(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show id
 @app.command()
 def pull(ref: str = typer.Argument(..., help="Registry reference, e.g. alpine or quay.io/x/y:tag.")) -> None:
     """Pull an image from a registry with skopeo (needs network access to the registry)."""
-    img = _store().pull(ref)
+    img = _services().images.pull(ref)
     typer.echo(f"{img.tags[0] if img.tags else ref}: {img.id}")
 
 
@@ -360,14 +355,14 @@ def rmi(
     force: bool = typer.Option(False, "-f", "--force", help="Remove an id with several tags."),
 ) -> None:
     """Remove images (untag; delete the disk when no tag remains)."""
-    rt = _runtime()
-    for ref in refs:
-        rt.check_image_unused(ref)
-        result = rt.images.remove(ref, force=force)
-        for tag in result.untagged:
+    service = _services().images
+    for report in for_each(refs, lambda ref: service.remove(ref, force=force)):
+        if not report.ok:
+            raise report.error
+        for tag in report.result.untagged:
             typer.echo(f"Untagged: {tag}")
-        if result.deleted:
-            typer.echo(f"Deleted: sha256:{result.deleted}")
+        if report.result.deleted:
+            typer.echo(f"Deleted: sha256:{report.result.deleted}")
 
 
 @image_app.command("import")
@@ -376,16 +371,14 @@ def image_import(
     name: Optional[str] = typer.Option(None, "--name", "-t", help="name:tag for the image."),
 ) -> None:
     """Import an image from an OCI layout directory or a docker-save tarball."""
-    img = _store().import_path(path, name)
+    img = _services().images.import_path(path, name)
     typer.echo(f"{', '.join(img.tags)}: {img.id}")
 
 
 @image_app.command("build-default")
 def image_build_default(name: str = typer.Option("kvmc/busybox:latest", "--name", "-t", help="name:tag.")) -> None:
     """Build kvmc's default image locally from the host's busybox-static (no registry needed)."""
-    from kvmc.images import build_busybox_image
-
-    img = build_busybox_image(_store(), name)
+    img = _services().images.build_default(name)
     typer.echo(f"{name}: {img.id}")
 
 
@@ -420,30 +413,21 @@ def pool_warm(
     VM for this image and size (made if there is none), whose captured RAM and device state
     serve any number of runs (clones); --size and --hot do not apply.
     """
-    from kvmc.network import parse_network
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvmc.pool import Pool
-
-    rt = _runtime()
-    config = rt.config
-    memory_mib = parse_memory(memory) if memory else config.memory_mib
-    cpu_count = parse_cpus(cpus) if cpus else config.cpus
+    service = _services().pools
+    memory_mib = parse_memory(memory) if memory else None
+    cpu_count = parse_cpus(cpus) if cpus else None
     if template:
-        if size is not None or hot:
-            raise KvmcError(f"{'--size' if size is not None else '--hot'} does not apply to --template: "
-                            "one template serves any number of runs")
-        made, new = Pool(rt).warm_template(image, memory_mib, cpu_count, accel, parse_network(network))
+        made, new = service.warm_template(image, memory_mib, cpu_count, accel, network, size, hot)
         typer.echo(f"template {made.id[:12]} {'made' if new else 'already ready'} for {image} "
                    f"(RAM file {made.mem_path})")
         return
     with Progress(TextColumn("warming {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task(image, total=None)
-        made = Pool(rt).warm(
-            image, 2 if size is None else size, memory_mib, cpu_count, accel,
-            lambda done, total: progress.update(task, completed=done, total=total), parse_network(network), hot,
-        )
+        made = service.warm(image, size, memory_mib, cpu_count, accel, network, hot,
+                            lambda done, total: progress.update(task, completed=done, total=total))
     typer.echo(f"{len(made)} member(s) {'made or heated' if hot else 'warmed'} for {image}")
 
 
@@ -452,9 +436,7 @@ def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json'
     """List pools: mode (save or template), image, VM size, ready members (HOT: of those, how
     many wait restored and paused) and stale ones, or templates, save (or template state) file
     size, and a template's RAM file size in tmpfs."""
-    from kvmc.pool import Pool
-
-    rows = Pool(_runtime()).summary()
+    rows = _services().pools.summary()
     if format_ == "json":
         for row in rows:
             typer.echo(json.dumps(row))
@@ -474,11 +456,7 @@ def pool_rm(
     mode: Optional[str] = typer.Option(None, "--mode", help="Only 'save' members or only 'template's."),
 ) -> None:
     """Remove pool members and templates: their saved state, disks, RAM files and domains."""
-    from kvmc.pool import Pool
-
-    if mode not in (None, "save", "template"):
-        raise KvmcError(f'--mode must be "save" or "template", not "{mode}"')
-    members, templates = Pool(_runtime()).remove(image, mode)
+    members, templates = _services().pools.remove(image, mode)
     typer.echo(f"removed {members} member(s) and {templates} template(s)")
 
 
@@ -486,9 +464,7 @@ def pool_rm(
 def pool_gc() -> None:
     """Remove members and templates made from an image or guest kernel that has changed, and
     abandoned warm-ups."""
-    from kvmc.pool import Pool
-
-    members, templates = Pool(_runtime()).gc()
+    members, templates = _services().pools.gc()
     typer.echo(f"removed {members} stale member(s) and {templates} stale template(s)")
 
 
@@ -498,67 +474,49 @@ def volume_create(
     size: str = typer.Option("1g", "--size", help="Disk size (sparse: only written blocks use space)."),
 ) -> None:
     """Create a named volume (an ext4 disk image)."""
-    from kvmc.volumes import VolumeStore, parse_size
+    from kvmc.volumes import parse_size
 
-    typer.echo(VolumeStore(_config().volumes_dir).create(name, parse_size(size)).name)
+    typer.echo(_services().volumes.create(name, parse_size(size)).name)
 
 
 @volume_app.command("ls")
 def volume_ls(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show names.")) -> None:
     """List named volumes."""
-    from kvmc.volumes import VolumeStore
-
-    store = VolumeStore(_config().volumes_dir)
-    volumes = store.list()
+    views = _services().volumes.list()
     if quiet:
-        for v in volumes:
-            typer.echo(v.name)
+        for view in views:
+            typer.echo(view.volume.name)
         return
     typer.echo(f"{'VOLUME NAME':<32}{'SIZE':>10}{'USED':>10}")
-    for v in volumes:
-        typer.echo(f"{v.name:<32}{v.size_bytes / 2**20:>8.0f}Mi{store.usage_bytes(v) / 2**20:>8.1f}Mi")
+    for view in views:
+        v = view.volume
+        typer.echo(f"{v.name:<32}{v.size_bytes / 2**20:>8.0f}Mi{view.usage_bytes / 2**20:>8.1f}Mi")
 
 
 @volume_app.command("inspect")
 def volume_inspect(names: List[str] = typer.Argument(..., help="Volume names.")) -> None:
     """Show volumes as JSON, with the containers that mount them."""
-    rt = _runtime()
-    typer.echo(json.dumps([{**rt.volumes.get(n).to_dict(), "used_by": rt.volume_users(n)} for n in names], indent=2))
+    service = _services().volumes
+    typer.echo(json.dumps([service.get(n).to_dict() for n in names], indent=2))
 
 
 @volume_app.command("rm")
 def volume_rm(names: List[str] = typer.Argument(..., help="Volume names.")) -> None:
     """Remove volumes and their data; a volume that a container still mounts is refused."""
-    from kvmc.volumes import VolumeInUse
-
-    rt = _runtime()
-    failed = False
-    for name in names:
-        try:
-            users = rt.volume_users(name)
-            if users:
-                raise VolumeInUse(f"volume {name} is in use by container(s) {', '.join(users)}: remove them first")
-            rt.volumes.remove(name)
-            typer.echo(name)
-        except KvmcError as exc:
-            typer.echo(f"kvmc: {exc}", err=True)
-            failed = True
-    if failed:
-        raise typer.Exit(1)
+    _report_each(for_each(names, _services().volumes.remove))
 
 
 @app.command()
 def gc(force: bool = typer.Option(False, "--force", "-f", help="Remove what is found instead of listing it.")) -> None:
     """Find kvmc VMs that no container record owns (left by a crash) and, with --force, remove them."""
-    rt = _runtime()
-    for name in rt.gc(force):
+    for name in _services().system.gc(force):
         typer.echo(f"{'removed' if force else 'orphan'} {name}")
 
 
 @system_app.command("df")
 def system_df() -> None:
     """Show the disk space used by images and containers, and what prune could reclaim."""
-    usage = _runtime().disk_usage()
+    usage = _services().system.disk_usage()
     typer.echo(f"{'TYPE':<12}{'TOTAL':>7}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
     for kind, key, active in (("Images", "images", "active"), ("Containers", "containers", "running"),
                               ("Volumes", "volumes", "active")):
@@ -571,7 +529,7 @@ def system_prune(
     all_: bool = typer.Option(False, "-a", "--all", help="Also remove every image no container uses."),
 ) -> None:
     """Remove stopped containers (and with -a, unused images)."""
-    removed, deleted = _runtime().prune(all_)
+    removed, deleted = _services().system.prune(all_)
     for name in removed:
         typer.echo(f"Deleted container: {name}")
     for image in deleted:
@@ -581,13 +539,11 @@ def system_prune(
 @app.command()
 def info() -> None:
     """Show the host setup: libvirt, guest kernel, and the accelerator kvmc will use."""
-    rt = _runtime()
-    guest = rt.guest()
-    choice = rt.accel()
-    typer.echo(f"data dir:     {rt.config.data_dir}")
-    typer.echo(f"libvirt:      {rt.config.libvirt_uri}")
-    typer.echo(f"guest kernel: {guest.kernel} ({guest.kernel_release})")
-    typer.echo(f"accelerator:  {choice.accel} ({choice.reason})")
+    facts = _services().system.info()
+    typer.echo(f"data dir:     {facts.data_dir}")
+    typer.echo(f"libvirt:      {facts.libvirt_uri}")
+    typer.echo(f"guest kernel: {facts.guest_kernel} ({facts.kernel_release})")
+    typer.echo(f"accelerator:  {facts.accel} ({facts.accel_reason})")
 
 
 def main() -> None:

@@ -240,6 +240,20 @@ class Hypervisor:
         self.destroy(name)
         self.forget(name)
 
+    def stats(self, name: str) -> dict[str, int]:
+        """A running VM's resource use: ``cpu_ns`` (all vCPUs' time), ``memory_kib`` (the guest's
+        size), ``rss_kib`` (QEMU's resident memory, 0 when libvirt cannot tell) and ``vcpus``."""
+        dom = self._require(name)
+        try:
+            _state, _max_kib, memory_kib, vcpus, cpu_ns = dom.info()
+            try:
+                rss = int(dom.memoryStats().get("rss", 0))
+            except libvirt.libvirtError:
+                rss = 0
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot read the statistics of VM {name}: {exc.get_error_message()}") from exc
+        return {"cpu_ns": int(cpu_ns), "memory_kib": int(memory_kib), "rss_kib": rss, "vcpus": int(vcpus)}
+
     def metadata(self, name: str, namespace: str) -> str | None:
         """The XML of the domain's ``<metadata>`` element in ``namespace``, or None."""
         dom = self._lookup(name)

@@ -36,11 +36,15 @@ from kvmc.agent import (
     parse_exit,
     parse_uptime,
 )
-from kvmc.config import Config, load_config
+from kvmc.config import load_config
+from kvmc.context import HostContext
 from kvmc.errors import AgentProtocolError, KvmcError
-from kvmc.state import ContainerRecord, now_iso
+from kvmc.state import ContainerRecord, State, now_iso
+from kvmc.vmlife import VMLife
 
 ATTACH_WAIT_S = 30.0
+SHUTOFF_WAIT_S = 15.0
+"""How long a guest may take to power off after its process ended before it is destroyed."""
 _RELAYED_TO_ATTACHED = {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.ERROR, FrameType.EXIT}
 
 
@@ -74,8 +78,9 @@ class JsonLog:
 class Monitor:
     """Boot one container's VM, relay its agent, record its end. Runs in its own process."""
 
-    def __init__(self, runtime, record: ContainerRecord, wait_attach: bool, discard_on_failure: bool) -> None:  # noqa: ANN001
-        self.rt = runtime
+    def __init__(self, life: VMLife, record: ContainerRecord, wait_attach: bool, discard_on_failure: bool) -> None:
+        self.life = life
+        self.host = life.host
         self.record = record
         self.wait_attach = wait_attach
         self.discard_on_failure = discard_on_failure
@@ -86,7 +91,7 @@ class Monitor:
         self.execs: dict[int, Client] = {}
         self.lock = threading.Lock()
         self.clients: set[Client] = set()
-        self.log = JsonLog(runtime.state.container_dir(record.id) / "container.log")
+        self.log = JsonLog(self.host.state.container_dir(record.id) / "container.log")
         self.pending_exit: Frame | None = None
 
     # ---------------------------------------------------------------- clients
@@ -205,7 +210,7 @@ class Monitor:
         try:
             if self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
                 raise KvmcError("no client attached to the container within 30 s")
-            self.conn = self.rt.boot(record)
+            self.conn = self.life.boot(record)
             self.conn_ready.set()
             result = self._relay(self.conn)
         except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
@@ -213,7 +218,7 @@ class Monitor:
                 traceback.print_exc()
             failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
             if self.conn is not None and record.started_at:
-                failure = self.rt.vm_lost_reason(record, failure)
+                failure = self.life.vm_lost_reason(record, failure)
         finally:
             self.conn_ready.set()
         deferred = self._finish(result, failure)
@@ -254,14 +259,14 @@ class Monitor:
         record = self.record
         vm_failed = result is None
         removing = record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure)
-        has_volumes = any(m["kind"] == "volume" for m in record.mounts)
+        has_volumes = bool(record.volume_names)
         quick = removing and not has_volumes
         powering_off = not removing and not vm_failed and not has_volumes
         try:
             if quick:
                 self._freeze(record.domain)
             elif vm_failed:
-                self.rt.hv.destroy(record.domain)
+                self.host.hv.destroy(record.domain)
             elif not powering_off:
                 self._power_off(record.domain)
         except KvmcError as exc:  # libvirt unreachable: still record the exit; gc/rm finish later
@@ -271,8 +276,8 @@ class Monitor:
         else:
             code, error = (137 if record.started_at else 125), failure
         try:
-            self.rt.state.update(
-                record, state="exited", finished_at=now_iso(), exit_code=code, error=error,
+            self.host.state.update(
+                record, state=State.EXITED, finished_at=now_iso(), exit_code=code, error=error,
                 guest_uptime_ms=result.started_uptime_ms if result else None,
                 monitor_pid=os.getpid() if powering_off else None,
             )
@@ -287,30 +292,30 @@ class Monitor:
             return self._release_after_power_off
         if not removing:
             return None
-        self.rt.discard(record, stop_vm=not quick)
-        return (lambda: self.rt.reap(record.domain)) if quick else None
+        self.life.discard(record, stop_vm=not quick)
+        return (lambda: self.life.reap(record.domain)) if quick else None
 
     def _power_off(self, domain: str) -> None:
         """Wait for the guest's own power-off (the agent's, after EXIT_ACK); destroy if it hangs."""
-        if not self.rt.hv.wait_stopped(domain, self.rt.SHUTOFF_WAIT_S):
-            self.rt.hv.destroy(domain)
+        if not self.host.hv.wait_stopped(domain, SHUTOFF_WAIT_S):
+            self.host.hv.destroy(domain)
 
     def _release_after_power_off(self) -> None:
         self._power_off(self.record.domain)
         try:
-            self.rt.state.update(self.record, monitor_pid=None)
+            self.host.state.update(self.record, monitor_pid=None)
         except OSError:
             pass  # removed meanwhile
 
     def _freeze(self, domain: str) -> None:
         """Pause a running VM (ms); one that is not running, or cannot pause, is destroyed."""
-        if self.rt.hv.state(domain) in ("running", "blocked"):
+        if self.host.hv.state(domain) in ("running", "blocked"):
             try:
-                self.rt.hv.pause(domain)
+                self.host.hv.pause(domain)
                 return
             except KvmcError:
                 pass
-        self.rt.hv.destroy(domain)
+        self.host.hv.destroy(domain)
 
 
 def listen_control(path: Path) -> socket.socket:
@@ -326,18 +331,15 @@ def listen_control(path: Path) -> socket.socket:
     return listener
 
 
-def serve(config: Config, container_id: str, wait_attach: bool, discard_on_failure: bool,
+def serve(host: HostContext, container_id: str, wait_attach: bool, discard_on_failure: bool,
           listener: socket.socket | None = None) -> int:
     """Be the monitor of one container until it has ended (and, if asked, is removed)."""
-    from kvmc.runtime import Runtime
-
-    runtime = Runtime(config)
-    record = runtime.state.load(container_id)
+    record = host.state.load(container_id)
     if record is None:
         print(f"kvmc-monitor: no container {container_id}", file=sys.stderr)
         return 1
-    runtime.state.update(record, monitor_pid=os.getpid())
-    return Monitor(runtime, record, wait_attach, discard_on_failure).run(listener)
+    host.state.update(record, monitor_pid=os.getpid())
+    return Monitor(VMLife(host), record, wait_attach, discard_on_failure).run(listener)
 
 
 @dataclass
@@ -354,7 +356,7 @@ class MonitorProcess:
         return None if pid == 0 else os.waitstatus_to_exitcode(status)
 
 
-def spawn(config: Config, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
+def spawn(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
           discard_on_failure: bool) -> MonitorProcess:
     """Fork the container's monitor: a new session that outlives the CLI.
 
@@ -389,7 +391,8 @@ def spawn(config: Config, container_id: str, control_socket: Path, log_path: Pat
         os.dup2(log, 2)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
-        code = serve(config, container_id, wait_attach, discard_on_failure, listener)
+        host.after_fork()  # its libvirt connection was the parent's, closed above
+        code = serve(host, container_id, wait_attach, discard_on_failure, listener)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the CLI
         traceback.print_exc()
     finally:
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-attach", action="store_true", help="Start process 1 only once a client attached.")
     parser.add_argument("--discard-on-failure", action="store_true", help="Remove the container if it fails to start.")
     args = parser.parse_args(argv)
-    return serve(load_config(), args.container_id, args.wait_attach, args.discard_on_failure)
+    return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass
 
-from kvmc.errors import KvmcError, UsageError
+from kvmc.errors import PortInUse, UsageError  # noqa: F401 (PortInUse re-exported)
 
 NETWORK_MODES = ("user", "none")
 GUEST_ADDRESS = "10.0.2.15"
@@ -35,10 +35,6 @@ NETDEV_ID = "hostnet0"
 _PUBLISH = re.compile(
     r"^(?:(?:(?P<ip>\[[^\]]*\]|[^:]*):)?(?P<host>\d*):)?(?P<guest>\d+)(?:/(?P<proto>tcp|udp))?$"
 )
-
-
-class PortInUse(KvmcError):
-    """A host port asked for with -p is taken (by another program or container)."""
 
 
 @dataclass(frozen=True)
@@ -145,5 +141,5 @@ def guest_net_config() -> str:
     return f"{GUEST_ADDRESS}/{GUEST_PREFIX},{GATEWAY}"
 
 
-def format_ports(ports: list[dict]) -> str:
-    return ", ".join(str(PortMapping(**p)) for p in ports)
+def format_ports(ports: list[PortMapping]) -> str:
+    return ", ".join(str(p) for p in ports)

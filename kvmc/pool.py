@@ -49,7 +49,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 import uuid
@@ -61,6 +60,7 @@ from kvmc.agent import AgentConnection, ProcessSpec, attach_process
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, OVERLAY_FILE, TemplateMemory, VMSpec, container_vm, render_domain_xml
 from kvmc.errors import GuestError, HypervisorError, KvmcError
+from kvmc.context import HostContext
 from kvmc.guest import GuestArtefacts
 from kvmc.state import now_iso
 
@@ -209,9 +209,9 @@ def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: P
 class Pool:
     """The pool directory (``<data_dir>/pool``) and the operations on it."""
 
-    def __init__(self, runtime) -> None:  # noqa: ANN001 - kvmc.runtime.Runtime (no import cycle)
-        self.rt = runtime
-        self.root = runtime.config.data_dir / "pool"
+    def __init__(self, host: HostContext) -> None:
+        self.host = host
+        self.root = host.config.data_dir / "pool"
 
     @property
     def templates_root(self) -> Path:
@@ -239,7 +239,7 @@ class Pool:
         return self._published(self.root, MEMBER_FILE, Member)
 
     def key_for(self, image_id: str, memory_mib: int, cpus: int, accel: str, network: str = "user") -> PoolKey:
-        return PoolKey(image_id, memory_mib, cpus, accel, self.rt.guest().digest, network)
+        return PoolKey(image_id, memory_mib, cpus, accel, self.host.guest().digest, network)
 
     def domains(self) -> set[str]:
         """Domains the pool owns: members, and template VMs while they are being made."""
@@ -254,18 +254,18 @@ class Pool:
 
     def member_socket(self, member: Member) -> Path:
         """The agent socket of a member's VM while it is in the pool."""
-        return self.rt.config.run_dir / f"pool-{member.id[:16]}.agent.sock"
+        return self.host.config.run_dir / f"pool-{member.id[:16]}.agent.sock"
 
     def is_hot(self, member: Member) -> bool:
         """Restored and paused already: a claim resumes it."""
-        return self.rt.hv.state(member.domain) == "paused"
+        return self.host.hv.state(member.domain) == "paused"
 
     def _restore_paused(self, member: Member, directory: Path, image_disk: Path) -> None:
         """Make a saved member hot: its QEMU started from the save file in ``directory`` (a
         warming directory: claims cannot see it meanwhile), warmed up and left paused."""
-        xml = render_domain_xml(member_vm(member, directory, self.member_socket(member), image_disk, self.rt.guest(),
-                                          str(self.rt.config.data_dir)), self.rt.config.templates_dir)
-        self.rt.hv.restore(directory / SAVE_FILE, xml, paused=True)
+        xml = render_domain_xml(member_vm(member, directory, self.member_socket(member), image_disk, self.host.guest(),
+                                          str(self.host.config.data_dir)), self.host.config.templates_dir)
+        self.host.hv.restore(directory / SAVE_FILE, xml, paused=True)
         self._warm_up(member)
 
     def _warm_up(self, member: Member) -> None:
@@ -278,8 +278,8 @@ class Pool:
         is reached through /proc/self/exe, so any image does) and changes nothing there; the
         claim's RUN still sets the clock and reseeds the RNG.
         """
-        self.rt.hv.resume(member.domain)
-        timeout = self.rt.config.boot_timeout_s
+        self.host.hv.resume(member.domain)
+        timeout = self.host.config.boot_timeout_s
         with AgentConnection.connect(str(self.member_socket(member)), timeout=timeout) as conn:
             conn.run(WARM_UP_ID, ProcessSpec(args=["/proc/self/exe", "--version"]))
             result = attach_process(conn, WARM_UP_ID, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(),
@@ -287,7 +287,7 @@ class Pool:
         if result.exit_code != 0 or result.error:
             raise GuestError(f"warming up pool member {member.id[:12]} failed: exit {result.exit_code} "
                              f"{result.error or ''}".strip())
-        self.rt.hv.pause(member.domain)
+        self.host.hv.pause(member.domain)
 
     def _heat(self, path: Path, member: Member, image_disk: Path) -> bool:
         """Make a published saved member hot; False if it was claimed first."""
@@ -300,7 +300,7 @@ class Pool:
             os.utime(warming)  # a warming directory's age is how gc tells an abandoned one
             self._restore_paused(member, warming, image_disk)
         except BaseException:
-            self.rt.hv.destroy(member.domain)  # stays a saved member: its save file is intact
+            self.host.hv.destroy(member.domain)  # stays a saved member: its save file is intact
             self.member_socket(member).unlink(missing_ok=True)
             raise
         finally:
@@ -316,25 +316,25 @@ class Pool:
                         key=key, created=now_iso())
         warming = self.root / f"{WARMING_PREFIX}{member_id}"
         warming.mkdir(parents=True, mode=0o755)
-        self.rt.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.host.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         sock = self.member_socket(member)
-        guest = self.rt.guest()
+        guest = self.host.guest()
         try:
             create_overlay(image_disk, warming / OVERLAY_FILE)
-            xml = render_domain_xml(member_vm(member, warming, sock, image_disk, guest, str(self.rt.config.data_dir)),
-                                    self.rt.config.templates_dir)
-            self.rt.hv.define(xml)
-            self.rt.hv.start(member.domain)
-            with AgentConnection.connect(str(sock), timeout=self.rt.config.boot_timeout_s) as conn:
-                conn.wait_ready(self.rt.config.boot_timeout_s)
-            self.rt.hv.save(member.domain, warming / SAVE_FILE)
+            xml = render_domain_xml(member_vm(member, warming, sock, image_disk, guest, str(self.host.config.data_dir)),
+                                    self.host.config.templates_dir)
+            self.host.hv.define(xml)
+            self.host.hv.start(member.domain)
+            with AgentConnection.connect(str(sock), timeout=self.host.config.boot_timeout_s) as conn:
+                conn.wait_ready(self.host.config.boot_timeout_s)
+            self.host.hv.save(member.domain, warming / SAVE_FILE)
             member.save_bytes = (warming / SAVE_FILE).stat().st_size
             if hot:
                 self._restore_paused(member, warming, image_disk)
             (warming / MEMBER_FILE).write_text(member.to_json())
             os.rename(warming, self.root / member_id)
         except BaseException:
-            self.rt.hv.undefine(member.domain)
+            self.host.hv.undefine(member.domain)
             shutil.rmtree(warming, ignore_errors=True)
             sock.unlink(missing_ok=True)
             raise
@@ -348,8 +348,8 @@ class Pool:
         """Top the pool for (image, size) up to ``size`` ready members, two at a time; with
         ``hot``, ready members that are not hot yet are made hot too. Returns the members made
         or heated now."""
-        image = self.rt.images.get(image_ref)
-        choice = self.rt.accel(accel)
+        image = self.host.images.get(image_ref)
+        choice = self.host.accel(accel)
         key = self.key_for(image.id, memory_mib, cpus, choice.accel, network)
         ready = [(path, m) for path, m in self.members() if m.key == key]
         cold = [(path, m) for path, m in ready if hot and not self.is_hot(m)][:size]
@@ -389,25 +389,25 @@ class Pool:
         template = Template(id=template_id, key=key, created=now_iso(), mem_path=str(template_ram_file(template_id)))
         warming = self.templates_root / f"{WARMING_PREFIX}{template_id}"
         warming.mkdir(parents=True, mode=0o755)
-        self.rt.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        sock = self.rt.config.run_dir / f"tmpl-{template_id[:16]}.agent.sock"
+        self.host.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        sock = self.host.config.run_dir / f"tmpl-{template_id[:16]}.agent.sock"
         try:
             create_overlay(image_disk, warming / OVERLAY_FILE)
             spec = container_vm(
                 name=template.domain, uuid=str(uuid.uuid4()), container_id=template_id,
                 container_name=f"template-{template_id[:12]}", directory=warming, agent_socket=sock,
-                image_disk=image_disk, guest=self.rt.guest(), domain_type="kvm" if key.accel == "kvm" else "qemu",
-                memory_mib=key.memory_mib, vcpus=key.cpus, state_root=str(self.rt.config.data_dir),
+                image_disk=image_disk, guest=self.host.guest(), domain_type="kvm" if key.accel == "kvm" else "qemu",
+                memory_mib=key.memory_mib, vcpus=key.cpus, state_root=str(self.host.config.data_dir),
                 network=key.network == "user",
             )
             spec = dataclasses.replace(spec, template_memory=TemplateMemory(
                 Path(template.mem_path), key.memory_mib, shared=True))
             # Transient: nothing of the template VM outlives its capture.
-            self.rt.hv.create_transient(render_domain_xml(spec, self.rt.config.templates_dir))
-            with AgentConnection.connect(str(sock), timeout=self.rt.config.boot_timeout_s) as conn:
-                conn.wait_ready(self.rt.config.boot_timeout_s)
-            capture_template_state(self.rt.hv, template.domain, warming / TEMPLATE_STATE)
-            self.rt.hv.destroy(template.domain)
+            self.host.hv.create_transient(render_domain_xml(spec, self.host.config.templates_dir))
+            with AgentConnection.connect(str(sock), timeout=self.host.config.boot_timeout_s) as conn:
+                conn.wait_ready(self.host.config.boot_timeout_s)
+            capture_template_state(self.host.hv, template.domain, warming / TEMPLATE_STATE)
+            self.host.hv.destroy(template.domain)
             # From now on only ever copied: never opened read-write again.
             os.rename(warming / OVERLAY_FILE, warming / TEMPLATE_DISK)
             for name in (TEMPLATE_DISK, TEMPLATE_STATE):
@@ -416,7 +416,7 @@ class Pool:
             (warming / TEMPLATE_FILE).write_text(template.to_json())
             os.rename(warming, self.templates_root / template_id)
         except BaseException:
-            self.rt.hv.destroy(template.domain)
+            self.host.hv.destroy(template.domain)
             shutil.rmtree(warming, ignore_errors=True)
             Path(template.mem_path).unlink(missing_ok=True)
             raise
@@ -427,8 +427,8 @@ class Pool:
     def warm_template(self, image_ref: str, memory_mib: int, cpus: int, accel: str | None,
                       network: str = "user") -> tuple[Template, bool]:
         """The template for (image, size, ...), made if there is none; True if made now."""
-        image = self.rt.images.get(image_ref)
-        choice = self.rt.accel(accel)
+        image = self.host.images.get(image_ref)
+        choice = self.host.accel(accel)
         key = self.key_for(image.id, memory_mib, cpus, choice.accel, network)
         self.templates_root.mkdir(parents=True, exist_ok=True)
         with (self.templates_root / ".lock").open("w") as lock:
@@ -452,26 +452,26 @@ class Pool:
         if template is None or not state.exists() or not os.path.exists(template.mem_path):
             raise KvmcError(f"the VM template {template_dir.name[:12]} this container was cloned from is gone "
                             "(pool rm or pool gc removed it): remove the container and run it again")
-        self.rt.hv.create_transient(clone_xml, paused=True)
+        self.host.hv.create_transient(clone_xml, paused=True)
         try:
-            load_template_state(self.rt.hv, domain, state)
-            self.rt.hv.resume(domain)
+            load_template_state(self.host.hv, domain, state)
+            self.host.hv.resume(domain)
         except BaseException:
-            self.rt.hv.destroy(domain)
+            self.host.hv.destroy(domain)
             raise
 
     def _remove_template(self, path: Path, template: Template | None) -> None:
         """Remove a template, or (``template`` None) an abandoned one's VM, RAM file and directory."""
         template_id = template.id if template else path.name.removeprefix(WARMING_PREFIX)
         if template is None:
-            self.rt.hv.destroy(template_domain(template_id))
+            self.host.hv.destroy(template_domain(template_id))
         template_ram_file(template_id).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
     def stale_templates(self) -> Iterator[tuple[Path, Template | None]]:
         """Templates made from a guest or image that changed, and abandoned ones being made."""
-        guest = self.rt.guest().digest
-        live_images = {i.id for i in self.rt.images.list() if i.tags}
+        guest = self.host.guest().digest
+        live_images = {i.id for i in self.host.images.list() if i.tags}
         for path, template in self.templates():
             if (template.key.guest_digest != guest or template.key.image_id not in live_images
                     or not os.path.exists(template.mem_path)):
@@ -497,27 +497,53 @@ class Pool:
             os.rename(self.member_socket(member), agent_socket)
             return True
         except OSError:
-            self.rt.hv.destroy(member.domain)
+            self.host.hv.destroy(member.domain)
             return False
 
     def refill_in_background(self, image_id: str, memory_mib: int, cpus: int, accel: str, network: str,
                              hot: bool = False) -> None:
-        """Start a detached ``kvmc pool warm`` for one member; the claiming run never waits."""
+        """Warm one replacement member in a detached process; the claiming run never waits.
+
+        In-process code, not a ``kvmc pool warm`` command line: the pool must not depend on
+        the CLI's flags. A double fork, so neither a CLI nor the long-lived API server is
+        left with a child to reap.
+        """
         key = self.key_for(image_id, memory_mib, cpus, accel, network)
-        subprocess.Popen(
-            [sys.executable, "-m", "kvmc", "pool", "warm", image_id, "--size",
-             str(1 + sum(1 for _, m in self.members() if m.key == key)),
-             "-m", f"{memory_mib}m", "--cpus", str(cpus), "--accel", accel, "--network", network,
-             *(["--hot"] if hot else [])],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        size = 1 + sum(1 for _, m in self.members() if m.key == key)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            os.waitpid(pid, 0)
+            return
+        code = 0
+        try:
+            os.setsid()
+            if os.fork():
+                os._exit(0)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            self.root.mkdir(parents=True, exist_ok=True)
+            log = os.open(self.root / "refill.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(log, 2)
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+            self.host.after_fork()
+            self.warm(image_id, size, memory_mib, cpus, accel, network=network, hot=hot)
+        except BaseException:  # noqa: BLE001 - a forked child must never return into its parent
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
 
     # ---------------------------------------------------------------- remove
     def _remove(self, path: Path, member: Member | None) -> None:
         """Remove a member, or (``member`` None) an abandoned warm-up's domain and directory."""
         short = (member.id if member else path.name.removeprefix(WARMING_PREFIX))[:16]
-        self.rt.hv.undefine(f"{DOMAIN_PREFIX}pool-{short}")  # destroys a hot member's QEMU first
-        (self.rt.config.run_dir / f"pool-{short}.agent.sock").unlink(missing_ok=True)
+        self.host.hv.undefine(f"{DOMAIN_PREFIX}pool-{short}")  # destroys a hot member's QEMU first
+        (self.host.config.run_dir / f"pool-{short}.agent.sock").unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
@@ -531,7 +557,7 @@ class Pool:
     def remove(self, image_ref: str | None, mode: str | None = None) -> tuple[int, int]:
         """Remove every member and template (of one image, of one mode: 'save' or 'template',
         if given): (members, templates)."""
-        image_id = self.rt.images.get(image_ref).id if image_ref else None
+        image_id = self.host.images.get(image_ref).id if image_ref else None
         removed = 0
         for path, member in self.members() if mode in (None, "save") else []:
             if image_id is None or member.key.image_id == image_id:
@@ -548,8 +574,8 @@ class Pool:
         """Members made from a guest or image that changed, and abandoned warm-ups (None).
 
         Only finds them (``pool ls`` lists through here); :meth:`gc` removes them."""
-        guest = self.rt.guest().digest
-        live_images = {i.id for i in self.rt.images.list() if i.tags}
+        guest = self.host.guest().digest
+        live_images = {i.id for i in self.host.images.list() if i.tags}
         for path, member in self.members():
             if member.key.guest_digest != guest or member.key.image_id not in live_images:
                 yield path, member
@@ -571,7 +597,7 @@ class Pool:
         """One row per pool key and mode (save: ready/stale members; template: one template,
         ready or stale, and the size of its RAM file in tmpfs)."""
         stale = {m.id for _, m in self.stale() if m is not None}
-        tags = {i.id: (i.tags[0] if i.tags else i.short_id) for i in self.rt.images.list()}
+        tags = {i.id: (i.tags[0] if i.tags else i.short_id) for i in self.host.images.list()}
         rows: dict[tuple[str, PoolKey], dict] = {}
 
         def row_for(mode: str, key: PoolKey, ident: str = "") -> dict:

@@ -22,7 +22,8 @@ class ProcessOptions:
     """The ``run``/``create`` flags that shape the process."""
 
     command: list[str] = field(default_factory=list)
-    entrypoint: str | None = None
+    entrypoint: str | list[str] | None = None
+    """--entrypoint (one word) or docker's Config.Entrypoint (a list); "" or [""] clears it."""
     env: list[str] = field(default_factory=list)
     env_files: list[Path] = field(default_factory=list)
     workdir: str | None = None
@@ -64,7 +65,8 @@ def build_process(config: ImageConfig, opts: ProcessOptions, host_env: Mapping[s
     command = opts.command
     if opts.entrypoint is not None:
         # docker: --entrypoint replaces the image's entrypoint and drops its cmd.
-        args = ([opts.entrypoint] if opts.entrypoint else []) + command
+        entrypoint = [opts.entrypoint] if isinstance(opts.entrypoint, str) else list(opts.entrypoint)
+        args = [word for word in entrypoint if word or len(entrypoint) > 1] + command
     else:
         args = list(config.entrypoint or []) + (command or list(config.cmd or []))
     if not args:

@@ -19,21 +19,67 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from enum import Enum
 from typing import Any, Iterator
 
-from kvmc.errors import ContainerNotFound, UsageError
+from kvmc.errors import ContainerNotFound, NameInUse, UsageError
+from kvmc.mounts import Mount
 from kvmc.names import generate_name, valid_name
+from kvmc.network import PortMapping
 
 ID_PREFIX_MIN = 1
+TOMBSTONE_TTL_S = 600.0
+
+
+SCHEMA_VERSION = 2
+"""Version of record.json. 1 (no ``schema`` key): ``process``, ``ports`` and ``mounts`` were
+free-form dicts; 2: the same keys, read into the typed classes below. :func:`migrate` turns
+any older record into the current shape, so containers survive an upgrade of kvmc."""
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class State(str, Enum):
+    """A container's life, as its record says (a ``str``, so records read as plain JSON)."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    """start() reset the record and is spawning the monitor, which boots the VM."""
+    RUNNING = "running"
+    EXITED = "exited"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LIVE_STATES = (State.RUNNING, State.STARTING)
+STOPPED_STATES = (State.CREATED, State.EXITED)
+
+
+@dataclass
+class ContainerProcess:
+    """The container's main process as docker computes it (kvmc.process.build_process)."""
+
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    user: str | None = None
+    hostname: str | None = None
+    stdin: bool = False
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContainerProcess:
+        return cls(**{k: v for k, v in data.items() if k in _PROCESS_FIELDS})
+
+
+_PROCESS_FIELDS = {f.name for f in fields(ContainerProcess)}
+
+
 @dataclass
 class ContainerRecord:
-    """What kvmc knows about one container; ``state`` is created | running | exited."""
+    """What kvmc knows about one container: the single source of truth for both front doors."""
 
     id: str
     name: str
@@ -43,10 +89,10 @@ class ContainerRecord:
     accel: str
     memory_mib: int
     cpus: int
-    process: dict[str, Any]
+    process: ContainerProcess
     auto_remove: bool = False
     detached: bool = False
-    state: str = "created"
+    state: State = State.CREATED
     created: str = field(default_factory=now_iso)
     started_at: str | None = None
     finished_at: str | None = None
@@ -66,24 +112,66 @@ class ContainerRecord:
     guest_uptime_ms: int | None = None
     network: str = "none"
     """user | none (records from before networking had none)."""
-    ports: list[dict[str, Any]] = field(default_factory=list)
-    """Published ports, kvmc.network.PortMapping dicts with the host port as allocated."""
-    mounts: list[dict[str, Any]] = field(default_factory=list)
-    """kvmc.mounts.Mount dicts, in the order their devices are attached."""
+    ports: list[PortMapping] = field(default_factory=list)
+    """Published ports, with the host port as allocated."""
+    mounts: list[Mount] = field(default_factory=list)
+    """In the order their devices are attached."""
     read_only: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    tty: bool = False
+    open_stdin: bool = False
+    """docker's OpenStdin: stdin stays open for attaches (API containers)."""
+    stdin_once: bool = False
+    entrypoint: list[str] | None = None
+    """docker's Config.Entrypoint and Config.Cmd as asked (``process.args`` is their result)."""
+    cmd: list[str] | None = None
+    stop_signal: str | None = None
+    stop_timeout: int | None = None
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # Typed whatever the caller passed: records are built from JSON dicts too.
+        self.state = State(self.state)
+        if isinstance(self.process, dict):
+            self.process = ContainerProcess.from_dict(self.process)
+        self.ports = [p if isinstance(p, PortMapping) else PortMapping(**p) for p in self.ports]
+        self.mounts = [m if isinstance(m, Mount) else Mount(**m) for m in self.mounts]
 
     @property
     def short_id(self) -> str:
         return self.id[:12]
 
+    @property
+    def volume_names(self) -> list[str]:
+        """The named volumes this container mounts."""
+        return [m.source for m in self.mounts if m.kind == "volume"]
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a record.json of any earlier schema to :data:`SCHEMA_VERSION` (pure)."""
+    data = dict(data)
+    if data.get("schema", 1) < 2:
+        # Schema 1 had the same keys untyped; labels/tty/... did not exist (docker's defaults).
+        data["schema"] = 2
+    return data
+
 
 _FIELDS = {f.name for f in fields(ContainerRecord)}
 
 
+
 def _write_atomic(path: Path, data: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(3)}")
-    tmp.write_text(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave empty temp files behind
+        raise
 
 
 class StateStore:
@@ -119,8 +207,8 @@ class StateStore:
                 raise UsageError(f'invalid container name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
             if not self._reserve_name(name, container_id):
                 owner = (self.names / name).read_text().strip()[:12]
-                raise UsageError(f'the container name "{name}" is already in use by container {owner}: '
-                                 "remove it or choose another name")
+                raise NameInUse(f'the container name "{name}" is already in use by container {owner}: '
+                                "remove it or choose another name")
         else:
             for attempt in range(100):
                 name = generate_name() if attempt < 50 else f"{generate_name()}{attempt}"
@@ -133,6 +221,25 @@ class StateStore:
             directory.mkdir(mode=0o755)
         return container_id, name, directory
 
+    def rename(self, record: ContainerRecord, new_name: str) -> ContainerRecord:
+        """Give a container another name: reserve the new one first, then release the old."""
+        if not valid_name(new_name):
+            raise UsageError(f'invalid container name "{new_name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
+        if new_name == record.name:
+            return record
+        if not self._reserve_name(new_name, record.id):
+            owner = (self.names / new_name).read_text().strip()[:12]
+            raise NameInUse(f'the container name "{new_name}" is already in use by container {owner}: '
+                            "remove it or choose another name")
+        old = record.name
+        self.update(record, name=new_name)
+        try:
+            if (self.names / old).read_text().strip() == record.id:
+                (self.names / old).unlink()
+        except OSError:
+            pass
+        return record
+
     def save(self, record: ContainerRecord) -> None:
         _write_atomic(self.container_dir(record.id) / "record.json", json.dumps(asdict(record), indent=1))
 
@@ -141,7 +248,10 @@ class StateStore:
             data = json.loads((self.container_dir(container_id) / "record.json").read_text())
         except (OSError, ValueError):
             return None
-        return ContainerRecord(**{k: v for k, v in data.items() if k in _FIELDS})
+        try:
+            return ContainerRecord(**{k: v for k, v in migrate(data).items() if k in _FIELDS})
+        except (TypeError, ValueError):
+            return None  # not a record kvmc can read: gc lists its directory
 
     def update(self, record: ContainerRecord, **changes: Any) -> ContainerRecord:
         for key, value in changes.items():
@@ -207,11 +317,37 @@ class StateStore:
             path.unlink(missing_ok=True)
 
     def remove(self, record: ContainerRecord) -> None:
-        """Delete the container's directory and socket and release its name (idempotent)."""
+        """Delete the container's directory and socket and release its name (idempotent),
+        leaving a tombstone with its exit code (see :meth:`tombstone_exit_code`)."""
+        self._bury(record)
         self.release(record.id, record.name)
         for sock in (record.agent_socket, record.control_socket):
             if sock:
                 Path(sock).unlink(missing_ok=True)
+
+    @property
+    def tombstones(self) -> Path:
+        return self.root / "names" / ".exited"
+
+    def _bury(self, record: ContainerRecord) -> None:
+        """Keep a removed container's exit code for a while: docker's ``wait?condition=removed``
+        (what ``docker run --rm`` waits on) answers with it after the record is gone."""
+        try:
+            self.tombstones.mkdir(parents=True, exist_ok=True)
+            now = time.time()
+            for old in self.tombstones.iterdir():
+                if now - old.stat().st_mtime > TOMBSTONE_TTL_S:
+                    old.unlink(missing_ok=True)
+            if record.exit_code is not None:
+                _write_atomic(self.tombstones / record.id, str(record.exit_code))
+        except OSError:
+            pass  # a full disk must not stop rm: the exit code is then reported as 0
+
+    def tombstone_exit_code(self, container_id: str) -> int:
+        try:
+            return int((self.tombstones / container_id).read_text())
+        except (OSError, ValueError):
+            return 0
 
     def release(self, container_id: str, name: str | None) -> None:
         """Delete a container directory and release its name, for a record never saved."""

@@ -24,21 +24,13 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvmc.errors import KvmcError, UsageError
+from kvmc.errors import Conflict, KvmcError, UsageError, VolumeInUse, VolumeNotFound  # noqa: F401 (re-exported)
 from kvmc.mounts import VOLUME_NAME
 from kvmc.state import now_iso
 
 VOLUME_FILE = "volume.json"
 DISK_FILE = "disk.ext4"
 DEFAULT_SIZE = 1 << 30
-
-
-class VolumeNotFound(KvmcError):
-    """No volume of that name."""
-
-
-class VolumeInUse(KvmcError):
-    """The volume is mounted by a container that exists (rm) or runs (a second mount)."""
 
 
 @dataclass
@@ -104,7 +96,7 @@ class VolumeStore:
         if final.exists():
             if exist_ok:
                 return self.get(name)
-            raise KvmcError(f"volume {name} already exists")
+            raise Conflict(f"volume {name} already exists")
         self.root.mkdir(parents=True, exist_ok=True)
         work = self.root / f".creating-{name}-{secrets.token_hex(4)}"
         work.mkdir(mode=0o700)
@@ -127,7 +119,7 @@ class VolumeStore:
             except OSError:  # created by a concurrent run meanwhile (rename onto a non-empty dir)
                 if exist_ok and self.exists(name):
                     return self.get(name)
-                raise KvmcError(f"volume {name} already exists") from None
+                raise Conflict(f"volume {name} already exists") from None
             return volume
         except subprocess.CalledProcessError as exc:
             raise KvmcError(f"cannot format volume {name}: {exc.stderr.strip()}") from None

@@ -1,0 +1,93 @@
+"""The leaves every engine part reaches, built once per process: config, stores, hypervisor.
+
+Why an object of its own: the engine (kvmc/runtime.py), the monitor (kvmc/monitor.py) and
+the pool (kvmc/pool.py) each need a few of the same leaves (the state store, the hypervisor,
+the image store, the guest artefacts, the accelerator choice). Handing them this, and never
+the engine itself, keeps the arrows pointing down: a monitor cannot call back into the code
+that spawned it, and a test can put a fake hypervisor under all three at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from kvmc.config import Config
+from kvmc.guest import GuestArtefacts, load_guest
+from kvmc.images import ImageStore
+from kvmc.state import StateStore
+from kvmc.volumes import VolumeStore
+
+if TYPE_CHECKING:
+    from kvmc.accel import AccelChoice
+    from kvmc.hypervisor import Hypervisor
+
+
+_INHERITED: list[object] = []
+"""Hypervisor connections a forked child inherited and must never free (see after_fork)."""
+
+
+def _stderr_notice(message: str) -> None:
+    print(f"kvmc: {message}", file=sys.stderr)
+
+
+def _libvirt_hypervisor(config: Config) -> Hypervisor:
+    from kvmc.hypervisor import Hypervisor
+
+    return Hypervisor(config.libvirt_uri)
+
+
+@dataclass
+class HostContext:
+    """Config, stores and the hypervisor of one kvmc process (CLI call, server or monitor)."""
+
+    config: Config
+    notice: Callable[[str], None] = _stderr_notice
+    """Where kvmc's own remarks go (the accelerator fallback, -v): stderr for the CLI, the
+    log for the server."""
+    verbose: bool = False
+    hypervisor_factory: Callable[[Config], Hypervisor] = _libvirt_hypervisor
+    """How to reach libvirt: tests pass a factory of a fake (tests/fakes/hypervisor.py)."""
+    _hv: Hypervisor | None = field(default=None, init=False, repr=False)
+    _guest: GuestArtefacts | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.images = ImageStore(self.config.images_dir)
+        self.state = StateStore(self.config.containers_dir)
+        self.volumes = VolumeStore(self.config.volumes_dir)
+
+    @property
+    def hv(self) -> Hypervisor:
+        """The hypervisor connection, opened on first use (``kvmc ps`` may never need it)."""
+        if self._hv is None:
+            self._hv = self.hypervisor_factory(self.config)
+        return self._hv
+
+    def after_fork(self) -> None:
+        """In a forked child (a monitor, a pool refill): leave the parent's libvirt connection
+        alone, whose socket the child has closed, and open the child's own on next use.
+
+        Left, not dropped: freeing it would run libvirt's virConnectClose on the closed socket,
+        which polls the dead descriptors for ever (measured: a refill child spinning at 60%
+        CPU). It is kept referenced for the child's life instead."""
+        if self._hv is not None:
+            _INHERITED.append(self._hv)
+        self._hv = None
+
+    def say(self, message: str) -> None:
+        """A remark for -v only."""
+        if self.verbose:
+            self.notice(message)
+
+    def guest(self) -> GuestArtefacts:
+        """The guest artefacts, read once per process (create, accel and pool all need them)."""
+        if self._guest is None:
+            self._guest = load_guest(self.config.guest_artefacts_dir)
+        return self._guest
+
+    def accel(self, requested: str | None = None) -> AccelChoice:
+        from kvmc.accel import choose_accel
+
+        return choose_accel(requested or self.config.accel, self.hv, self.guest(), self.config.data_dir,
+                            self.config.templates_dir, self.notice)

@@ -1,0 +1,186 @@
+"""Containers: every operation the CLI and the API server share, over the engine.
+
+The rules that used to sit in the CLI live here: which states allow attach, what ``wait``
+waits for, where a container's log is and when following it ends, how ``start -a`` and
+``restart`` are put together from the engine's steps.
+"""
+
+from __future__ import annotations
+
+import signal as signals
+import time
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
+
+from kvmc.errors import UsageError
+from kvmc.logs import follow_log
+from kvmc.process import ProcessOptions
+from kvmc.state import ContainerRecord, State
+
+if TYPE_CHECKING:
+    from kvmc.runtime import RunOptions, Runtime, SignalForwarder
+
+WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
+POLL_S = 0.1
+
+
+def parse_signal(text: str | int | None, default: int = signals.SIGKILL) -> int:
+    """``KILL``, ``SIGKILL``, ``kill`` or ``9`` as a signal number (docker's forms)."""
+    if text is None or text == "":
+        return default
+    if isinstance(text, int):
+        return text
+    name = str(text).strip().upper().removeprefix("SIG")
+    try:
+        number = int(name) if name.isdigit() else int(getattr(signals, f"SIG{name}"))
+    except AttributeError:
+        raise UsageError(f'invalid signal "{text}"') from None
+    if not 0 < number < signals.NSIG:
+        raise UsageError(f'invalid signal "{text}"')
+    return number
+
+
+class ContainerService:
+    """Containers for both front doors."""
+
+    def __init__(self, engine: Runtime) -> None:
+        self.engine = engine
+        self.state = engine.state
+
+    # ------------------------------------------------------------------ reads
+    def get(self, ref: str) -> ContainerRecord:
+        """The container ``ref`` names (name, id or id prefix), as observed: never repairs."""
+        return self.engine.observe(self.state.resolve(ref))
+
+    def list(self, all_: bool = False) -> list[ContainerRecord]:
+        """Containers, newest first; only live ones unless ``all_``."""
+        records = [self.engine.observe(r) for r in self.state.list()]
+        return [r for r in records if all_ or r.is_live]
+
+    def inspect(self, ref: str) -> dict:
+        """kvmc's own JSON view of a container: its record plus what libvirt and the image say."""
+        from dataclasses import asdict
+
+        record = self.get(ref)
+        data = asdict(record)
+        data["vm_state"] = self.engine.hv.state(record.domain)
+        try:
+            config = self.engine.images.get(record.image_id).config
+            data["image_config"] = {"exposed_ports": config.exposed_ports, "volumes": config.volumes}
+        except Exception:  # noqa: BLE001 - an image removed under a container is not an error here
+            data["image_config"] = None
+        return data
+
+    def log_path(self, record: ContainerRecord):  # noqa: ANN201 - Path
+        return self.state.container_dir(record.id) / "container.log"
+
+    def logs(self, ref: str, *, tail: int | None = None, follow: bool = False) -> Iterator[dict]:
+        """The container's log entries (``stream``, ``time``, ``log``); ``follow`` until it ends."""
+        record = self.get(ref)
+
+        def running() -> bool:
+            current = self.state.load(record.id)
+            return current is not None and self.engine.observe(current).is_live
+
+        return follow_log(self.log_path(record), tail=tail, follow=follow, still_running=running)
+
+    # --------------------------------------------------------------- changes
+    def create(self, opts: RunOptions) -> ContainerRecord:
+        return self.engine.create(opts)
+
+    def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
+            signals: SignalForwarder | None = None) -> tuple[ContainerRecord, int | None]:
+        """docker run: (record, exit code); detached: (record, None) once the process runs."""
+        return self.engine.run(opts, stdin, stdout, stderr, signals)
+
+    def start(self, ref: str, *, wait_attach: bool = False) -> ContainerRecord:
+        """Start a created or stopped container. Without ``wait_attach`` this returns once
+        its process runs (raising if it failed); with it, the monitor holds the process until
+        a client attaches (:meth:`attach`), as ``start -a`` and docker's attach-then-start do."""
+        record = self.state.resolve(ref)
+        monitor = self.engine.start(record, wait_attach=wait_attach)
+        if wait_attach:
+            return record
+        return self.engine.wait_started(record, monitor)
+
+    def start_attached(self, ref: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
+                       signals: SignalForwarder | None = None) -> int:
+        """``start -a``: start and relay the output until the process exits; its exit code."""
+        record = self.start(ref, wait_attach=True)
+        return self.engine.attach(record, stdin, stdout, stderr, signals)
+
+    def attach(self, ref: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
+               signals: SignalForwarder | None = None) -> int:
+        """Relay a running container's output (and stdin) until it exits; its exit code."""
+        record = self.engine.require_running(ref)
+        return self.engine.attach(record, stdin, stdout, stderr, signals)
+
+    def attach_started(self, record: ContainerRecord, stdin: BinaryIO | None, stdout: BinaryIO,
+                       stderr: BinaryIO) -> int:
+        """Attach to a container just started with ``wait_attach`` (its process waits for us)."""
+        return self.engine.attach(record, stdin, stdout, stderr)
+
+    def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
+             signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None) -> int:
+        if not opts.command:
+            raise UsageError("exec needs a command")
+        return self.engine.exec(ref, opts, stdin, stdout, stderr, signals, host_env)
+
+    def pause(self, ref: str) -> ContainerRecord:
+        return self.engine.pause(ref)
+
+    def unpause(self, ref: str) -> ContainerRecord:
+        return self.engine.unpause(ref)
+
+    def is_paused(self, record: ContainerRecord) -> bool:
+        return self.engine.is_paused(record)
+
+    def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, int]]:
+        return self.engine.stats(ref)
+
+    def stop(self, ref: str, timeout_s: int | None = None) -> tuple[ContainerRecord, bool]:
+        """(record, whether it was running): docker answers 304 when it was not."""
+        return self.engine.stop(ref, timeout_s)
+
+    def restart(self, ref: str, timeout_s: int | None = None) -> ContainerRecord:
+        record, _ = self.engine.stop(ref, timeout_s)
+        return self.engine.wait_started(record, self.engine.start(record))
+
+    def kill(self, ref: str, signal: str | int | None = None) -> ContainerRecord:
+        return self.engine.kill(ref, parse_signal(signal))
+
+    def remove(self, ref: str, force: bool = False) -> ContainerRecord:
+        return self.engine.remove(ref, force=force)
+
+    def rename(self, ref: str, new_name: str) -> ContainerRecord:
+        record = self.state.resolve(ref)
+        with self.state.locked(record.id):
+            return self.state.rename(self.state.load(record.id) or record, new_name)
+
+    def prune(self) -> list[ContainerRecord]:
+        """Remove every stopped container."""
+        return self.engine.prune_containers()
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, ref: str, condition: str = "not-running",
+             cancelled: Callable[[], bool] = lambda: False) -> int | None:
+        """Block until ``condition`` holds; the exit code (None if ``cancelled`` first).
+
+        docker's conditions: ``not-running`` (now, if it is not running), ``next-exit`` (the
+        exit after this call, even of a container that is stopped now), ``removed`` (after
+        the exit, once the container is gone: its code is read from its tombstone).
+        """
+        if condition not in WAIT_CONDITIONS:
+            raise UsageError(f'invalid condition "{condition}": use one of {", ".join(WAIT_CONDITIONS)}')
+        first = self.state.resolve(ref)
+        baseline = first.finished_at
+        while not cancelled():
+            current = self.state.load(first.id)
+            if current is None:  # removed: every condition holds; its exit code outlives it
+                return self.state.tombstone_exit_code(first.id)
+            seen = self.engine.observe(current)
+            if condition == "not-running" and not seen.is_live:
+                return seen.exit_code or 0
+            if condition == "next-exit" and seen.state == State.EXITED and seen.finished_at != baseline:
+                return seen.exit_code or 0
+            time.sleep(POLL_S)
+        return None

@@ -1,0 +1,49 @@
+"""The host as a whole: what kvmc runs on, what it uses, and clean-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmc.runtime import Runtime
+
+
+@dataclass
+class HostInfo:
+    """``kvmc info`` / docker's ``/info`` and ``/version``: the facts behind them."""
+
+    data_dir: str
+    libvirt_uri: str
+    guest_kernel: str
+    kernel_release: str
+    accel: str
+    accel_reason: str
+
+
+class SystemService:
+    """System-wide operations for both front doors."""
+
+    def __init__(self, engine: Runtime) -> None:
+        self.engine = engine
+
+    def info(self) -> HostInfo:
+        host = self.engine.host
+        guest = host.guest()
+        choice = host.accel()
+        return HostInfo(str(host.config.data_dir), host.config.libvirt_uri, str(guest.kernel),
+                        guest.kernel_release, choice.accel, choice.reason)
+
+    def disk_usage(self) -> dict:
+        return self.engine.disk_usage()
+
+    def prune(self, all_images: bool) -> tuple[list[str], list[str]]:
+        """Stopped containers (names) and, with ``all_images``, every unused image (short ids)."""
+        from kvmc.service.images import ImageService
+
+        removed = [r.name for r in self.engine.prune_containers()]
+        deleted = [i[:12] for i in ImageService(self.engine).prune()] if all_images else []
+        return removed, deleted
+
+    def gc(self, force: bool) -> list[str]:
+        return self.engine.gc(force)

@@ -1,0 +1,191 @@
+"""The VM-side steps of a container's life: boot it, publish its ports, and take it apart.
+
+Why apart from the engine (kvmc/runtime.py): these steps run inside the per-container monitor
+(kvmc/monitor.py), which must not import the engine that spawns it. The monitor reports how
+the container ended and calls :meth:`VMLife.discard` or :meth:`VMLife.reap` as its finish
+policy says; the engine calls :meth:`discard` on its own failure paths (rollback, rm). Both
+reach only the leaves in :class:`kvmc.context.HostContext`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec
+from kvmc.context import HostContext
+from kvmc.domain import DOMAIN_PREFIX
+from kvmc.errors import GuestError, KvmcError, PortInUse
+from kvmc.mounts import agent_mount_items
+from kvmc.network import DNS_SERVER, guest_net_config
+from kvmc.state import ContainerRecord, State, now_iso
+
+CLONE_XML = "clone.xml"
+"""A template clone's first-start definition (the persistent one, domain.xml, boots cold)."""
+CONSOLE_LOG = "console.log"
+GUEST_OUTPUT_LABEL = "the guest's own console output (written by the guest, not checked by kvmc)"
+
+
+def pid_alive(pid: int | None) -> bool:
+    """A process with this pid runs and is not a zombie."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def is_monitor(pid: int | None) -> bool:
+    """A live kvmc process (monitors are forked from kvmc, so their command line is kvmc's),
+    not whatever reused the pid of one that died."""
+    if not pid_alive(pid):
+        return False
+    try:
+        return b"kvmc" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class VMLife:
+    """Boot, publish, discard and reap one container's VM."""
+
+    def __init__(self, host: HostContext) -> None:
+        self.host = host
+
+    # ---------------------------------------------------------------- remove
+    def discard(self, record: ContainerRecord, stop_vm: bool = True) -> None:
+        """Remove everything a container owns: domain, directory (disk, logs), sockets, name.
+
+        ``stop_vm`` False (the monitor of a --rm container, see Monitor._finish): a VM still
+        running is only undefined, and libvirt drops it when the monitor destroys it.
+        """
+        try:
+            if stop_vm:
+                self.host.hv.undefine(record.domain)
+            else:
+                self.reaping_marker(record.domain).write_text(str(os.getpid()))
+                self.host.hv.forget(record.domain)
+        finally:
+            self.host.state.remove(record)
+
+    def reaping_marker(self, domain: str) -> Path:
+        """Names the process that destroys an undefined domain left running by
+        ``discard(stop_vm=False)``: while it lives, the domain is no orphan (see gc)."""
+        return self.host.config.run_dir / f"{domain.removeprefix(DOMAIN_PREFIX)}.reaping"
+
+    def reap(self, domain: str) -> None:
+        """Destroy a domain left running by ``discard(stop_vm=False)`` (undefined: libvirt then
+        drops it) and remove its marker."""
+        try:
+            self.host.hv.destroy(domain)
+        finally:
+            self.reaping_marker(domain).unlink(missing_ok=True)
+
+    def being_reaped(self, domain: str) -> bool:
+        try:
+            return pid_alive(int(self.reaping_marker(domain).read_text()))
+        except (OSError, ValueError):
+            return False
+
+    # --------------------------------------------------------------- reports
+    def console_tail(self, record: ContainerRecord, lines: int = 8) -> str:
+        console = self.host.state.container_dir(record.id) / CONSOLE_LOG
+        if not console.exists():
+            return "(no console output)"
+        text = [ln for ln in console.read_text(errors="replace").splitlines() if ln.strip()]
+        return "\n".join(text[-lines:]) or "(no console output)"
+
+    def vm_lost_reason(self, record: ContainerRecord, what: str) -> str:
+        """Why a started VM went away, in kvmc's words; the console's tail is labelled as the
+        guest's own output, which a container can write anything into."""
+        state = self.host.hv.state(record.domain)
+        console = self.host.state.container_dir(record.id) / CONSOLE_LOG
+        text = console.read_text(errors="replace") if console.exists() else ""
+        panic = next((ln.strip() for ln in text.splitlines() if "Kernel panic" in ln), None)
+        cause = f"{what}; its console says the guest kernel panicked: {panic}" if panic else what
+        return (f"the VM stopped unexpectedly ({cause}; domain {state or 'gone'}); "
+                f"last lines of {GUEST_OUTPUT_LABEL}:\n{self.console_tail(record)}")
+
+    # ------------------------------------------------------------------ boot
+    def boot(self, record: ContainerRecord) -> AgentConnection:
+        """Start the domain, connect to its agent and hand it the main process (monitor side)."""
+        from kvmc.pool import Pool  # the clone path only
+
+        host = self.host
+        started = time.monotonic()
+        directory = host.state.container_dir(record.id)
+        restored, cloned = bool(record.restore_from), bool(record.clone_from)
+        if restored:
+            save = Path(record.restore_from)
+            if not (record.resume_paused and self._resume_hot(record)):
+                host.hv.restore(save, (directory / "domain.xml").read_text())
+            save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
+            host.state.update(record, restore_from="", resume_paused=False)
+        elif cloned:
+            # Started from the clone definition as this start's live definition; the persistent
+            # definition stays the cold one, so a later start boots from the container's overlay.
+            Pool(host).start_clone(record.domain, (directory / CLONE_XML).read_text(), Path(record.clone_from))
+            (directory / CLONE_XML).unlink(missing_ok=True)
+            host.state.update(record, clone_from="")
+        else:
+            for mount in record.mounts:  # only cold boots have volumes (see create)
+                if mount.kind == "volume" and mount.readonly:
+                    host.volumes.replay_journal(mount.source)
+            host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
+            host.hv.start(record.domain)
+        host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
+                          error=None)
+        self.publish_ports(record)
+        conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
+        proc = record.process
+        networked = record.network == "user"
+        # A restored or cloned guest's clock is as old as its save file or template, and every
+        # clone of one save or template shares its RNG state: the agent sets the clock and
+        # reseeds from these first.
+        conn.run(MAIN_PROCESS_ID, ProcessSpec(
+            args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
+            hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
+            mounts=agent_mount_items(record.mounts), readonly_root=record.read_only,
+            net=guest_net_config() if networked else None, dns=[DNS_SERVER] if networked else [],
+        ))
+        if restored or cloned:  # its READY went to the connection that warmed it
+            host.state.update(record, started_at=now_iso())
+            host.say(f"{'restored pool member' if restored else 'cloned template'} in "
+                     f"{time.monotonic() - started:.2f}s")
+            return conn
+        try:
+            conn.wait_ready(host.config.boot_timeout_s)
+        except (GuestError, OSError) as exc:
+            conn.close()
+            raise GuestError(f"the VM did not come up: {exc}; last lines of {GUEST_OUTPUT_LABEL}:\n"
+                             f"{self.console_tail(record)}") from exc
+        host.state.update(record, started_at=now_iso())
+        host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
+        return conn
+
+    def _resume_hot(self, record: ContainerRecord) -> bool:
+        """Resume a claimed hot member's paused VM; False (VM destroyed) if it cannot be."""
+        try:
+            self.host.hv.resume(record.domain)
+            return True
+        except KvmcError as exc:
+            self.host.say(f"hot pool member could not be resumed ({exc}): restoring its save file")
+            self.host.hv.destroy(record.domain)
+            return False
+
+    def publish_ports(self, record: ContainerRecord) -> None:
+        """Add the container's host forwards to its running VM's slirp (cold or restored)."""
+        for port in record.ports:
+            # hostfwd_add prints nothing on success and a sentence when it cannot bind.
+            output = self.host.hv.human_monitor_command(record.domain, port.hostfwd()).strip()
+            if output:
+                raise PortInUse(f"cannot publish {port.host_ip}:{port.host_port}/{port.protocol}: "
+                                f"the port is already in use on the host ({output})")
