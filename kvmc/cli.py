@@ -536,6 +536,31 @@ def system_prune(
         typer.echo(f"Deleted image: {image}")
 
 
+DEFAULT_API_SOCKET = "unix:///run/kvmc/docker.sock"
+
+
+@app.command()
+def serve(
+    host: Optional[List[str]] = typer.Option(
+        None, "--host", "-H", help="Where to listen: unix:///path (default unix:///run/kvmc/docker.sock) or "
+        "tcp://127.0.0.1:PORT (loopback only: the API gives root on this host to whoever reaches it). Repeatable."),
+) -> None:
+    """Serve the Docker Engine API (1.50) so the docker CLI, docker-py and compose drive kvmc.
+
+    Runs in the foreground and logs to stderr; SIGTERM or Ctrl-C stops the server and leaves
+    every container running. Point a client at it with
+    export DOCKER_HOST=unix:///run/kvmc/docker.sock
+    """
+    from kvmc.api.server import serve as serve_api
+
+    def log(message: str) -> None:
+        print(f"kvmc serve: {message}", file=sys.stderr, flush=True)
+
+    services = _services()
+    services.host.notice = log
+    serve_api(services, list(host or [DEFAULT_API_SOCKET]), log)
+
+
 @app.command()
 def info() -> None:
     """Show the host setup: libvirt, guest kernel, and the accelerator kvmc will use."""

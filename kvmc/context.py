@@ -9,6 +9,7 @@ that spawned it, and a test can put a fake hypervisor under all three at once.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -49,10 +50,15 @@ class HostContext:
     verbose: bool = False
     hypervisor_factory: Callable[[Config], Hypervisor] = _libvirt_hypervisor
     """How to reach libvirt: tests pass a factory of a fake (tests/fakes/hypervisor.py)."""
+    monitor_start: str = "fork"
+    """How a container's monitor is started: ``fork`` (a CLI: fastest) or ``exec`` (a fresh
+    interpreter: the API server, whose other threads may hold locks at fork time)."""
     _hv: Hypervisor | None = field(default=None, init=False, repr=False)
     _guest: GuestArtefacts | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.children: set[int] = set()
+        """Monitors this process started with ``exec`` and has not reaped yet."""
         self.images = ImageStore(self.config.images_dir)
         self.state = StateStore(self.config.containers_dir)
         self.volumes = VolumeStore(self.config.volumes_dir)
@@ -74,6 +80,16 @@ class HostContext:
         if self._hv is not None:
             _INHERITED.append(self._hv)
         self._hv = None
+
+    def reap_children(self) -> None:
+        """Collect the exit status of ended monitors (a server lives long: no zombies)."""
+        for pid in list(self.children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.children.discard(pid)
 
     def say(self, message: str) -> None:
         """A remark for -v only."""

@@ -358,6 +358,41 @@ class MonitorProcess:
 
 def spawn(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
           discard_on_failure: bool) -> MonitorProcess:
+    """Start the container's monitor: a new session that outlives the caller. Forked from a
+    CLI (:func:`fork_monitor`); a fresh interpreter from a threaded process such as the API
+    server (:func:`exec_monitor`), where a fork could inherit a lock another thread holds."""
+    if host.monitor_start == "exec":
+        child = exec_monitor(container_id, control_socket, log_path, wait_attach=wait_attach,
+                             discard_on_failure=discard_on_failure)
+        host.children.add(child.pid)  # a long-lived caller reaps it (HostContext.reap_children)
+        return child
+    return fork_monitor(host, container_id, control_socket, log_path, wait_attach=wait_attach,
+                        discard_on_failure=discard_on_failure)
+
+
+def exec_monitor(container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
+                 discard_on_failure: bool) -> MonitorProcess:
+    """``python -m kvmc.monitor`` in a new session, handed the control socket already
+    listening (so an attach right after this returns connects at once). It reads the same
+    configuration as the caller, from the environment and config files."""
+    import subprocess
+
+    listener = listen_control(control_socket)
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kvmc.monitor", container_id, "--listen-fd", str(listener.fileno()),
+                 *(["--wait-attach"] if wait_attach else []), *(["--discard-on-failure"] if discard_on_failure else [])],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(listener.fileno(),),
+                start_new_session=True,
+            )
+    finally:
+        listener.close()
+    return MonitorProcess(proc.pid)
+
+
+def fork_monitor(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *,
+                 wait_attach: bool, discard_on_failure: bool) -> MonitorProcess:
     """Fork the container's monitor: a new session that outlives the CLI.
 
     Why fork and not exec a fresh ``python -m kvmc.monitor``: the child already has every
@@ -407,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("container_id")
     parser.add_argument("--wait-attach", action="store_true", help="Start process 1 only once a client attached.")
     parser.add_argument("--discard-on-failure", action="store_true", help="Remove the container if it fails to start.")
+    parser.add_argument("--listen-fd", type=int, help="The control socket, bound and listening (exec_monitor).")
     args = parser.parse_args(argv)
-    return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure)
+    listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+    return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure, listener)
 
 
 if __name__ == "__main__":

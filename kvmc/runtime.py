@@ -81,6 +81,8 @@ class RunOptions:
     network: str = "user"
     publish: list[str] = field(default_factory=list)
     """docker's -p specs."""
+    publish_all: bool = False
+    """docker's -P: every port the image exposes, on a free host port."""
     volumes: list[str] = field(default_factory=list)
     """docker's -v specs: NAME:/path or /host/dir:/path, then :ro or :rw."""
     tmpfs: list[str] = field(default_factory=list)
@@ -133,6 +135,8 @@ class Runtime:
         if image.architecture and image.architecture != HOST_ARCH:
             raise ImageError(f'image "{opts.image}" is built for {image.architecture}; kvmc runs {HOST_ARCH} guests')
         process = build_process(image.config, opts.process, opts.host_env)
+        if opts.publish_all:
+            opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports])
         network, ports, mounts = self._network_and_mounts(opts)
         cold_reason = next((
             f"host directory {m.source} is shared through virtiofs, and QEMU cannot save a VM with virtiofs"

@@ -21,7 +21,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvmc.errors import Conflict, KvmcError, UsageError, VolumeInUse, VolumeNotFound  # noqa: F401 (re-exported)
@@ -40,6 +40,8 @@ class Volume:
     size_bytes: int
     path: str
     """The disk image."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """docker's volume labels (compose marks its project's volumes with them)."""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "driver": "kvmc-ext4"}
@@ -90,7 +92,8 @@ class VolumeStore:
                     continue
         return found
 
-    def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False) -> Volume:
+    def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False,
+               labels: dict[str, str] | None = None) -> Volume:
         """Make the disk (sparse, ext4) and publish it under ``name`` in one rename."""
         final = self._dir(name)
         if final.exists():
@@ -111,7 +114,8 @@ class VolumeStore:
                  "-E", "lazy_itable_init=1,lazy_journal_init=1", str(disk)],
                 check=True, capture_output=True, text=True,
             )
-            volume = Volume(name=name, created=now_iso(), size_bytes=size_bytes, path=str(final / DISK_FILE))
+            volume = Volume(name=name, created=now_iso(), size_bytes=size_bytes, path=str(final / DISK_FILE),
+                            labels=dict(labels or {}))
             (work / VOLUME_FILE).write_text(json.dumps(asdict(volume), indent=1))
             work.chmod(0o755)
             try:

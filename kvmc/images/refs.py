@@ -92,8 +92,8 @@ def parse_reference(text: str) -> Reference:
     path = "/".join(parts)
     if domain in _HUB_ALIASES:
         domain = None
-        if path.startswith("library/") and path.count("/") == 1:
-            path = path[len("library/") :]
+    if domain is None and path.startswith("library/") and path.count("/") == 1:
+        path = path[len("library/") :]  # docker.io/library/alpine, library/alpine: alpine
     return Reference(domain=domain, path=path, tag=tag, digest=digest)
 
 

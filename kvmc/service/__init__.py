@@ -13,6 +13,7 @@ Modules, one resource each (as moby's routers/backends and podman's ContainerEng
 * ``files``      - docker cp: stat, copy out, copy in (tar streams, through the running VM)
 * ``images``     - list, inspect, pull, import, tag, rm (refusing images in use), prune
 * ``volumes``    - create, list, inspect (with users), rm (refusing volumes in use), prune
+* ``networks``   - docker's network objects (a registry for now: see the module)
 * ``pools``      - warm, list, remove, gc of pool members and templates
 * ``system``     - info, disk usage, prune, gc
 """
@@ -25,12 +26,13 @@ from kvmc.service.containers import ContainerService
 from kvmc.service.execs import ExecService
 from kvmc.service.files import FileService
 from kvmc.service.images import ImageService
+from kvmc.service.networks import NetworkService
 from kvmc.service.pools import PoolService
 from kvmc.service.reports import ItemReport, for_each
 from kvmc.service.system import SystemService
 from kvmc.service.volumes import VolumeService
 
-__all__ = ["ContainerService", "ExecService", "FileService", "ImageService", "ItemReport", "PoolService", "Services", "SystemService",
+__all__ = ["ContainerService", "ExecService", "FileService", "ImageService", "NetworkService", "ItemReport", "PoolService", "Services", "SystemService",
            "VolumeService", "for_each"]
 
 
@@ -48,6 +50,7 @@ class Services:
         self.images = ImageService(self.engine)
         self.volumes = VolumeService(self.engine)
         self.pools = PoolService(host)
+        self.networks = NetworkService(host.config.data_dir / "networks")
         self.system = SystemService(self.engine)
 
     @classmethod

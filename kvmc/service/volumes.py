@@ -31,8 +31,9 @@ class VolumeService:
         self.engine = engine
         self.store = engine.volumes
 
-    def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False) -> Volume:
-        return self.store.create(name, size_bytes, exist_ok=exist_ok)
+    def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False,
+               labels: dict[str, str] | None = None) -> Volume:
+        return self.store.create(name, size_bytes, exist_ok=exist_ok, labels=labels)
 
     def _view(self, volume: Volume) -> VolumeView:
         return VolumeView(volume, self.engine.volume_users(volume.name), self.store.usage_bytes(volume))

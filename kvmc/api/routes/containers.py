@@ -1,0 +1,468 @@
+"""Containers: create, list, inspect, start, stop, kill, wait, attach, logs, rm and the rest.
+
+Each handler translates docker's request into one kvmc/service call and its result into
+docker's JSON (kvmc/api/translate.py and shapes.py hold the translations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+
+from aiohttp import web
+
+from kvmc.api import shapes
+from kvmc.api.bridge import STDERR, STDOUT, Sink, StreamInput, StreamOutput
+from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack, int_param, json_response,
+                           read_json, until_client_gone)
+from kvmc.api.server import Api, PendingAttach, api_of
+from kvmc.api.translate import (ZERO_TIME, CreateRequest, create_options, match_labels, normalize_image_ref,
+                                parse_filters, parse_time, path_stat_header)
+from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
+from kvmc.process import ProcessOptions
+from kvmc.runtime import DockerFields, RunOptions
+from kvmc.state import ContainerRecord, State
+
+STREAM_TYPES = {"stdout": STDOUT, "stderr": STDERR}
+
+
+# ----------------------------------------------------------------- helpers
+def run_options(req: CreateRequest, network: str) -> RunOptions:
+    """A docker create request as the options kvmc's create takes."""
+    return RunOptions(
+        image=req.image, name=req.name, auto_remove=req.auto_remove, detach=True,
+        process=ProcessOptions(command=list(req.cmd or []), entrypoint=req.entrypoint, env=list(req.env),
+                               workdir=req.workdir, user=req.user, hostname=req.hostname,
+                               interactive=req.open_stdin),
+        memory_mib=req.memory_mib, cpus=req.cpus, network=network, publish=list(req.publish),
+        publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
+        docker=DockerFields(labels=dict(req.labels), tty=req.tty, open_stdin=req.open_stdin,
+                            stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,
+                            stop_signal=req.stop_signal, stop_timeout=req.stop_timeout),
+    )
+
+
+def _inspect_json(api: Api, record: ContainerRecord) -> dict:
+    services = api.services
+    vm_state = services.engine.hv.state(record.domain) if record.is_live else None
+    try:
+        image_config = services.images.get(record.image_id).config
+    except KvmcError:
+        image_config = None
+    return shapes.container_inspect(
+        record, vm_state=vm_state, log_path=str(services.containers.log_path(record)),
+        volume_paths={v: str(services.engine.volumes._dir(v)) for v in record.volume_names},
+        image_config=image_config, pid=record.monitor_pid or 0)
+
+
+async def _record(request: web.Request) -> ContainerRecord:
+    api = api_of(request)
+    return await api.call(api.services.containers.get, request.match_info["id"])
+
+
+# ------------------------------------------------------------------ create
+async def create(request: web.Request) -> web.Response:
+    api = api_of(request)
+    req = create_options(await read_json(request, {}), request.query.get("name"))
+    services = api.services
+    network = req.network if req.network in ("user", "none") else services.networks.mode_for(req.network)
+    warnings = []
+    if req.tty:
+        warnings.append("kvmc does not allocate a TTY yet: the process runs with pipes")
+    try:
+        record = await api.call(services.containers.create, run_options(req, network))
+    except ImageNotFound:
+        raise ApiError(404, f"No such image: {normalize_image_ref(req.image)}") from None
+    return json_response({"Id": record.id, "Warnings": warnings}, status=201)
+
+
+# ------------------------------------------------------------------- reads
+def _matches(record: ContainerRecord, filters: dict[str, list[str]]) -> bool:
+    for key, values in filters.items():
+        if key == "label" and not match_labels(record.labels, values):
+            return False
+        if key == "name" and not any(v.lstrip("/") in record.name for v in values):
+            return False
+        if key == "id" and not any(record.id.startswith(v) for v in values):
+            return False
+        if key == "status" and shapes.docker_state(record) not in values:
+            return False
+        if key == "ancestor" and not any(normalize_image_ref(v) == normalize_image_ref(record.image) or
+                                         record.image_id.startswith(v.removeprefix("sha256:")) for v in values):
+            return False
+        if key == "exited" and (record.state != State.EXITED or str(record.exit_code) not in values):
+            return False
+    return True
+
+
+async def list_containers(request: web.Request) -> web.Response:
+    api = api_of(request)
+    filters = parse_filters(request.query.get("filters"))
+    records = await api.call(api.services.containers.list, bool_param(request, "all") or "status" in filters)
+    records = [r for r in records if _matches(r, filters)]
+    limit = int_param(request, "limit")
+    if limit and limit > 0:
+        records = records[:limit]
+    now = time.time()
+    return json_response([shapes.container_summary(r, now=now) for r in records])
+
+
+async def inspect(request: web.Request) -> web.Response:
+    api = api_of(request)
+    record = await _record(request)
+    return json_response(await api.call(_inspect_json, api, record))
+
+
+# ---------------------------------------------------------------- lifecycle
+async def start(request: web.Request) -> web.Response:
+    """Start; attaches made before (docker run's order) get the process's first output."""
+    api = api_of(request)
+    record = await _record(request)
+    if record.is_live:
+        return web.Response(status=304)
+    pending = api.pending.pop(record.id, [])
+    service = api.services.containers
+    if not pending:
+        await api.call(service.start, record.id)
+        return web.Response(status=204)
+    try:
+        started = await api.call(service.start, record.id, wait_attach=True)
+    except BaseException as exc:
+        for attach in pending:
+            if not attach.started.done():
+                attach.started.set_exception(exc if isinstance(exc, Exception) else KvmcError("start failed"))
+        raise
+    for attach in pending:
+        if not attach.started.done():
+            attach.started.set_result(started)
+    await api.call(api.services.engine.wait_started, started)  # raises 125/126/127 failures
+    return web.Response(status=204)
+
+
+async def stop(request: web.Request) -> web.Response:
+    api = api_of(request)
+    _, was_running = await api.call(api.services.containers.stop, request.match_info["id"], int_param(request, "t"))
+    return web.Response(status=204 if was_running else 304)
+
+
+async def restart(request: web.Request) -> web.Response:
+    api = api_of(request)
+    await api.call(api.services.containers.restart, request.match_info["id"], int_param(request, "t"))
+    return web.Response(status=204)
+
+
+async def kill(request: web.Request) -> web.Response:
+    api = api_of(request)
+    await api.call(api.services.containers.kill, request.match_info["id"], request.query.get("signal") or None)
+    return web.Response(status=204)
+
+
+async def pause(request: web.Request) -> web.Response:
+    api = api_of(request)
+    await api.call(api.services.containers.pause, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def unpause(request: web.Request) -> web.Response:
+    api = api_of(request)
+    await api.call(api.services.containers.unpause, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def remove(request: web.Request) -> web.Response:
+    api = api_of(request)
+    ref = request.match_info["id"]
+    try:
+        await api.call(api.services.containers.remove, ref, bool_param(request, "force"))
+    except ContainerRunning:
+        record = await _record(request)
+        raise ApiError(409, f'cannot remove container "/{record.name}": container is running: stop the '
+                            "container before removing or force remove") from None
+    return web.Response(status=204)
+
+
+async def rename(request: web.Request) -> web.Response:
+    api = api_of(request)
+    name = request.query.get("name", "").lstrip("/")
+    await api.call(api.services.containers.rename, request.match_info["id"], name)
+    return web.Response(status=204)
+
+
+async def prune(request: web.Request) -> web.Response:
+    api = api_of(request)
+    removed = await api.call(api.services.containers.prune)
+    return json_response({"ContainersDeleted": [r.id for r in removed], "SpaceReclaimed": 0})
+
+
+async def resize(request: web.Request) -> web.Response:
+    """Accepted (the CLI retries and warns otherwise); kvmc has no TTYs to size yet."""
+    await _record(request)
+    return web.Response(status=200)
+
+
+# -------------------------------------------------------------------- wait
+async def wait(request: web.Request) -> web.StreamResponse:
+    """Headers at once (the CLI starts the container only after them), the body at the end."""
+    api = api_of(request)
+    condition = request.query.get("condition") or "not-running"
+    record = await _record(request)
+    response = await early_headers(request)
+    gone = threading.Event()
+    watcher = asyncio.ensure_future(until_client_gone(request))
+    watcher.add_done_callback(lambda _: gone.set())
+    try:
+        code = await api.call(api.services.containers.wait, record.id, condition, gone.is_set)
+    except KvmcError as exc:
+        await end_json(response, shapes.wait_json(125, str(exc)))
+        return response
+    finally:
+        watcher.cancel()
+    if code is not None:
+        current = api.services.engine.state.load(record.id)
+        error = current.error if current is not None and current.exit_code in (125, 126, 127) else None
+        await end_json(response, shapes.wait_json(code, error))
+    return response
+
+
+# ------------------------------------------------------------------ attach
+async def _relay(api: Api, record: ContainerRecord, stdin: io.RawIOBase | None, out: io.RawIOBase,
+                 err: io.RawIOBase, just_started: bool) -> None:
+    service = api.services.containers
+    if just_started:
+        await api.call(service.attach_started, record, stdin, out, err)
+    else:
+        await api.call(service.attach, record.id, stdin, out, err)
+
+
+async def attach(request: web.Request) -> web.StreamResponse:
+    api = api_of(request)
+    record = await _record(request)
+    loop = asyncio.get_running_loop()
+    stream = await hijack(request, tty=record.tty)
+    want = {name: bool_param(request, name) for name in ("stdin", "stdout", "stderr")}
+    out = StreamOutput(loop, stream, STDOUT) if want["stdout"] else Sink()
+    err = StreamOutput(loop, stream, STDERR if not record.tty else STDOUT) if want["stderr"] else Sink()
+    stdin = StreamInput(loop, stream) if want["stdin"] and record.open_stdin else None
+    try:
+        if bool_param(request, "logs"):
+            for entry in await api.call(lambda: list(api.services.containers.logs(record.id))):
+                if want.get(entry["stream"]):  # the stored log first (docker's logs=1)
+                    await stream.write_frame(STREAM_TYPES[entry["stream"]] if not record.tty else STDOUT,
+                                             entry["log"].encode())
+        if record.is_live:
+            await _relay(api, record, stdin, out, err, just_started=False)
+        elif bool_param(request, "stream", True):
+            waiter = PendingAttach(loop.create_future())
+            api.pending.setdefault(record.id, []).append(waiter)
+            started = await waiter.started
+            await _relay(api, started, stdin, out, err, just_started=True)
+    except KvmcError as exc:
+        if not stream.closed and record.tty is False:
+            await stream.write_frame(STDERR, f"{exc}\n".encode())
+    finally:
+        pending = api.pending.get(record.id)
+        if pending is not None:
+            api.pending[record.id] = [p for p in pending if not p.started.done()]
+        await stream.close()
+    return stream.response
+
+
+# -------------------------------------------------------------------- logs
+async def logs(request: web.Request) -> web.StreamResponse:
+    api = api_of(request)
+    record = await _record(request)
+    tail = request.query.get("tail", "all")
+    tail_n = None if tail in ("all", "") else int(tail) if tail.lstrip("-").isdigit() else None
+    if tail_n is not None and tail_n < 0:
+        tail_n = None
+    follow = bool_param(request, "follow")
+    streams = {s for s in ("stdout", "stderr") if bool_param(request, s)}
+    timestamps = bool_param(request, "timestamps")
+    since = parse_time(request.query.get("since")) if request.query.get("since") not in (None, "", "0") else None
+    until = parse_time(request.query.get("until")) if request.query.get("until") not in (None, "", "0") else None
+    content_type = "application/vnd.docker.raw-stream" if record.tty else "application/vnd.docker.multiplexed-stream"
+    response = web.StreamResponse(headers={"Content-Type": content_type})
+    await response.prepare(request)
+    entries = api.services.containers.logs(record.id, tail=tail_n, follow=follow)
+    gone = asyncio.ensure_future(until_client_gone(request))
+    done = object()
+    try:
+        while not gone.done():
+            entry = await api.call(next, entries, done)
+            if entry is done:
+                break
+            if entry.get("stream") not in streams:
+                continue
+            when = parse_time(entry.get("time"))
+            if since is not None and when is not None and when < since:
+                continue
+            if until is not None and when is not None and when > until:
+                continue
+            data = entry.get("log", "").encode()
+            if timestamps:
+                data = f"{entry.get('time')} ".encode() + data
+            if record.tty:
+                await response.write(data)
+            else:
+                stream_id = STREAM_TYPES[entry["stream"]]
+                await response.write(bytes([stream_id, 0, 0, 0]) + len(data).to_bytes(4, "big") + data)
+    except ConnectionError:
+        pass
+    finally:
+        gone.cancel()
+        entries.close()
+    await response.write_eof()
+    return response
+
+
+# ------------------------------------------------------------------ stats
+def _stats_json(record: ContainerRecord, sample: dict[str, int], previous: dict[str, int] | None,
+                read_at: float, previous_at: float | None) -> dict:
+    ncpu = sample["vcpus"]
+    system_ns = int(read_at * 1e9) * ncpu
+    memory = sample["rss_kib"] * 1024 or sample["memory_kib"] * 1024
+
+    def cpu(s: dict[str, int] | None, at: float | None) -> dict:
+        return {"cpu_usage": {"total_usage": s["cpu_ns"] if s else 0, "usage_in_kernelmode": 0,
+                              "usage_in_usermode": s["cpu_ns"] if s else 0},
+                "system_cpu_usage": int(at * 1e9) * ncpu if at else 0, "online_cpus": ncpu,
+                "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}}
+
+    return {
+        "id": record.id, "name": f"/{record.name}",
+        "read": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(read_at)) + "Z",
+        "preread": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(previous_at)) + "Z" if previous_at
+        else ZERO_TIME,
+        "cpu_stats": {**cpu(sample, read_at), "system_cpu_usage": system_ns},
+        "precpu_stats": cpu(previous, previous_at),
+        "memory_stats": {"usage": memory, "limit": sample["memory_kib"] * 1024, "stats": {}},
+        "pids_stats": {}, "blkio_stats": {}, "num_procs": 0, "networks": {},
+    }
+
+
+async def stats(request: web.Request) -> web.StreamResponse:
+    """libvirt's CPU time and memory of the VM, one sample (``stream=0``) or one a second."""
+    api = api_of(request)
+    ref = request.match_info["id"]
+    stream = bool_param(request, "stream", True) and not bool_param(request, "one-shot")
+    record, sample = await api.call(api.services.containers.stats, ref)
+    read_at = time.time()
+    if not stream:
+        previous, previous_at = sample, read_at
+        await asyncio.sleep(0.5)  # the CLI computes CPU % from two samples
+        record, sample = await api.call(api.services.containers.stats, ref)
+        return json_response(_stats_json(record, sample, previous, time.time(), previous_at))
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await response.prepare(request)
+    previous, previous_at = None, None
+    try:
+        while True:
+            await response.write(json.dumps(_stats_json(record, sample, previous, read_at, previous_at)).encode()
+                                 + b"\n")
+            previous, previous_at = sample, read_at
+            await asyncio.sleep(1.0)
+            record, sample = await api.call(api.services.containers.stats, ref)
+            read_at = time.time()
+    except (ConnectionError, KvmcError):
+        pass
+    return response
+
+
+# -------------------------------------------------------------------- top
+async def top(request: web.Request) -> web.Response:
+    """``ps`` inside the guest (the image's own ps: busybox's prints PID USER TIME COMMAND)."""
+    api = api_of(request)
+    out = io.BytesIO()
+    code = await api.call(api.services.containers.exec, request.match_info["id"],
+                          ProcessOptions(command=["ps"], user="0"), None, out, io.BytesIO())
+    if code != 0:
+        raise ApiError(500, "the container's image has no working ps command")
+    lines = out.getvalue().decode(errors="replace").splitlines()
+    titles = lines[0].split() if lines else []
+    processes = [line.split(None, max(len(titles) - 1, 0)) for line in lines[1:] if line.strip()]
+    return json_response({"Titles": titles, "Processes": processes})
+
+
+# ----------------------------------------------------------------- archive
+async def archive_head(request: web.Request) -> web.Response:
+    api = api_of(request)
+    found = await api.call(api.services.files.stat, request.match_info["id"], request.query.get("path", "/"))
+    header = path_stat_header(found.name, found.size, found.mode, found.mtime, found.link_target)
+    return web.Response(status=200, headers={"X-Docker-Container-Path-Stat": header})
+
+
+async def archive_get(request: web.Request) -> web.StreamResponse:
+    api = api_of(request)
+    ref, path = request.match_info["id"], request.query.get("path", "/")
+    found = await api.call(api.services.files.stat, ref, path)
+    header = path_stat_header(found.name, found.size, found.mode, found.mtime, found.link_target)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar",
+                                           "X-Docker-Container-Path-Stat": header})
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+
+    class Out(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            asyncio.run_coroutine_threadsafe(response.write(bytes(data)), loop).result()
+            return len(data)
+
+    await api.call(api.services.files.copy_out, ref, path, Out())
+    await response.write_eof()
+    return response
+
+
+async def archive_put(request: web.Request) -> web.Response:
+    api = api_of(request)
+    ref, path = request.match_info["id"], request.query.get("path", "/")
+    loop = asyncio.get_running_loop()
+
+    class In(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def read1(self, size: int = 65536) -> bytes:
+            return asyncio.run_coroutine_threadsafe(request.content.read(size if size > 0 else 65536), loop).result()
+
+        read = read1  # type: ignore[assignment]
+
+    await api.call(api.services.files.copy_in, ref, path, In())
+    return web.Response(status=200)
+
+
+async def not_implemented(request: web.Request) -> web.Response:
+    raise ApiError(501, "kvmc does not implement this for containers yet (a container is a VM: "
+                        "changes and export need the guest's disk, which kvmc does not read on the host)")
+
+
+ROUTES = [
+    ("POST", "/containers/create", create),
+    ("GET", "/containers/json", list_containers),
+    ("POST", "/containers/prune", prune),
+    ("GET", "/containers/{id}/json", inspect),
+    ("POST", "/containers/{id}/start", start),
+    ("POST", "/containers/{id}/stop", stop),
+    ("POST", "/containers/{id}/restart", restart),
+    ("POST", "/containers/{id}/kill", kill),
+    ("POST", "/containers/{id}/pause", pause),
+    ("POST", "/containers/{id}/unpause", unpause),
+    ("POST", "/containers/{id}/wait", wait),
+    ("POST", "/containers/{id}/attach", attach),
+    ("GET", "/containers/{id}/logs", logs),
+    ("DELETE", "/containers/{id}", remove),
+    ("POST", "/containers/{id}/rename", rename),
+    ("POST", "/containers/{id}/resize", resize),
+    ("GET", "/containers/{id}/stats", stats),
+    ("GET", "/containers/{id}/top", top),
+    ("HEAD", "/containers/{id}/archive", archive_head),
+    ("GET", "/containers/{id}/archive", archive_get),
+    ("PUT", "/containers/{id}/archive", archive_put),
+    ("GET", "/containers/{id}/changes", not_implemented),
+    ("GET", "/containers/{id}/export", not_implemented),
+    ("POST", "/containers/{id}/update", not_implemented),
+]
