@@ -38,7 +38,7 @@ from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_t
 from kvmc.network import PortMapping, allocate_ports, parse_network, parse_publish
 from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
 from kvmc.process import ProcessOptions, build_process, merge_env
-from kvmc.state import ContainerRecord, State, now_iso
+from kvmc.state import ContainerRecord, State
 from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive
 
 HOST_ARCH = "amd64"
@@ -333,6 +333,9 @@ class Runtime:
         while time.monotonic() < deadline:
             current = self.state.load(record.id)
             if current is None:
+                ended = self.state.tombstone(record.id)
+                if ended and ended[1]:  # removed on failure (run -d): its tombstone says why
+                    raise_for(ProcessResult(exit_code=ended[0] if ended[0] in (126, 127) else 125, error=ended[1]))
                 raise KvmcError(f"container {record.name} failed to start and was removed")
             if current.started_at or current.state == State.EXITED:
                 break
@@ -511,8 +514,8 @@ class Runtime:
         for ``ps``, ``inspect``, ``logs`` and every API GET."""
         if not self._monitor_lost(record):
             return record
-        return dataclasses.replace(
-            record, state=State.EXITED, finished_at=record.finished_at or now_iso(),
+        return dataclasses.replace(  # finished_at: the time the monitor died is not known
+            record, state=State.EXITED, finished_at=record.finished_at or record.started_at or record.created,
             exit_code=record.exit_code if record.exit_code is not None else 137,
             error=record.error or MONITOR_DIED, monitor_pid=None)
 

@@ -254,9 +254,28 @@ class StateStore:
             return None  # not a record kvmc can read: gc lists its directory
 
     def update(self, record: ContainerRecord, **changes: Any) -> ContainerRecord:
-        for key, value in changes.items():
-            setattr(record, key, value)
-        self.save(record)
+        """Write ``changes`` into the stored record and into ``record``.
+
+        Read-modify-write under the record's own lock, so writers of different fields in
+        different processes (a monitor recording the end, a rename) never undo each other:
+        each call writes only its fields onto what is stored now. A container removed
+        meanwhile raises FileNotFoundError (an OSError, as writing into its directory did).
+        """
+        # The directory itself is the lock (flock works on a directory's descriptor): no file
+        # of its own, and not the ``.lock`` that start() holds while it updates the record.
+        fd = os.open(self.container_dir(record.id), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            stored = self.load(record.id)
+            if stored is not None:
+                for field_ in fields(ContainerRecord):
+                    if field_.name not in changes:
+                        setattr(record, field_.name, getattr(stored, field_.name))
+            for key, value in changes.items():
+                setattr(record, key, value)
+            self.save(record)
+        finally:
+            os.close(fd)
         return record
 
     def list(self) -> list[ContainerRecord]:
@@ -339,15 +358,22 @@ class StateStore:
                 if now - old.stat().st_mtime > TOMBSTONE_TTL_S:
                     old.unlink(missing_ok=True)
             if record.exit_code is not None:
-                _write_atomic(self.tombstones / record.id, str(record.exit_code))
+                _write_atomic(self.tombstones / record.id,
+                              json.dumps({"exit_code": record.exit_code, "error": record.error}))
         except OSError:
             pass  # a full disk must not stop rm: the exit code is then reported as 0
 
-    def tombstone_exit_code(self, container_id: str) -> int:
+    def tombstone(self, container_id: str) -> tuple[int, str | None] | None:
+        """(exit code, error) of a container removed in the last few minutes, if known."""
         try:
-            return int((self.tombstones / container_id).read_text())
-        except (OSError, ValueError):
-            return 0
+            data = json.loads((self.tombstones / container_id).read_text())
+            return int(data["exit_code"]), data.get("error")
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+    def tombstone_exit_code(self, container_id: str) -> int:
+        found = self.tombstone(container_id)
+        return found[0] if found else 0
 
     def release(self, container_id: str, name: str | None) -> None:
         """Delete a container directory and release its name, for a record never saved."""
