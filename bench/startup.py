@@ -5,7 +5,8 @@ its container): cold (--no-pool); pooled (a member
 warmed beforehand is restored from its save file); hot (`pool warm --hot`: the member was
 restored ahead of time and waits paused, the run resumes it); and from a template (`pool warm
 --template`: each run clones the template's RAM file and device state), all at the same VM
-size; and `kvmc run IMAGE true` without --rm (the container is kept; removed outside the
+size; the same cold through ``kvmc serve`` with the stock docker CLI (``docker run --rm IMAGE
+true``); and `kvmc run IMAGE true` without --rm (the container is kept; removed outside the
 timing) cold and hot. Then the proportional set size (PSS) of the hot members waiting paused, and of N idle
 VMs of each kind (`run -d IMAGE sleep`), summed over their QEMU processes; then the ratios to
 cold (target under TCG: start-up <= 0.25) and PSS save-pool/cold and template/save-pool. A
@@ -73,6 +74,33 @@ def idle_pss(image: str, memory: str, runs: int, mode: str) -> float:
         subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", *names], capture_output=True)
 
 
+def docker_runs(image: str, memory: str, runs: int) -> list[float]:
+    """Wall times of ``docker run --rm IMAGE true`` (the stock docker CLI) through a ``kvmc serve``
+    started here on a private socket, on the same state root: the API path against kvmc's CLI."""
+    socket_path = Path(f"/run/kvmc/bench-{os.getpid()}.sock")
+    server = subprocess.Popen([sys.executable, "-m", "kvmc", "serve", "-H", f"unix://{socket_path}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+    env["DOCKER_HOST"] = f"unix://{socket_path}"
+    try:
+        deadline = time.monotonic() + 30
+        while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode != 0:
+            if time.monotonic() > deadline or server.poll() is not None:
+                sys.exit(f"kvmc serve did not come up: {server.stderr.read().decode() if server.stderr else ''}")
+            time.sleep(0.2)
+        walls = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            proc = subprocess.run(["docker", "run", "--rm", "-m", memory, image, "true"], env=env, capture_output=True)
+            walls.append(time.perf_counter() - start)
+            if proc.returncode != 0:
+                sys.exit(f"docker run failed ({proc.returncode}): {proc.stderr.decode()}")
+        return walls
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def kept_runs(image: str, memory: str, runs: int, *flags: str) -> list[float]:
     """Wall times of ``kvmc run --name N IMAGE true`` (no --rm); the containers are removed after."""
     names = [f"bench-kept-{os.getpid()}-{i}" for i in range(runs)]
@@ -97,6 +125,7 @@ def main() -> None:
 
     # Save mode first: while a template of this key exists, runs clone it instead of claiming.
     cold = [kvmc("run", "--rm", "--no-pool", "-m", memory, image, "true")[0] for _ in range(n)]
+    docker_cold = docker_runs(image, memory, n)  # before any pool exists: cold boots too
     warm_wall, _ = kvmc("pool", "warm", image, "--size", str(n), "-m", memory)
     save_mib = [p["save_mib"] for p in pools("save")]
     pooled = [kvmc("run", "--rm", "-m", memory, image, "true")[0] for _ in range(n)]
@@ -132,6 +161,7 @@ def main() -> None:
     print(f"{'pooled   kvmc run --rm IMAGE true (restore on claim)':<60}{med(pooled):>10.3f}")
     print(f"{'hot      kvmc run --rm IMAGE true (pool warm --hot)':<60}{med(hot):>10.3f}")
     print(f"{'template kvmc run --rm IMAGE true':<60}{med(templated):>10.3f}")
+    print(f"{'cold     docker run --rm IMAGE true (through kvmc serve)':<60}{med(docker_cold):>10.3f}")
     print(f"{'cold     kvmc run IMAGE true (kept; baseline)':<60}{med(cold_kept):>10.3f}")
     print(f"{'hot      kvmc run IMAGE true (kept)':<60}{med(hot_kept):>10.3f}")
     print(f"{'pool warm-up, per member (2 in parallel)':<60}{warm_wall / n:>10.3f}")
@@ -148,6 +178,7 @@ def main() -> None:
     print(f"{'ratio hot pooled/cold start-up (target <= 0.25)':<60}{med(hot) / med(cold):>10.2f}")
     print(f"{'ratio template/cold start-up':<60}{med(templated) / med(cold):>10.2f}")
     print(f"{'ratio hot pooled/cold, kept containers (target <= 0.25)':<60}{med(hot_kept) / med(cold_kept):>10.2f}")
+    print(f"{'ratio docker run via kvmc serve/kvmc run, cold start-up':<60}{med(docker_cold) / med(cold):>10.2f}")
     print(f"{'ratio PSS save-pool/cold':<60}{pss_pool / pss_cold:>10.2f}")
     print(f"{'ratio PSS template/save-pool':<60}{pss_template / pss_pool:>10.2f}")
     print(f"{'ratio PSS template/save-pool, + RAM file/N (upper bound)':<60}"

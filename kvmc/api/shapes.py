@@ -168,7 +168,7 @@ def _command_parts(record: Any, image_config: Any = None) -> tuple[list[str] | N
 
 
 def container_summary(record: Any, image_id: str | None = None, now: float = 0.0,
-                      volume_paths: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      volume_paths: Mapping[str, str] | None = None, vm_state: str | None = None) -> dict[str, Any]:
     """One item of ``GET /containers/json`` (names start with "/": the CLI strips one char)."""
     running = _state_name(record) in RUNNING_STATES
     args = _args(record)
@@ -181,10 +181,10 @@ def container_summary(record: Any, image_id: str | None = None, now: float = 0.0
         "Created": int(parse_time(getattr(record, "created", None)) or 0),
         "Ports": _summary_ports(record),
         "Labels": dict(_attr(record, "labels", {})),
-        "State": docker_state(record),
+        "State": docker_state(record, vm_state),
         "Status": human_status(_state_name(record), getattr(record, "exit_code", None),
                                getattr(record, "started_at", None), getattr(record, "finished_at", None),
-                               now, paused=is_paused(record)),
+                               now, paused=is_paused(record, vm_state)),
         "HostConfig": {"NetworkMode": network_name(record)},
         "NetworkSettings": {"Networks": _networks(record, running)},
         "Mounts": _mounts(record, volume_paths),

@@ -107,7 +107,9 @@ async def list_containers(request: web.Request) -> web.Response:
     if limit and limit > 0:
         records = records[:limit]
     now = time.time()
-    return json_response([shapes.container_summary(r, now=now) for r in records])
+    hv = api.services.engine.hv
+    states = await api.call(lambda: {r.id: hv.state(r.domain) for r in records if r.state == State.RUNNING})
+    return json_response([shapes.container_summary(r, now=now, vm_state=states.get(r.id)) for r in records])
 
 
 async def inspect(request: web.Request) -> web.Response:
