@@ -23,6 +23,8 @@ from typing import Any
 
 from kvmc.errors import ImageError, UsageError
 from kvmc.images.refs import DEFAULT_TAG, parse_reference
+from kvmc.process import ProcessOptions
+from kvmc.runtime import DockerFields, RunOptions
 
 
 class InvalidRequest(UsageError, ValueError):
@@ -614,3 +616,21 @@ def path_stat_header(name: str, size: int, st_mode: int, mtime: float, link_targ
     payload = {"name": name, "size": size, "mode": go_file_mode(st_mode), "mtime": format_time(mtime),
                "linkTarget": link_target}
     return base64.b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode()
+
+
+# ---------------------------------------------------------------------------------- to kvmc
+
+def run_options(req: CreateRequest, network: str) -> RunOptions:
+    """A docker create request as the options kvmc's create takes (``network``: kvmc's mode,
+    resolved by the network service from the request's NetworkMode)."""
+    return RunOptions(
+        image=req.image, name=req.name, auto_remove=req.auto_remove, detach=True,
+        process=ProcessOptions(command=list(req.cmd or []), entrypoint=req.entrypoint, env=list(req.env),
+                               workdir=req.workdir, user=req.user, hostname=req.hostname,
+                               interactive=req.open_stdin),
+        memory_mib=req.memory_mib, cpus=req.cpus, network=network, publish=list(req.publish),
+        publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
+        docker=DockerFields(labels=dict(req.labels), tty=req.tty, open_stdin=req.open_stdin,
+                            stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,
+                            stop_signal=req.stop_signal, stop_timeout=req.stop_timeout),
+    )

@@ -19,32 +19,16 @@ from kvmc.api.bridge import STDERR, STDOUT, Sink, StreamInput, StreamOutput
 from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack, int_param, json_response,
                            read_json, until_client_gone)
 from kvmc.api.server import Api, PendingAttach, api_of
-from kvmc.api.translate import (ZERO_TIME, CreateRequest, create_options, match_labels, normalize_image_ref,
-                                parse_filters, parse_time, path_stat_header)
+from kvmc.api.translate import (ZERO_TIME, create_options, match_labels, normalize_image_ref, parse_filters,
+                                parse_time, path_stat_header, run_options)
 from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
 from kvmc.process import ProcessOptions
-from kvmc.runtime import DockerFields, RunOptions
 from kvmc.state import ContainerRecord, State
 
 STREAM_TYPES = {"stdout": STDOUT, "stderr": STDERR}
 
 
 # ----------------------------------------------------------------- helpers
-def run_options(req: CreateRequest, network: str) -> RunOptions:
-    """A docker create request as the options kvmc's create takes."""
-    return RunOptions(
-        image=req.image, name=req.name, auto_remove=req.auto_remove, detach=True,
-        process=ProcessOptions(command=list(req.cmd or []), entrypoint=req.entrypoint, env=list(req.env),
-                               workdir=req.workdir, user=req.user, hostname=req.hostname,
-                               interactive=req.open_stdin),
-        memory_mib=req.memory_mib, cpus=req.cpus, network=network, publish=list(req.publish),
-        publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
-        docker=DockerFields(labels=dict(req.labels), tty=req.tty, open_stdin=req.open_stdin,
-                            stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,
-                            stop_signal=req.stop_signal, stop_timeout=req.stop_timeout),
-    )
-
-
 def _inspect_json(api: Api, record: ContainerRecord) -> dict:
     services = api.services
     vm_state = services.engine.hv.state(record.domain) if record.is_live else None

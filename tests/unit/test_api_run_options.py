@@ -1,0 +1,47 @@
+"""Docker's create body, as the docker CLI sends it, into the RunOptions kvmc's create takes."""
+
+from __future__ import annotations
+
+from kvmc.api.translate import create_options, run_options
+from kvmc.mounts import parse_tmpfs, parse_volume
+from kvmc.network import parse_publish
+
+
+def _body(**host_config: object) -> dict:
+    """A `docker run` create body with the zero values the CLI always sends."""
+    return {
+        "Hostname": "", "User": "", "AttachStdin": False, "AttachStdout": True, "AttachStderr": True,
+        "Tty": False, "OpenStdin": False, "StdinOnce": False, "Env": ["A=1"], "Cmd": ["sh", "-c", "exit 3"],
+        "Image": "alpine", "Volumes": None, "WorkingDir": "/srv", "Entrypoint": None, "Labels": {"k": "v"},
+        "HostConfig": {"NetworkMode": "default", "RestartPolicy": {"Name": "no"}, "ConsoleSize": [0, 0],
+                       "LogConfig": {"Type": "", "Config": {}}, **host_config},
+        "NetworkingConfig": {"EndpointsConfig": {"default": {}}},
+    }
+
+
+def test_a_plain_docker_run_becomes_a_user_network_container() -> None:
+    req = create_options(_body(AutoRemove=True), "web")
+    opts = run_options(req, "user")
+    assert (opts.image, opts.name, opts.auto_remove, opts.network) == ("alpine", "web", True, "user")
+    assert opts.process.command == ["sh", "-c", "exit 3"] and opts.process.entrypoint is None
+    assert opts.process.env == ["A=1"] and opts.process.workdir == "/srv" and not opts.process.interactive
+    assert opts.docker.labels == {"k": "v"} and opts.docker.cmd == ["sh", "-c", "exit 3"]
+    assert opts.host_env == {}  # the API never reads the server's environment for -e NAME
+
+
+def test_resources_ports_mounts_and_stdin_reach_kvmc_in_its_own_syntax() -> None:
+    body = _body(Memory=268435456, NanoCpus=1500000000,
+                 PortBindings={"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}],
+                               "53/udp": [{"HostIp": "", "HostPort": ""}]},
+                 Binds=["vol1:/data", "/tmp:/host:ro"], Tmpfs={"/run": "size=64m"}, ReadonlyRootfs=True)
+    body.update(OpenStdin=True, StdinOnce=True, Entrypoint=["/bin/sh"], Tty=True)
+    opts = run_options(create_options(body, None), "user")
+    assert (opts.memory_mib, opts.cpus, opts.read_only) == (256, 2, True)
+    assert opts.process.interactive and opts.docker.open_stdin and opts.docker.stdin_once and opts.docker.tty
+    assert opts.process.entrypoint == ["/bin/sh"]
+    ports = sorted((p.host_ip, p.host_port, p.guest_port, p.protocol) for p in map(parse_publish, opts.publish))
+    assert ports == [("0.0.0.0", 0, 53, "udp"), ("127.0.0.1", 8080, 80, "tcp")]
+    mounts = sorted((m.kind, m.source, m.target, m.readonly) for m in map(parse_volume, opts.volumes))
+    assert mounts == [("bind", "/tmp", "/host", True), ("volume", "vol1", "/data", False)]
+    [tmpfs] = map(parse_tmpfs, opts.tmpfs)
+    assert (tmpfs.target, "size=64m" in tmpfs.options) == ("/run", True)
