@@ -110,6 +110,21 @@ def tag_of(name: str) -> str:
     return parse_reference(name).tag or DEFAULT_TAG
 
 
+def insecure_registry(text: str) -> bool:
+    """docker's default insecure registries: a registry on this host's loopback (127.0.0.0/8,
+    ::1, localhost) is reached over plain HTTP; every other one over verified TLS."""
+    import ipaddress
+
+    domain = parse_reference(text).domain or ""
+    host = domain.rsplit(":", 1)[0].strip("[]") if domain.count(":") <= 1 else domain.strip("[]").rsplit("]:", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def pull_source(text: str) -> str:
     """skopeo source for ``pull``: ``alpine`` -> ``docker://docker.io/library/alpine:latest``."""
     return "docker://" + parse_reference(text).remote()

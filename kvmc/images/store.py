@@ -36,7 +36,7 @@ from kvmc.images import layout as oci
 from kvmc.images.disk import make_ext4
 from kvmc.images.layers import scan_layers
 from kvmc.images.model import Image, ImageConfig
-from kvmc.images.refs import normalize_name, parse_reference, pull_source
+from kvmc.images.refs import insecure_registry, normalize_name, parse_reference, pull_source
 from kvmc.images.tools import run_tool, skopeo_copy, umoci_args
 
 INDEX_VERSION = 1
@@ -267,7 +267,8 @@ class ImageStore:
         name = None if parsed.digest and not parsed.tag else parsed.familiar()
         with self._scratch() as scratch:
             source = oci.SourceImage(skopeo_ref=pull_source(ref), default_name=name)
-            return self._import_source(source, name, scratch, what=f"cannot pull {ref}", timeout=timeout)
+            return self._import_source(source, name, scratch, what=f"cannot pull {ref}", timeout=timeout,
+                                       tls_verify=not insecure_registry(ref))
 
     @contextlib.contextmanager
     def _scratch(self) -> Iterator[Path]:
@@ -285,9 +286,11 @@ class ImageStore:
         *,
         what: str,
         timeout: float | None = None,
+        tls_verify: bool = True,
     ) -> Image:
         copied = scratch / "layout"
-        skopeo_copy(source.skopeo_ref, f"oci:{copied}:{SCRATCH_TAG}", what=what, scratch=scratch, timeout=timeout)
+        skopeo_copy(source.skopeo_ref, f"oci:{copied}:{SCRATCH_TAG}", what=what, scratch=scratch, timeout=timeout,
+                    source_tls_verify=tls_verify)
         img = oci.read_layout_image(copied, SCRATCH_TAG)
         config_bytes = source.config_bytes if source.config_bytes is not None else img.config_bytes
         config = oci.parse_config(config_bytes)

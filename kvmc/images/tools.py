@@ -88,8 +88,12 @@ def skopeo_copy(
     scratch: Path,
     timeout: float | None = None,
     gzip_layers: bool = True,
+    source_tls_verify: bool = True,
 ) -> None:
     """``skopeo copy SOURCE DEST`` keeping its big temporary files inside ``scratch``.
+
+    ``source_tls_verify`` False: the source registry may be plain HTTP (docker's default
+    insecure registries: loopback only, see kvmc.images.refs.insecure_registry).
 
     ``gzip_layers``: umoci 0.4.7 cannot unpack zstd layers ("blob is not correct
     mediatype"); with ``--dest-compress-format gzip`` skopeo recompresses only layers that
@@ -106,6 +110,8 @@ def skopeo_copy(
         argv.insert(1, "--insecure-policy")
     if gzip_layers:
         argv += ["--dest-compress-format", "gzip"]
+    if not source_tls_verify:
+        argv.append("--src-tls-verify=false")
     tmp = scratch / "skopeo-tmp"
     tmp.mkdir(exist_ok=True)
     run_tool([*argv, source, dest], what=what, env={"TMPDIR": str(tmp)}, timeout=timeout)

@@ -475,3 +475,12 @@ def test_staging_left_by_a_dead_import_is_reaped(store: ImageStore, busybox_layo
         assert sorted(p.name for p in (store.root / ".staging").iterdir()) == ["import-alive", "import-alive.lock"]
     finally:
         os.close(fd)
+
+
+def test_only_loopback_registries_are_reached_over_plain_http() -> None:
+    from kvmc.images.refs import insecure_registry
+
+    assert insecure_registry("127.0.0.1:5000/team/app:1") and insecure_registry("localhost:5000/app")
+    assert insecure_registry("[::1]:5000/app")
+    assert not insecure_registry("alpine") and not insecure_registry("quay.io/x/y")
+    assert not insecure_registry("10.0.0.1:5000/app") and not insecure_registry("192.168.1.2:5000/app")
