@@ -272,10 +272,15 @@ def ps(
     all_: bool = typer.Option(False, "-a", "--all", help="Show all containers (default: running only)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids."),
     format_: Optional[str] = typer.Option(None, "--format", help="'json' for one JSON object per line."),
+    filter_: Optional[List[str]] = typer.Option(
+        None, "--filter", "-f", help="KEY=VALUE, repeatable: label, name, id, status, ancestor, exited, volume, "
+        "network (as docker's)."),
 ) -> None:
     """List containers."""
+    from kvmc.service.filters import parse_filter_flags
+
     service = _services().containers
-    records = service.list(all_)
+    records = service.list(all_, parse_filter_flags(list(filter_ or [])))
     if quiet:
         for r in records:
             typer.echo(r.short_id)

@@ -457,15 +457,6 @@ def parse_filters(raw: str | None) -> dict[str, list[str]]:
     return result
 
 
-def match_labels(labels: dict[str, str], wanted: list[str]) -> bool:
-    """All of ``wanted`` hold: ``k`` means the key is present, ``k=v`` an exact value."""
-    for item in wanted:
-        key, sep, value = item.partition("=")
-        if key not in labels or (sep and labels[key] != value):
-            return False
-    return True
-
-
 # ---------------------------------------------------------------------------------- signals
 
 def parse_signal(text: str | int | None, default: int | None = None) -> int:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 
 from kvmc.errors import UsageError
 from kvmc.logs import follow_log
+from kvmc.service.filters import check as check_filters
+from kvmc.service.filters import container_matches
 from kvmc.process import ProcessOptions
 from kvmc.state import ContainerRecord, State
 
@@ -51,10 +53,16 @@ class ContainerService:
         """The container ``ref`` names (name, id or id prefix), as observed: never repairs."""
         return self.engine.observe(self.state.resolve(ref))
 
-    def list(self, all_: bool = False) -> list[ContainerRecord]:
-        """Containers, newest first; only live ones unless ``all_``."""
+    def list(self, all_: bool = False, filters: dict[str, list[str]] | None = None) -> list[ContainerRecord]:
+        """Containers, newest first; only live ones unless ``all_`` (or a status filter);
+        ``filters`` as docker's (kvmc/service/filters.py)."""
+        filters = filters or {}
+        check_filters(filters)
         records = [self.engine.observe(r) for r in self.state.list()]
-        return [r for r in records if all_ or r.is_live]
+        records = [r for r in records if all_ or "status" in filters or r.is_live]
+        if not filters:
+            return records
+        return [r for r in records if container_matches(r, filters, self.is_paused(r) if r.is_live else False)]
 
     def inspect(self, ref: str) -> dict:
         """kvmc's own JSON view of a container: its record plus what libvirt and the image say."""

@@ -25,7 +25,6 @@ from kvmc.api.translate import (
     go_file_mode,
     human_duration,
     human_status,
-    match_labels,
     normalize_image_ref,
     parse_filters,
     parse_signal,
@@ -36,6 +35,7 @@ from kvmc.api.translate import (
 from kvmc.images.model import Image, ImageConfig
 from kvmc.mounts import parse_tmpfs, parse_volume
 from kvmc.network import parse_publish
+from kvmc.service.filters import match_labels
 from kvmc.state import ContainerRecord
 from kvmc.volumes import Volume
 

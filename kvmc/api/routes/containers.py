@@ -19,8 +19,8 @@ from kvmc.api.bridge import STDERR, STDOUT, Sink, StreamInput, StreamOutput
 from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack, int_param, json_response,
                            read_json, until_client_gone)
 from kvmc.api.server import Api, PendingAttach, api_of
-from kvmc.api.translate import (ZERO_TIME, create_options, match_labels, normalize_image_ref, parse_filters,
-                                parse_time, path_stat_header, run_options)
+from kvmc.api.translate import (ZERO_TIME, create_options, normalize_image_ref, parse_filters, parse_time,
+                                path_stat_header, run_options)
 from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
 from kvmc.process import ProcessOptions
 from kvmc.state import ContainerRecord, State
@@ -64,29 +64,10 @@ async def create(request: web.Request) -> web.Response:
 
 
 # ------------------------------------------------------------------- reads
-def _matches(record: ContainerRecord, filters: dict[str, list[str]]) -> bool:
-    for key, values in filters.items():
-        if key == "label" and not match_labels(record.labels, values):
-            return False
-        if key == "name" and not any(v.lstrip("/") in record.name for v in values):
-            return False
-        if key == "id" and not any(record.id.startswith(v) for v in values):
-            return False
-        if key == "status" and shapes.docker_state(record) not in values:
-            return False
-        if key == "ancestor" and not any(normalize_image_ref(v) == normalize_image_ref(record.image) or
-                                         record.image_id.startswith(v.removeprefix("sha256:")) for v in values):
-            return False
-        if key == "exited" and (record.state != State.EXITED or str(record.exit_code) not in values):
-            return False
-    return True
-
-
 async def list_containers(request: web.Request) -> web.Response:
     api = api_of(request)
     filters = parse_filters(request.query.get("filters"))
-    records = await api.call(api.services.containers.list, bool_param(request, "all") or "status" in filters)
-    records = [r for r in records if _matches(r, filters)]
+    records = await api.call(api.services.containers.list, bool_param(request, "all"), filters)
     limit = int_param(request, "limit")
     if limit and limit > 0:
         records = records[:limit]

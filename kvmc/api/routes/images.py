@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -85,6 +87,24 @@ async def create(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _archive_names(path: Path) -> list[str]:
+    """The names a docker-save tarball records (manifest.json ``RepoTags``), in the store's form."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            member = tar.extractfile("manifest.json")
+            manifest = json.load(member) if member is not None else []
+    except (tarfile.TarError, KeyError, OSError, EOFError, ValueError):
+        return []
+    names = []
+    for entry in manifest if isinstance(manifest, list) else []:
+        for tag in (entry.get("RepoTags") or []) if isinstance(entry, dict) else []:
+            try:
+                names.append(normalize_image_ref(str(tag)))
+            except ValueError:
+                continue
+    return names
+
+
 async def load(request: web.Request) -> web.StreamResponse:
     """``docker load``: the body (a docker-save tarball, any size) is streamed to a file first."""
     api = api_of(request)
@@ -95,13 +115,18 @@ async def load(request: web.Request) -> web.StreamResponse:
             while chunk := await request.content.read(LOAD_CHUNK):
                 out.write(chunk)
         image = await api.call(api.services.images.import_path, path, None)
+        # The names this archive gave the image, not the image's other tags: loading an image
+        # that is already here under another name must say what was loaded (docker does).
+        loaded = [n for n in await api.call(_archive_names, path) if n in image.tags]
     finally:
         path.unlink(missing_ok=True)
     response = await json_stream(request)
-    message = f"Loaded image: {image.tags[0]}\n" if image.tags else f"Loaded image ID: sha256:{image.id}\n"
     if not bool_param(request, "quiet"):
         await write_json_line(response, {"status": "Loading layer", "progressDetail": {}, "id": image.id[:12]})
-    await write_json_line(response, {"stream": message})
+    for name in loaded:
+        await write_json_line(response, {"stream": f"Loaded image: {name}\n"})
+    if not loaded:
+        await write_json_line(response, {"stream": f"Loaded image ID: sha256:{image.id}\n"})
     await response.write_eof()
     return response
 

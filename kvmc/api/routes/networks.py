@@ -7,7 +7,8 @@ from aiohttp import web
 
 from kvmc.api.http import ApiError, json_response, read_json
 from kvmc.api.server import api_of
-from kvmc.api.translate import match_labels, parse_filters
+from kvmc.api.translate import parse_filters
+from kvmc.service.filters import match_labels
 from kvmc.errors import NotFound
 from kvmc.service.networks import Network
 

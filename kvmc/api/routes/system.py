@@ -13,7 +13,8 @@ from aiohttp import web
 from kvmc.api import shapes
 from kvmc.api.http import json_response, json_stream, until_client_gone, write_json_line
 from kvmc.api.server import api_of
-from kvmc.api.translate import match_labels, parse_filters, parse_time
+from kvmc.api.translate import parse_filters, parse_time
+from kvmc.service.filters import match_labels
 from kvmc.service.events import Event
 
 
