@@ -1,7 +1,7 @@
 """The leaves every engine part reaches, built once per process: config, stores, hypervisor.
 
 Why an object of its own: the engine (kvmc/runtime.py), the monitor (kvmc/monitor.py) and
-the pool (kvmc/pool.py) each need a few of the same leaves (the state store, the hypervisor,
+the pool (kvmc/pool/) each need a few of the same leaves (the state store, the hypervisor,
 the image store, the guest artefacts, the accelerator choice). Handing them this, and never
 the engine itself, keeps the arrows pointing down: a monitor cannot call back into the code
 that spawned it, and a test can put a fake hypervisor under all three at once.

@@ -74,7 +74,7 @@ class ShareSpec:
 
 @dataclass(frozen=True)
 class TemplateMemory:
-    """Guest RAM in a file on tmpfs, for VM templating (kvmc/pool.py, docs/platform.md).
+    """Guest RAM in a file on tmpfs, for VM templating (kvmc/pool/template.py, docs/platform.md).
 
     The template maps the file shared (``shared=True``: its guest writes land in the file,
     which then holds the template's RAM); each clone maps the same file privately
@@ -138,7 +138,7 @@ class VMSpec:
     # Which one a guest kernel boots with is recorded in its guest.json (GuestArtefacts.acpi).
     acpi: bool = True
     template_memory: TemplateMemory | None = None
-    """Guest RAM in a template's file (kvmc/pool.py): shared for the template, private for a clone."""
+    """Guest RAM in a template's file (kvmc/pool/template.py): shared for the template, private for a clone."""
     incoming_defer: bool = False
     """Start QEMU waiting for a migration stream (``-incoming defer``): a template's clone,
     whose device state kvmc then loads with QMP ``migrate-incoming``."""

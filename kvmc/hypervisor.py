@@ -174,7 +174,7 @@ class Hypervisor:
         ``return`` value; ``fds`` are passed along (SCM_RIGHTS) for ``getfd``/``add-fd``.
 
         Only for what libvirt has no API for: VM templating's migration with the
-        x-ignore-shared capability (kvmc/pool.py). libvirt marks the domain tainted
+        x-ignore-shared capability (kvmc/pool/). libvirt marks the domain tainted
         ("custom-monitor"), which is true and harmless here.
         """
         dom = self._require(name)

@@ -152,22 +152,24 @@ class Runtime:
         key = pool.key_for(image.id, memory_mib, cpus, accel.accel, network)
         container_id, name, directory = self.state.allocate(opts.name, make_dir=False)
         try:
-            # A template serves any number of runs and is not consumed: prefer it to a member.
-            found = pool.template_for(key) if opts.use_pool and not cold_reason else None
-            template_dir, template = found if found else (None, None)
-            member = pool.claim(key, directory) if opts.use_pool and not cold_reason and not template else None
+            # The pool's sources in order: a template (it serves any number of runs and is not
+            # consumed), else a member claimed atomically (its directory becomes this one).
+            offer = pool.claim(key, directory) if opts.use_pool and not cold_reason else None
+            member = offer.record if offer is not None and offer.boot == "pool" else None
             if member is None:
                 directory.mkdir(mode=0o755)
         except BaseException:
             self.state.release(container_id, name)  # nothing but the name and directory exist yet
             raise
+        template = offer.record if offer is not None and offer.boot == "template" else None
+        template_dir = offer.directory if template is not None else None
         if template is not None:
             self.host.say(f"cloned template {template.id[:12]} (RAM {template.mem_path}): no boot")
         elif member is None:
             self.host.say(f"not pooled: {cold_reason}: cold boot" if cold_reason
                       else "no ready pool member or template for this image and size: cold boot" if opts.use_pool
                       else "--no-pool: cold boot")
-        hot = member is not None and pool.is_hot(member)
+        hot = offer is not None and offer.hot
         if member is not None:
             self.host.say(f"claimed {'hot ' if hot else ''}pool member {member.id[:12]} ({member.domain}): "
                       f"{'resume' if hot else 'restore'} instead of boot")

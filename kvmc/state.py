@@ -108,7 +108,7 @@ class ContainerRecord:
     """A claimed hot pool member: the first start resumes its paused, already restored VM (and
     restores from ``restore_from`` only if that VM is gone)."""
     clone_from: str = ""
-    """A pool template's directory: the first start clones it instead of booting (kvmc/pool.py)."""
+    """A pool template's directory: the first start clones it instead of booting (kvmc/pool/)."""
     guest_uptime_ms: int | None = None
     network: str = "none"
     """user | none (records from before networking had none)."""

@@ -12,7 +12,7 @@ MODES = ("save", "template")
 
 
 class PoolService:
-    """kvmc/pool.py's operations with the defaults and checks a front door would otherwise hold."""
+    """kvmc/pool/'s operations with the defaults and checks a front door would otherwise hold."""
 
     def __init__(self, host: HostContext) -> None:
         self.host = host

@@ -85,8 +85,9 @@ def test_abandoned_warm_ups_are_listed_without_side_effects_and_removed_by_gc(tm
     import time
 
     import kvmc.pool as pool_module
+    import kvmc.pool.template as template_module
 
-    monkeypatch.setattr(pool_module, "TEMPLATE_RAM_DIR", tmp_path / "shm")
+    monkeypatch.setattr(template_module, "TEMPLATE_RAM_DIR", tmp_path / "shm")
     (tmp_path / "shm").mkdir()
     calls: list[tuple[str, str]] = []
     hv = SimpleNamespace(undefine=lambda name: calls.append(("undefine", name)),
@@ -100,7 +101,7 @@ def test_abandoned_warm_ups_are_listed_without_side_effects_and_removed_by_gc(tm
     for path in (member_dir, template_dir):
         path.mkdir(parents=True)
         os.utime(path, (time.time() - pool_module.STALE_WARMING_S - 1,) * 2)
-    ram = pool_module.template_ram_file("2" * 64)
+    ram = template_module.template_ram_file("2" * 64)
     ram.write_bytes(b"x")
     assert [p for p, _ in pool.stale()] == [member_dir]
     assert [p for p, _ in pool.stale_templates()] == [template_dir]
