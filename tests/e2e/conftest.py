@@ -127,3 +127,4 @@ def whiteout_image(kvmc: Kvmc, layouts: Path) -> str:
     add_layer(layout, "latest", upper)
     kvmc("image", "import", str(layout), "--name", "test/whiteout:1", check=True)
     return "test/whiteout:1"
+from tests.e2e.serve import kvmc_serve  # noqa: E402,F401 (fixture: `kvmc serve` for the docker API tests)

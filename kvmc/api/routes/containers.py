@@ -350,6 +350,11 @@ async def top(request: web.Request) -> web.Response:
     lines = out.getvalue().decode(errors="replace").splitlines()
     titles = lines[0].split() if lines else []
     processes = [line.split(None, max(len(titles) - 1, 0)) for line in lines[1:] if line.strip()]
+    if titles and titles[-1] in ("COMMAND", "CMD", "ARGS"):
+        # The guest kernel's own threads ([kthreadd], [ksoftirqd/0], ...) are the VM's, not
+        # processes of the container: docker top lists only the container's.
+        processes = [p for p in processes if not (len(p) == len(titles) and p[-1].startswith("[")
+                                                  and p[-1].endswith("]"))]
     return json_response({"Titles": titles, "Processes": processes})
 
 
