@@ -186,6 +186,9 @@ class Monitor:
                 self.log.write("stdout" if frame.type == FrameType.STDOUT else "stderr", frame.payload)
             elif frame.type == FrameType.STARTED:
                 result.started_uptime_ms = parse_uptime(frame.payload)
+                # Started now, not when the VM booted: a start that fails to exec the command
+                # (ERROR, then EXIT 126/127) is a failed start for wait_started and docker's API.
+                self.host.state.update(self.record, started_at=now_iso())
             elif frame.type == FrameType.ERROR:
                 result.error = frame.payload.decode(errors="replace")
                 self.log.write("stderr", f"kvmc: {result.error}\n".encode())

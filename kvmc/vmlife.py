@@ -19,7 +19,7 @@ from kvmc.domain import DOMAIN_PREFIX
 from kvmc.errors import GuestError, KvmcError, PortInUse
 from kvmc.mounts import agent_mount_items
 from kvmc.network import DNS_SERVER, guest_net_config
-from kvmc.state import ContainerRecord, State, now_iso
+from kvmc.state import ContainerRecord, State
 
 CLONE_XML = "clone.xml"
 """A template clone's first-start definition (the persistent one, domain.xml, boots cold)."""
@@ -156,8 +156,9 @@ class VMLife:
             mounts=agent_mount_items(record.mounts), readonly_root=record.read_only,
             net=guest_net_config() if networked else None, dns=[DNS_SERVER] if networked else [],
         ))
+        # started_at is recorded by the monitor when the agent reports the process STARTED
+        # (Monitor._relay): a command that cannot be executed never counts as started.
         if restored or cloned:  # its READY went to the connection that warmed it
-            host.state.update(record, started_at=now_iso())
             host.say(f"{'restored pool member' if restored else 'cloned template'} in "
                      f"{time.monotonic() - started:.2f}s")
             return conn
@@ -167,7 +168,6 @@ class VMLife:
             conn.close()
             raise GuestError(f"the VM did not come up: {exc}; last lines of {GUEST_OUTPUT_LABEL}:\n"
                              f"{self.console_tail(record)}") from exc
-        host.state.update(record, started_at=now_iso())
         host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
 

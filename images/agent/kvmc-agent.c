@@ -12,6 +12,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -278,6 +279,16 @@ static _Noreturn void finish(void)
 
 /* ---------- child side of RUN (runs after fork, single-threaded, so stdio is fine) ---------- */
 
+/* strerror as Go words it ("permission denied", "is a directory"): docker's clients classify
+ * a failed start by these words (126 vs 127), and the Go runtime's messages are lower case. */
+static const char *go_strerror(int err)
+{
+	static char text[128];
+	snprintf(text, sizeof text, "%s", strerror(err));
+	text[0] = (char)tolower((unsigned char)text[0]);
+	return text;
+}
+
 static _Noreturn void child_fail(int fd, int code, const char *fmt, ...)
 {
 	struct exec_report r = { .code = code };
@@ -418,7 +429,7 @@ static _Noreturn void exec_in_path(int efd, char **argv, char **env)
 		execve(cmd, argv, env);
 		if (errno == ENOENT)
 			child_fail(efd, 127, "exec: \"%s\": stat %s: no such file or directory", cmd, cmd);
-		child_fail(efd, 126, "exec: \"%s\": %s", cmd, strerror(errno));
+		child_fail(efd, 126, "exec: \"%s\": %s", cmd, go_strerror(errno));
 	}
 	const char *path = env_get(env, "PATH");
 	int denied = 0;
@@ -430,7 +441,7 @@ static _Noreturn void exec_in_path(int efd, char **argv, char **env)
 		if (errno == EACCES)
 			denied = 1;
 		else if (errno != ENOENT && errno != ENOTDIR && errno != ELOOP && errno != ENAMETOOLONG)
-			child_fail(efd, 126, "exec: \"%s\": %s", cmd, strerror(errno));
+			child_fail(efd, 126, "exec: \"%s\": %s", cmd, go_strerror(errno));
 		d += len;
 		if (!*d)
 			break;

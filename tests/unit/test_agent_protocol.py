@@ -256,7 +256,7 @@ def test_missing_command_127(agent: Agent) -> None:
 @needs_root
 def test_not_executable_126(agent: Agent) -> None:
     res, _, _ = agent.run(["/bin/notexec"], proc_id=2)
-    assert res.exit_code == 126 and res.error == 'exec: "/bin/notexec": Permission denied'
+    assert res.exit_code == 126 and res.error == 'exec: "/bin/notexec": permission denied'  # Go's wording: docker's CLI maps it to 126
     res, _, _ = agent.run(["notexec"], proc_id=3)
     assert res.exit_code == 126 and res.error == 'exec: "notexec": permission denied'
     assert res.started_uptime_ms is None
