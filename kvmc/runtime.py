@@ -334,9 +334,11 @@ class Runtime:
         deadline = time.monotonic() + self.config.boot_timeout_s + 10
         while time.monotonic() < deadline:
             current = self.state.load(record.id)
-            if current is None:
+            if current is None:  # removed already: its tombstone says whether it ran
                 ended = self.state.tombstone(record.id)
-                if ended and ended[1]:  # removed on failure (run -d): its tombstone says why
+                if ended is not None and not ended[1]:
+                    return record  # it ran and ended before we looked (an --rm container)
+                if ended is not None:  # removed on failure (run -d, --rm)
                     raise_for(ProcessResult(exit_code=ended[0] if ended[0] in (126, 127) else 125, error=ended[1]))
                 raise KvmcError(f"container {record.name} failed to start and was removed")
             if current.started_at or current.state == State.EXITED:
