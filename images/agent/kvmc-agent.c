@@ -2,7 +2,7 @@
  * kvmc-agent: the guest side of "kvmc-agent protocol 1" (see docs/agent-protocol.md).
  *
  * It runs as PID 1 of the microVM (exec'd by the initramfs /init), talks to the host over
- * a named virtio-serial port, sets the container up (mounts, eth0, resolv.conf, read-only
+ * a named virtio-serial port, sets the container up (mounts, eth0/eth1.., resolv.conf, read-only
  * root) before its main process, starts container processes chroot'ed into the container
  * rootfs, relays their stdio, reaps every zombie, and powers the VM off when the main
  * process (id 1) is over. For tests it can instead connect to a unix socket (--port).
@@ -20,6 +20,7 @@
 #include <linux/openat2.h>
 #include <linux/random.h>
 #include <net/if.h>
+#include <net/if_arp.h>
 #include <net/route.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -455,8 +456,8 @@ struct run_spec {
 	char **argv, **env; /* env has room for 3 more entries */
 	int nenv;
 	const char *cwd, *user, *hostname;
-	char **mounts, **dns; /* container setup, process 1 only */
-	int nmounts, ndns, readonly_root;
+	char **mounts, **dns, **netifs; /* container setup, process 1 only */
+	int nmounts, ndns, nnetifs, readonly_root;
 	const char *net;
 };
 
@@ -590,6 +591,139 @@ fail:
 	return -1;
 }
 
+/*
+ * "netif=MATCHMAC,NAME,MAC,ADDRESS/PREFIX": a NIC on a kvmc network (one more virtio-net
+ * device). It is found by the MAC the VM was defined with (MATCHMAC: virtio-mmio probe order
+ * need not follow the domain XML), named NAME (swapping names with whichever NIC has it),
+ * given the container's own MAC (pool members all share their defined MACs) and its address.
+ * No route beyond the subnet's own: the default route stays on eth0.
+ */
+struct netif_conf {
+	char match[18], name[IFNAMSIZ], mac[18];
+	struct in_addr addr, mask;
+	char addr_text[INET_ADDRSTRLEN];
+};
+
+static int parse_mac(const char *text, unsigned char mac[6])
+{
+	return sscanf(text, "%2hhx:%2hhx:%2hhx:%2hhx:%2hhx:%2hhx", &mac[0], &mac[1], &mac[2], &mac[3], &mac[4],
+		      &mac[5]) == 6 && strlen(text) == 17;
+}
+
+static int parse_netif(const char *spec, struct netif_conf *n, char *err, size_t errlen)
+{
+	char buf[120], *f[4], *save = NULL, *end = NULL;
+	unsigned char mac[6];
+	int k = 0;
+	snprintf(buf, sizeof buf, "%s", spec);
+	for (char *t = strtok_r(buf, ",", &save); t && k < 4; t = strtok_r(NULL, ",", &save))
+		f[k++] = t;
+	char *pfx = k == 4 ? strchr(f[3], '/') : NULL;
+	if (pfx)
+		*pfx++ = 0;
+	long bits = pfx && *pfx ? strtol(pfx, &end, 10) : -1;
+	if (k != 4 || bits < 1 || bits > 32 || *end || !parse_mac(f[0], mac) || !parse_mac(f[2], mac) ||
+	    !*f[1] || strlen(f[1]) >= IFNAMSIZ || inet_pton(AF_INET, f[3], &n->addr) != 1) {
+		snprintf(err, errlen, "netif: bad value \"%s\" (want MATCHMAC,NAME,MAC,ADDRESS/PREFIX)", spec);
+		return -1;
+	}
+	snprintf(n->match, sizeof n->match, "%s", f[0]);
+	snprintf(n->name, sizeof n->name, "%s", f[1]);
+	snprintf(n->mac, sizeof n->mac, "%s", f[2]);
+	n->mask.s_addr = htonl(0xffffffffu << (32 - bits));
+	inet_ntop(AF_INET, &n->addr, n->addr_text, sizeof n->addr_text);
+	return 0;
+}
+
+/* The interface whose hardware address is MAC (either case), into name; 0 if none. */
+static int find_nic(const char *mac, char *name, size_t namelen)
+{
+	char path[300], buf[32];
+	for (int try = 0; try < 50; try++) { /* probed before the agent runs; covers a slow probe */
+		DIR *d = opendir("/sys/class/net");
+		struct dirent *e;
+		int found = 0;
+		while (d && !found && (e = readdir(d))) {
+			if (e->d_name[0] == '.')
+				continue;
+			snprintf(path, sizeof path, "/sys/class/net/%s/address", e->d_name);
+			FILE *f = fopen(path, "re");
+			if (f && fgets(buf, sizeof buf, f) && (buf[strcspn(buf, "\n")] = 0, !strcasecmp(buf, mac))) {
+				snprintf(name, namelen, "%.15s", e->d_name);
+				found = 1;
+			}
+			if (f)
+				fclose(f);
+		}
+		if (d)
+			closedir(d);
+		if (found)
+			return 1;
+		usleep(20000);
+	}
+	return 0;
+}
+
+static int rename_nic(int fd, const char *from, const char *to)
+{
+	struct ifreq ifr = { 0 };
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%.15s", from);
+	snprintf(ifr.ifr_newname, sizeof ifr.ifr_newname, "%.15s", to);
+	return ioctl(fd, SIOCSIFNAME, &ifr);
+}
+
+static int config_netif(const struct netif_conf *n, char *err, size_t errlen)
+{
+	char have[IFNAMSIZ];
+	const char *step = "socket";
+	struct ifreq ifr = { 0 };
+	unsigned char mac[6];
+	int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		goto fail;
+	if (!find_nic(n->match, have, sizeof have)) {
+		snprintf(err, errlen, "netif: the VM has no network interface with MAC %s", n->match);
+		close(fd);
+		return -1;
+	}
+	if (strcmp(have, n->name)) { /* swap names with the NIC that has ours, if any */
+		step = "rename";
+		snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", n->name);
+		int taken = ioctl(fd, SIOCGIFFLAGS, &ifr) == 0;
+		if ((taken && rename_nic(fd, n->name, "kvmcswap") < 0) || rename_nic(fd, have, n->name) < 0 ||
+		    (taken && rename_nic(fd, "kvmcswap", have) < 0))
+			goto fail;
+	}
+	snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", n->name);
+	step = "set MAC";
+	parse_mac(n->mac, mac);
+	ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+	memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+	if (ioctl(fd, SIOCSIFHWADDR, &ifr) < 0)
+		goto fail;
+	step = "set address";
+	set_sin(&ifr.ifr_addr, n->addr);
+	if (ioctl(fd, SIOCSIFADDR, &ifr) < 0)
+		goto fail;
+	step = "set netmask";
+	set_sin(&ifr.ifr_netmask, n->mask);
+	if (ioctl(fd, SIOCSIFNETMASK, &ifr) < 0)
+		goto fail;
+	step = "bring up";
+	if (ioctl(fd, SIOCGIFFLAGS, &ifr) < 0)
+		goto fail;
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(fd, SIOCSIFFLAGS, &ifr) < 0)
+		goto fail;
+	close(fd);
+	return 0;
+fail:
+	snprintf(err, errlen, "netif %s: %s: %s", n->name, step, strerror(errno));
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
 /* "@SERIAL": the virtio-blk disk whose /sys/block/vdX/serial reads SERIAL. */
 static int find_disk(const char *serial, char *dev, size_t devlen)
 {
@@ -713,7 +847,7 @@ static void append(char *buf, size_t size, const char *fmt, ...)
 	va_end(ap);
 }
 
-static _Noreturn void setup_child(struct run_spec *s, const struct net_conf *net, int efd)
+static _Noreturn void setup_child(struct run_spec *s, const char *host_addr, int efd)
 {
 	struct mount_item *ms = calloc(s->nmounts + 1, sizeof *ms);
 	if (!ms)
@@ -746,10 +880,10 @@ static _Noreturn void setup_child(struct run_spec *s, const struct net_conf *net
 	}
 	if (s->ndns)
 		write_etc(efd, "resolv.conf", text);
-	if (net) {
+	if (host_addr) {
 		snprintf(text, sizeof text, "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
 		if (s->hostname && *s->hostname)
-			append(text, sizeof text, "%s %s\n", net->addr_text, s->hostname);
+			append(text, sizeof text, "%s %s\n", host_addr, s->hostname);
 		write_etc(efd, "hosts", text);
 	}
 
@@ -774,10 +908,20 @@ static _Noreturn void setup_child(struct run_spec *s, const struct net_conf *net
 static int setup_container(struct run_spec *s, char *err, size_t errlen)
 {
 	struct net_conf net;
+	struct netif_conf nif, first;
+	/* netifs first: their renames may move the name eth0 onto the user-mode NIC */
+	for (int i = 0; i < s->nnetifs; i++) {
+		if (parse_netif(s->netifs[i], &nif, err, errlen) < 0 || config_netif(&nif, err, errlen) < 0)
+			return -1;
+		if (i == 0)
+			first = nif;
+	}
 	if (s->net && (parse_net(s->net, &net, err, errlen) < 0 || config_net(&net, err, errlen) < 0))
 		return -1;
-	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net)
+	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net && !s->nnetifs)
 		return 0;
+	/* /etc/hosts names the container by its address on its (first) kvmc network, as docker's */
+	const char *host_addr = s->nnetifs ? first.addr_text : s->net ? net.addr_text : NULL;
 	int p[2], st = 0;
 	if (pipe2(p, O_CLOEXEC) < 0) {
 		snprintf(err, errlen, "container setup: pipe: %s", strerror(errno));
@@ -786,7 +930,7 @@ static int setup_container(struct run_spec *s, char *err, size_t errlen)
 	pid_t pid = fork();
 	if (pid == 0) {
 		close(p[0]);
-		setup_child(s, s->net ? &net : NULL, p[1]);
+		setup_child(s, host_addr, p[1]);
 	}
 	close(p[1]);
 	if (pid < 0) {
@@ -879,8 +1023,9 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 	struct run_spec s = { .argv = calloc(nitems + 1, sizeof(char *)),
 			      .env = calloc(nitems + 4, sizeof(char *)),
 			      .mounts = calloc(nitems + 1, sizeof(char *)),
-			      .dns = calloc(nitems + 1, sizeof(char *)) };
-	int argc = 0, want_stdin = 0, allocated = s.argv && s.env && s.mounts && s.dns;
+			      .dns = calloc(nitems + 1, sizeof(char *)),
+			      .netifs = calloc(nitems + 1, sizeof(char *)) };
+	int argc = 0, want_stdin = 0, allocated = s.argv && s.env && s.mounts && s.dns && s.netifs;
 	for (char *it = buf, *next; allocated && it < buf + len; it = next) {
 		next = it + strlen(it) + 1; /* before we split at '=' */
 		char *val = strchr(it, '=');
@@ -898,6 +1043,7 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 		else if (!strcmp(it, "readonly_root")) s.readonly_root = !strcmp(val, "1");
 		else if (!strcmp(it, "net")) s.net = val;
 		else if (!strcmp(it, "dns")) s.dns[s.ndns++] = val;
+		else if (!strcmp(it, "netif")) s.netifs[s.nnetifs++] = val;
 		else if (!strcmp(it, "time_ns")) {
 			long long ns = atoll(val);
 			struct timespec ts = { ns / 1000000000, ns % 1000000000 };
@@ -913,9 +1059,10 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 	}
 	if (s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		logmsg("sethostname: %s", strerror(errno));
-	if ((s.nmounts || s.ndns || s.net || s.readonly_root) && id != 1) {
+	int setup = s.nmounts || s.ndns || s.net || s.nnetifs || s.readonly_root;
+	if (setup && id != 1) {
 		logmsg("RUN %u: mount, readonly_root, net and dns apply to process 1 only: ignored", id);
-	} else if (s.nmounts || s.ndns || s.net || s.readonly_root) {
+	} else if (setup) {
 		char why[600];
 		if (setup_container(&s, why, sizeof why) < 0) {
 			run_failed(id, why);
@@ -960,6 +1107,7 @@ done:
 	free(s.env);
 	free(s.mounts);
 	free(s.dns);
+	free(s.netifs);
 	free(buf);
 }
 
