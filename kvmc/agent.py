@@ -131,6 +131,8 @@ class ProcessSpec:
     readonly_root: bool = False
     net: str | None = None
     """``ADDRESS/PREFIX,GATEWAY`` for eth0, or None: no interface is configured."""
+    netifs: list[str] = field(default_factory=list)
+    """``MATCHMAC,NAME,MAC,ADDRESS/PREFIX`` per NIC on a kvmc network (kvmc/net/)."""
     dns: list[str] = field(default_factory=list)
 
     def encode(self) -> bytes:
@@ -150,6 +152,7 @@ class ProcessSpec:
         items += [("mount", m) for m in self.mounts]
         if self.readonly_root:
             items.append(("readonly_root", "1"))
+        items += [("netif", n) for n in self.netifs]
         if self.net:
             items.append(("net", self.net))
         items += [("dns", d) for d in self.dns]

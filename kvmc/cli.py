@@ -35,6 +35,8 @@ image_app = typer.Typer(help="Manage images in kvmc's local store.", **_PLAIN)
 app.add_typer(image_app, name="image")
 volume_app = typer.Typer(help="Named volumes: ext4 disks that outlive containers (-v NAME:/path).", **_PLAIN)
 app.add_typer(volume_app, name="volume")
+network_app = typer.Typer(help="Networks: containers on one reach each other by name (--network NAME).", **_PLAIN)
+app.add_typer(network_app, name="network")
 system_app = typer.Typer(help="Disk usage and clean-up of kvmc's store.", **_PLAIN)
 app.add_typer(system_app, name="system")
 pool_app = typer.Typer(help="Pools of pre-booted, saved VMs (or VM templates) that 'run' restores (or "
@@ -98,7 +100,7 @@ def _run_options(
     env_file: Optional[List[Path]], workdir: Optional[str], user: Optional[str], entrypoint: Optional[str],
     memory: Optional[str], cpus: Optional[str], interactive: bool, detach: bool, hostname: Optional[str],
     accel: Optional[str], network: str, publish: Optional[List[str]], volume: Optional[List[str]],
-    tmpfs: Optional[List[str]], read_only: bool,
+    tmpfs: Optional[List[str]], read_only: bool, network_alias: Optional[List[str]] = None,
 ):  # noqa: ANN202
     from kvmc.runtime import RunOptions
 
@@ -114,8 +116,8 @@ def _run_options(
         name=name, auto_remove=rm, detach=detach,
         memory_mib=parse_memory(memory) if memory else None,
         cpus=parse_cpus(cpus) if cpus else None, accel=accel,
-        network=network, publish=list(publish or []), volumes=list(volume or []), tmpfs=list(tmpfs or []),
-        read_only=read_only,
+        network=network, network_aliases=list(network_alias or []), publish=list(publish or []),
+        volumes=list(volume or []), tmpfs=list(tmpfs or []), read_only=read_only,
     )
 
 
@@ -133,8 +135,11 @@ _CPUS = typer.Option(None, "--cpus", help="Number of vCPUs (fractions round up; 
 _INTERACTIVE = typer.Option(False, "-i", "--interactive", help="Forward stdin to the command.")
 _HOSTNAME = typer.Option(None, "--hostname", help="Container host name (default: short id).")
 _ACCEL = typer.Option(None, "--accel", help="auto (probe, default), kvm or tcg.")
-_NETWORK = typer.Option("user", "--network", help="user (default: NAT through QEMU's user-mode network, "
-                        "host reachable as 10.0.2.2) or none (loopback only).")
+_NETWORK = typer.Option("user", "--network", help="user (default, docker's bridge: NAT through QEMU's user-mode "
+                        "network, host reachable as 10.0.2.2), none (loopback only), or a network from 'kvmc network "
+                        "create': containers on it reach each other by name, and keep the user-mode network.")
+_NETWORK_ALIAS = typer.Option(None, "--network-alias", help="One more name for the container on its --network "
+                              "(repeatable).")
 _PUBLISH = typer.Option(None, "-p", "--publish", help="Publish a port: [HOSTIP:][HOSTPORT:]PORT[/tcp|udp]; "
                         "HOSTIP defaults to 0.0.0.0, a missing HOSTPORT picks a free one.")
 _VOLUME = typer.Option(None, "-v", "--volume", help="NAME:/path (named volume, created if missing) or "
@@ -154,7 +159,7 @@ def run(
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     no_pool: bool = typer.Option(False, "--no-pool", help="Boot a fresh VM even if a pooled one is ready."),
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
-    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY,
+    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
@@ -165,7 +170,8 @@ def run(
     if detach and interactive:
         raise UsageError("-d and -i cannot be combined: a detached container has no stdin")
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
-                        interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only)
+                        interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only,
+                        network_alias)
     opts.use_pool = not no_pool
     record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals)
     if code is None:
@@ -181,11 +187,11 @@ def create(
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS,
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
-    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY,
+    tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
 ) -> None:
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
-                        False, True, hostname, accel, network, publish, volume, tmpfs, read_only)
+                        False, True, hostname, accel, network, publish, volume, tmpfs, read_only, network_alias)
     typer.echo(_services().containers.create(opts).id)
 
 
@@ -511,9 +517,88 @@ def volume_rm(names: List[str] = typer.Argument(..., help="Volume names.")) -> N
     _report_each(for_each(names, _services().volumes.remove))
 
 
+@network_app.command("create")
+def network_create(
+    name: str = typer.Argument(..., help="Network name: letters, digits and _.-"),
+    subnet: Optional[str] = typer.Option(None, "--subnet", help="IPv4 subnet (default: the next free one of "
+                                         "docker's pools, 172.18.0.0/16 and up)."),
+    gateway: Optional[str] = typer.Option(None, "--gateway", help="The network's own address, where its DNS "
+                                          "server answers (default: the subnet's first)."),
+    internal: bool = typer.Option(False, "--internal", help="No outbound access for containers only on "
+                                  "internal networks (no user-mode NIC)."),
+    label: Optional[List[str]] = typer.Option(None, "--label", help="KEY=VALUE, repeatable."),
+    driver: Optional[str] = typer.Option(None, "--driver", "-d", help="bridge (the only one)."),
+) -> None:
+    """Create a network; its namespace and DNS server exist while a container on it runs."""
+    labels = dict(item.split("=", 1) if "=" in item else (item, "") for item in (label or []))
+    typer.echo(_services().networks.create(name, driver, labels, internal, subnet=subnet, gateway=gateway).id)
+
+
+@network_app.command("ls")
+def network_ls(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids.")) -> None:
+    """List networks (docker's bridge, host and none are listed too)."""
+    views = _services().networks.views()
+    if quiet:
+        for view in views:
+            typer.echo(view.network.short_id)
+        return
+    rows = [("NETWORK ID", "NAME", "DRIVER", "SUBNET", "CONTAINERS")]
+    for view in views:
+        n = view.network
+        rows.append((n.short_id, n.name, n.driver, n.subnet or "-",
+                     str(len(view.containers)) if not n.builtin else "-"))
+    widths = [max(len(row[i]) for row in rows) + 3 for i in range(4)]
+    for row in rows:
+        typer.echo("".join(c.ljust(w) for c, w in zip(row, widths)) + row[4])
+
+
+@network_app.command("inspect")
+def network_inspect(names: List[str] = typer.Argument(..., help="Network names or id prefixes.")) -> None:
+    """Show networks as JSON, with their containers and addresses."""
+    service = _services().networks
+    typer.echo(json.dumps([service.inspect(n).to_dict() for n in names], indent=2))
+
+
+@network_app.command("rm")
+def network_rm(names: List[str] = typer.Argument(..., help="Network names or id prefixes.")) -> None:
+    """Remove networks; one that containers are attached to is refused (they are named)."""
+    _report_each(for_each(names, _services().networks.remove))
+
+
+@network_app.command("prune")
+def network_prune() -> None:
+    """Remove every network no container is attached to."""
+    for name in _services().networks.prune():
+        typer.echo(f"Deleted network: {name}")
+
+
+@network_app.command("connect")
+def network_connect(
+    network: str = typer.Argument(..., help="Network name or id prefix."),
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    alias: Optional[List[str]] = typer.Option(None, "--alias", help="One more name on this network (repeatable)."),
+) -> None:
+    """Attach a created or stopped container to a network (its NIC comes with its next start).
+
+    A running container is refused: its VM cannot get a NIC while it runs (no hotplug on
+    microvm's virtio-mmio); stop it, connect, start it."""
+    _services().networks.connect(network, container, list(alias or []))
+
+
+@network_app.command("disconnect")
+def network_disconnect(
+    network: str = typer.Argument(..., help="Network name or id prefix."),
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    force: bool = typer.Option(False, "--force", "-f", help="No error if it is not attached."),
+) -> None:
+    """Detach a created or stopped container from a network."""
+    _services().networks.disconnect(network, container, force)
+
+
 @app.command()
 def gc(force: bool = typer.Option(False, "--force", "-f", help="Remove what is found instead of listing it.")) -> None:
-    """Find kvmc VMs that no container record owns (left by a crash) and, with --force, remove them."""
+    """Find what a crash left behind (kvmc VMs no container record owns, taps, network namespaces and DNS
+    servers no running container uses) and, with --force, remove it."""
     for name in _services().system.gc(force):
         typer.echo(f"{'removed' if force else 'orphan'} {name}")
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 from kvmc.config import Config
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.images import ImageStore
+from kvmc.net.store import NetworkStore
 from kvmc.state import StateStore
 from kvmc.volumes import VolumeStore
 
@@ -62,6 +63,7 @@ class HostContext:
         self.images = ImageStore(self.config.images_dir)
         self.state = StateStore(self.config.containers_dir)
         self.volumes = VolumeStore(self.config.volumes_dir)
+        self.networks = NetworkStore(self.config.data_dir / "networks")
 
     @property
     def hv(self) -> Hypervisor:

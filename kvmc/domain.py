@@ -17,6 +17,7 @@ import jinja2
 
 from kvmc.guest import GuestArtefacts
 from kvmc.mounts import volume_serial
+from kvmc.net.plan import defined_mac
 
 AGENT_PORT_NAME = "org.kvmc.agent"
 METADATA_NS = "https://kvmc.dev/xmlns/container/1"
@@ -73,6 +74,17 @@ class ShareSpec:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """A NIC on a kvmc network: a virtio-net device on a tap kvmc created (kvmc/net/host.py).
+
+    ``managed='no'``: libvirt opens the existing tap and neither creates, configures nor
+    brings it up; kvmc moves it into the network's namespace once QEMU holds it."""
+
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class TemplateMemory:
     """Guest RAM in a file on tmpfs, for VM templating (kvmc/pool/template.py, docs/platform.md).
 
@@ -124,6 +136,8 @@ class VMSpec:
     channels: list[ChannelSpec] = field(default_factory=list)
     network: bool = False
     """A virtio-net NIC on QEMU's user-mode network (slirp), see kvmc/network.py."""
+    nics: list[NicSpec] = field(default_factory=list)
+    """One more NIC per kvmc network the container is on, after the user-mode one."""
     shares: list[ShareSpec] = field(default_factory=list)
     mac: str = GUEST_MAC
     extra_cmdline: tuple[str, ...] = ()
@@ -184,6 +198,7 @@ def container_vm(
     *, name: str, uuid: str, container_id: str, container_name: str, directory: Path, agent_socket: Path,
     image_disk: Path, guest: GuestArtefacts, domain_type: str, memory_mib: int, vcpus: int, state_root: str,
     network: bool = True, volume_disks: tuple[tuple[Path, bool], ...] = (), shares: tuple[ShareSpec, ...] = (),
+    network_taps: tuple[str, ...] = (),
 ) -> VMSpec:
     """The VM of one container, its files in ``directory`` (overlay, console log).
 
@@ -193,6 +208,9 @@ def container_vm(
     ``volume_disks`` (disk image, read-only) are attached as vdb, vdc, ... with serials vol1,
     vol2, ... (the names kvmc.mounts.agent_mount_items gives the agent); a read-only one is
     read-only in QEMU too, so the guest cannot write it whatever it mounts.
+    ``network_taps``: the host taps of the container's NICs on kvmc networks, in order; each
+    NIC is defined with a fixed MAC per position (kvmc.net.plan.defined_mac) and the agent gives
+    it the container's own.
     """
     disks = [DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk, serial=ROOT_SERIAL)]
     for index, (disk, readonly) in enumerate(volume_disks, start=1):
@@ -203,6 +221,7 @@ def container_vm(
         domain_type=domain_type, memory_mib=memory_mib, vcpus=vcpus,
         kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
         disks=disks, channels=[ChannelSpec(socket=agent_socket)], network=network, shares=list(shares),
+        nics=[NicSpec(tap=tap, mac=defined_mac(i)) for i, tap in enumerate(network_taps)],
         tsc_khz=host_tsc_khz(), state_root=state_root, acpi=guest.acpi,
     )
 

@@ -238,6 +238,10 @@ class Monitor:
                 deferred()
             except KvmcError as exc:
                 print(f"kvmc-monitor: {exc}", file=sys.stderr)
+        try:  # the VM is gone now: its taps, DNS names and maybe its networks' namespaces too
+            self.life.leave_networks(record)
+        except (KvmcError, OSError) as exc:
+            print(f"kvmc-monitor: leaving networks: {exc}", file=sys.stderr)
         return 0
 
     def _finish(self, result: ProcessResult | None, failure: str | None) -> Callable[[], None] | None:

@@ -35,7 +35,8 @@ from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, Contain
 from kvmc.monitor import SHUTOFF_WAIT_S, MonitorProcess
 from kvmc.monitor import spawn as spawn_monitor
 from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_tag
-from kvmc.network import PortMapping, allocate_ports, parse_network, parse_publish
+from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, tap_name, valid_dns_name
+from kvmc.network import NETWORK_MODES, PortMapping, allocate_ports, parse_network, parse_publish
 from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
 from kvmc.process import ProcessOptions, build_process, merge_env
 from kvmc.state import ContainerRecord, State
@@ -79,6 +80,11 @@ class RunOptions:
     accel: str | None = None
     use_pool: bool = True
     network: str = "user"
+    """docker's --network/NetworkMode: user (docker's bridge/default), none, or a kvmc network."""
+    network_aliases: list[str] = field(default_factory=list)
+    """--network-alias: more names on the network ``network`` names."""
+    more_networks: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Further kvmc networks with their aliases (the API's EndpointsConfig beyond NetworkMode)."""
     publish: list[str] = field(default_factory=list)
     """docker's -p specs."""
     publish_all: bool = False
@@ -137,11 +143,14 @@ class Runtime:
         process = build_process(image.config, opts.process, opts.host_env)
         if opts.publish_all:
             opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports])
-        network, ports, mounts = self._network_and_mounts(opts)
+        network, ports, mounts, endpoints = self._network_and_mounts(opts)
         cold_reason = next((
             f"host directory {m.source} is shared through virtiofs, and QEMU cannot save a VM with virtiofs"
             if m.kind == "bind" else f"volume {m.source} is a disk of its own, which a saved VM does not have"
             for m in mounts if m.needs_cold_boot), None)
+        if endpoints and cold_reason is None:
+            cold_reason = (f"network {endpoints[0].network} needs a NIC of its own, which pool members and "
+                           "templates are not made with")
         guest = self.host.guest()
         accel = self.host.accel(opts.accel)
         self.host.say(f"accelerator: {accel.accel} ({accel.reason})")
@@ -176,6 +185,7 @@ class Runtime:
             if self.config.pool_refill:
                 pool.refill_in_background(image.id, memory_mib, cpus, accel.accel, network, hot)
         process["hostname"] = process["hostname"] or container_id[:12]
+        endpoints = [dataclasses.replace(ep, tap=tap_name(container_id, i)) for i, ep in enumerate(endpoints)]
         docker = opts.docker
         sockets = self.config.run_dir / container_id[:16]
         record = ContainerRecord(
@@ -187,7 +197,7 @@ class Runtime:
             boot="pool" if member else "template" if template else "cold",
             restore_from=str(directory / SAVE_FILE) if member else "", resume_paused=hot,
             clone_from=str(template_dir) if template_dir else "",
-            network=network, ports=ports, mounts=mounts, read_only=opts.read_only,
+            network=network, ports=ports, mounts=mounts, networks=endpoints, read_only=opts.read_only,
             labels={**image.config.labels, **docker.labels}, tty=docker.tty, open_stdin=docker.open_stdin,
             stdin_once=docker.stdin_once, entrypoint=docker.entrypoint, cmd=docker.cmd,
             stop_signal=docker.stop_signal or image.config.stop_signal, stop_timeout=docker.stop_timeout,
@@ -211,6 +221,7 @@ class Runtime:
                 agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
                 domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
                 state_root=str(self.config.data_dir), network=network == "user", **self._storage_devices(mounts),
+                network_taps=tuple(ep.tap for ep in endpoints),
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
@@ -230,23 +241,99 @@ class Runtime:
         return record
 
 
-    def _network_and_mounts(self, opts: RunOptions) -> tuple[str, list[PortMapping], list[Mount]]:
+    def _network_and_mounts(self, opts: RunOptions) -> tuple[str, list[PortMapping], list[Mount], list[Endpoint]]:
         """Parse and check --network, -p, -v and --tmpfs before anything is created.
 
         Host ports must be free now and named volumes (created if missing, as docker does)
         must not be held by a running container.
         """
-        network = parse_network(opts.network)
+        network, endpoints = self._networks(opts)
         mounts = [parse_volume(v) for v in opts.volumes] + [parse_tmpfs(t) for t in opts.tmpfs]
         check_targets(mounts)
         if opts.publish and network == "none":
-            raise UsageError("-p needs a network: it cannot be combined with --network none")
+            raise UsageError("-p needs a network with outbound access: it cannot be combined with --network none "
+                             "or only internal networks")
         ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
         for mount in mounts:
             if mount.kind == "volume":
                 self.host.volumes.create(mount.source, exist_ok=True)
                 self.check_volume_free(mount.source)
-        return network, ports, mounts
+        return network, ports, mounts, endpoints
+
+    def _networks(self, opts: RunOptions) -> tuple[str, list[Endpoint]]:
+        """(user-mode network mode, kvmc network endpoints) for --network/--network-alias and
+        the API's further endpoints. docker's bridge/default is kvmc's user-mode network; a
+        container on kvmc networks keeps it (outbound access, -p) unless every one of them is
+        internal, as docker's internal networks have no way out."""
+        mode, wanted = opts.network or "user", []
+        if mode in ("default", "bridge"):
+            mode = "user"
+        if mode not in NETWORK_MODES:
+            if mode == "host":
+                raise UsageError('kvmc containers are VMs: "--network host" (sharing the host network stack) '
+                                 "is not possible; publish ports with -p instead")
+            if mode.startswith("container:"):
+                raise UsageError("kvmc containers are VMs: they cannot share another container's network stack")
+            wanted.append((mode, list(opts.network_aliases)))
+            mode = "user"
+        for name, aliases in opts.more_networks:
+            if name in ("default", "bridge", "user"):
+                continue
+            if name in ("none", "host"):
+                raise UsageError(f'network "{name}" cannot be combined with other networks')
+            if all(name != w[0] for w in wanted):
+                wanted.append((name, list(aliases)))
+        if wanted and mode == "none":
+            raise UsageError("--network none cannot be combined with other networks")
+        if len(wanted) > MAX_NETWORKS_PER_CONTAINER:
+            raise UsageError(f"a kvmc container can be on at most {MAX_NETWORKS_PER_CONTAINER} networks")
+        endpoints, internal = [], []
+        for name, aliases in wanted:
+            network = self.host.networks.get(name)  # NotFound, as docker: "network X not found"
+            if network.builtin:
+                raise UsageError(f'network "{network.name}" cannot be combined with other networks')
+            network = self.host.networks.with_subnet(network)
+            bad = [a for a in aliases if not valid_dns_name(a)]
+            if bad:
+                raise UsageError(f'invalid network alias "{bad[0]}": use letters, digits, "-", "_" and dots')
+            endpoints.append(Endpoint(network_id=network.id, network=network.name, aliases=list(aliases)))
+            internal.append(network.internal)
+        if endpoints and all(internal):
+            mode = "none"
+        return parse_network(mode), endpoints
+
+    def redefine(self, record: ContainerRecord, **changes: object) -> ContainerRecord:
+        """Record ``changes`` to a stopped container and define its VM again to match (network
+        connect/disconnect change its NICs). The VM keeps its name, UUID, disk and size: the
+        definition is rendered as create rendered it, from the record."""
+        directory = self.state.container_dir(record.id)
+        current = (directory / "domain.xml").read_text()
+        uuid_match = re.search(r"<uuid>([^<]+)</uuid>", current)
+        type_match = re.search(r"<domain type='(\w+)'", current)
+        if not uuid_match or not type_match:
+            raise KvmcError(f"cannot read the VM definition of container {record.name}")
+        if record.restore_from or record.clone_from or record.resume_paused:
+            # Not started yet from a pool member or template: those VMs have no NICs to change,
+            # so its first start becomes a cold boot from its own disk.
+            if record.resume_paused and self.hv.state(record.domain) in ACTIVE_VM_STATES:
+                self.hv.destroy(record.domain)
+            if record.restore_from:
+                Path(record.restore_from).unlink(missing_ok=True)
+            (directory / CLONE_XML).unlink(missing_ok=True)
+            changes = {**changes, "restore_from": "", "clone_from": "", "resume_paused": False, "boot": "cold"}
+        updated = dataclasses.replace(record, **changes)
+        spec = container_vm(
+            name=updated.domain, uuid=uuid_match.group(1), container_id=updated.id, container_name=updated.name,
+            directory=directory, agent_socket=Path(updated.agent_socket),
+            image_disk=self.images.get(updated.image_id).disk_path, guest=self.host.guest(),
+            domain_type=type_match.group(1), memory_mib=updated.memory_mib, vcpus=updated.cpus,
+            state_root=str(self.config.data_dir), network=updated.network == "user",
+            **self._storage_devices(updated.mounts), network_taps=tuple(ep.tap for ep in updated.networks),
+        )
+        xml = render_domain_xml(spec, self.config.templates_dir)
+        self.hv.define(xml)
+        (directory / "domain.xml").write_text(xml)
+        return self.state.update(record, **changes)
 
     def _storage_devices(self, mounts: list[Mount]) -> dict:
         """container_vm's volume disks and virtiofs shares, numbered in the order of ``mounts``
@@ -532,6 +619,7 @@ class Runtime:
             repaired = self.observe(record)
             self.state.update(record, state=repaired.state, finished_at=repaired.finished_at,
                               exit_code=repaired.exit_code, error=repaired.error, monitor_pid=None)
+            self.life.leave_networks(record)  # its monitor never did
         elif record.state in (State.CREATED, State.EXITED) and self.hv.state(record.domain) is None:
             xml = self.state.container_dir(record.id) / "domain.xml"
             if xml.exists():

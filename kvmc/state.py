@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from kvmc.errors import ContainerNotFound, NameInUse, UsageError
 from kvmc.mounts import Mount
 from kvmc.names import generate_name, valid_name
+from kvmc.net.plan import Endpoint
 from kvmc.network import PortMapping
 
 ID_PREFIX_MIN = 1
@@ -116,6 +117,9 @@ class ContainerRecord:
     """Published ports, with the host port as allocated."""
     mounts: list[Mount] = field(default_factory=list)
     """In the order their devices are attached."""
+    networks: list[Endpoint] = field(default_factory=list)
+    """kvmc networks (kvmc/net/), in the order of their NICs (eth1, eth2, ...); the user-mode
+    NIC of ``network`` is eth0 and stays for outbound access and -p."""
     read_only: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     tty: bool = False
@@ -136,6 +140,7 @@ class ContainerRecord:
             self.process = ContainerProcess.from_dict(self.process)
         self.ports = [p if isinstance(p, PortMapping) else PortMapping(**p) for p in self.ports]
         self.mounts = [m if isinstance(m, Mount) else Mount(**m) for m in self.mounts]
+        self.networks = [n if isinstance(n, Endpoint) else Endpoint.from_dict(n) for n in self.networks]
 
     @property
     def short_id(self) -> str:

@@ -18,8 +18,10 @@ from kvmc.context import HostContext
 from kvmc.domain import DOMAIN_PREFIX
 from kvmc.errors import GuestError, KvmcError, PortInUse
 from kvmc.mounts import agent_mount_items
+from kvmc.net.host import NetnsHost, create_tap
+from kvmc.net.plan import DnsEntry, Endpoint, defined_mac, dns_names, guest_ifname, mac_for, pick_address
 from kvmc.network import DNS_SERVER, guest_net_config
-from kvmc.state import ContainerRecord, State
+from kvmc.state import LIVE_STATES, ContainerRecord, State
 
 CLONE_XML = "clone.xml"
 """A template clone's first-start definition (the persistent one, domain.xml, boots cold)."""
@@ -59,10 +61,13 @@ class VMLife:
 
     def __init__(self, host: HostContext) -> None:
         self.host = host
+        self.netns = NetnsHost(host.config.run_dir)
 
     # ---------------------------------------------------------------- remove
     def discard(self, record: ContainerRecord, stop_vm: bool = True) -> None:
-        """Remove everything a container owns: domain, directory (disk, logs), sockets, name.
+        """Remove everything a container owns: domain, directory (disk, logs), sockets, name,
+        its taps and its names in its networks' DNS (and a network's namespace if it was the
+        last running container there).
 
         ``stop_vm`` False (the monitor of a --rm container, see Monitor._finish): a VM still
         running is only undefined, and libvirt drops it when the monitor destroys it.
@@ -74,7 +79,80 @@ class VMLife:
                 self.reaping_marker(record.domain).write_text(str(os.getpid()))
                 self.host.hv.forget(record.domain)
         finally:
-            self.host.state.remove(record)
+            try:
+                self.leave_networks(record, update_record=False)
+            finally:
+                self.host.state.remove(record)
+
+    # ------------------------------------------------------------- networks
+    def _running_on(self, network_id: str, exclude: str) -> list[tuple[ContainerRecord, Endpoint]]:
+        """Running containers on a network that have an address there (their monitors live)."""
+        found = []
+        for other in self.host.state.list():
+            if other.id == exclude or other.state not in LIVE_STATES or not pid_alive(other.monitor_pid):
+                continue
+            for endpoint in other.networks:
+                if endpoint.network_id == network_id and endpoint.address:
+                    found.append((other, endpoint))
+        return found
+
+    def _dns_entries(self, running: list[tuple[ContainerRecord, Endpoint]]) -> list[DnsEntry]:
+        return [DnsEntry(ep.address, dns_names(rec.name, rec.id, ep.aliases)) for rec, ep in running]
+
+    def create_taps(self, record: ContainerRecord) -> None:
+        """The container's taps, before its VM starts (QEMU opens them; they stay down here)."""
+        for endpoint in record.networks:
+            create_tap(endpoint.tap)
+
+    def join_networks(self, record: ContainerRecord) -> list[str]:
+        """Put a started VM's NICs on its networks: each network's namespace up (the first
+        container there brings it up), an address from the network's subnet, the tap moved
+        into the namespace onto the bridge, the DNS server's names updated. Returns the
+        agent's ``netif`` items."""
+        items = []
+        endpoints = list(record.networks)
+        for index, endpoint in enumerate(endpoints):
+            network = self.host.networks.find(endpoint.network_id)
+            if network is None:
+                raise KvmcError(f"network {endpoint.network} no longer exists: "
+                                f"disconnect container {record.name} from it (kvmc network disconnect)")
+            network = self.host.networks.with_subnet(network)
+            with self.netns.locked(network.id):
+                self.netns.up(network)
+                running = self._running_on(network.id, exclude=record.id)
+                address = pick_address(network.subnet, network.gateway, [ep.address for _, ep in running])
+                endpoints[index] = Endpoint(
+                    network_id=network.id, network=network.name, aliases=list(endpoint.aliases), address=address,
+                    prefix=network.prefix, gateway=network.gateway, mac=mac_for(address), tap=endpoint.tap)
+                self.host.state.update(record, networks=list(endpoints))
+                self.netns.plug(network, endpoint.tap)
+                self.netns.set_entries(network.id, self._dns_entries([*running, (record, endpoints[index])]))
+            items.append(f"{defined_mac(index)},{guest_ifname(index)},{endpoints[index].mac},"
+                         f"{address}/{network.prefix}")
+        if record.networks:
+            self.host.say("joined " + ", ".join(f"{ep.network} as {ep.address}" for ep in endpoints))
+        return items
+
+    def leave_networks(self, record: ContainerRecord, update_record: bool = True) -> None:
+        """Take an ended (or removed) container off its networks: delete its taps, drop its
+        names from the networks' DNS, and take down a network's namespace and DNS server when
+        no running container is left on it. Idempotent; called by whoever saw the VM end."""
+        for endpoint in record.networks:
+            with self.netns.locked(endpoint.network_id):
+                if endpoint.tap:
+                    self.netns.delete_tap(endpoint.tap, endpoint.network_id)
+                running = self._running_on(endpoint.network_id, exclude=record.id)
+                if running:
+                    self.netns.set_entries(endpoint.network_id, self._dns_entries(running))
+                else:
+                    self.netns.down(endpoint.network_id)
+        if update_record and any(ep.address for ep in record.networks):
+            cleared = [Endpoint(network_id=ep.network_id, network=ep.network, aliases=list(ep.aliases), tap=ep.tap)
+                       for ep in record.networks]
+            try:
+                self.host.state.update(record, networks=cleared)
+            except OSError:
+                pass  # removed meanwhile
 
     def reaping_marker(self, domain: str) -> Path:
         """Names the process that destroys an undefined domain left running by
@@ -123,6 +201,7 @@ class VMLife:
         started = time.monotonic()
         directory = host.state.container_dir(record.id)
         restored, cloned = bool(record.restore_from), bool(record.clone_from)
+        self.create_taps(record)
         if restored:
             save = Path(record.restore_from)
             if not (record.resume_paused and self._resume_hot(record)):
@@ -144,9 +223,14 @@ class VMLife:
         host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
                           error=None)
         self.publish_ports(record)
+        netifs = self.join_networks(record)
         conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
         proc = record.process
         networked = record.network == "user"
+        # The networks' DNS servers first (they answer their containers' names and REFUSE the
+        # rest, so the resolver asks on), then slirp's proxy to the host's resolvers.
+        nameservers = list(dict.fromkeys(ep.gateway for ep in record.networks if ep.gateway))
+        nameservers += [DNS_SERVER] if networked else []
         # A restored or cloned guest's clock is as old as its save file or template, and every
         # clone of one save or template shares its RNG state: the agent sets the clock and
         # reseeds from these first.
@@ -154,7 +238,7 @@ class VMLife:
             args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
             hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
             mounts=agent_mount_items(record.mounts), readonly_root=record.read_only,
-            net=guest_net_config() if networked else None, dns=[DNS_SERVER] if networked else [],
+            net=guest_net_config() if networked else None, netifs=netifs, dns=nameservers,
         ))
         # started_at is recorded by the monitor when the agent reports the process STARTED
         # (Monitor._relay): a command that cannot be executed never counts as started.

@@ -67,27 +67,58 @@ def docker_state(record: Any, vm_state: str | None = None) -> str:
 
 
 def network_name(record: Any) -> str:
-    """Docker's name for the container's network (``user`` is what docker calls bridge)."""
+    """Docker's name for the container's network mode: its first kvmc network, else ``bridge``
+    for the user-mode network (what docker calls its default), else ``none``."""
     explicit = getattr(record, "network_mode", None)
     if explicit:
         return str(explicit)
+    networks = getattr(record, "networks", None) or []
+    if networks:
+        return str(_get(networks[0], "network"))
     network = getattr(record, "network", "none") or "none"
     return {"user": "bridge"}.get(network, network)
+
+
+def _empty_endpoint() -> dict[str, Any]:
+    return {
+        "IPAMConfig": None, "Links": None, "Aliases": None, "MacAddress": "", "DriverOpts": None,
+        "NetworkID": "", "EndpointID": "", "Gateway": "", "IPAddress": "", "IPPrefixLen": 0,
+        "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "DNSNames": None,
+    }
 
 
 def _endpoint(record: Any, running: bool) -> dict[str, Any]:
     """EndpointSettings for slirp's fixed guest address (kvmc/network.py)."""
     attached = running and getattr(record, "network", "none") == "user"
-    return {
-        "IPAMConfig": None, "Links": None, "Aliases": None, "MacAddress": "", "DriverOpts": None,
-        "NetworkID": "", "EndpointID": "", "Gateway": GATEWAY if attached else "",
-        "IPAddress": GUEST_ADDRESS if attached else "", "IPPrefixLen": GUEST_PREFIX if attached else 0,
-        "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "DNSNames": None,
-    }
+    endpoint = _empty_endpoint()
+    if attached:
+        endpoint.update(Gateway=GATEWAY, IPAddress=GUEST_ADDRESS, IPPrefixLen=GUEST_PREFIX)
+    return endpoint
+
+
+def _network_endpoint(record: Any, endpoint: Any, running: bool) -> dict[str, Any]:
+    """EndpointSettings on a kvmc network: its address while the container runs."""
+    data = _empty_endpoint()
+    aliases = list(_get(endpoint, "aliases", []) or [])
+    data.update(Aliases=aliases or None, NetworkID=_get(endpoint, "network_id", ""),
+                EndpointID=(_get(endpoint, "network_id", "")[:32] + str(getattr(record, "id", ""))[:32]))
+    address = _get(endpoint, "address", "")
+    if running and address:
+        data.update(IPAddress=address, IPPrefixLen=int(_get(endpoint, "prefix", 0) or 0),
+                    Gateway=_get(endpoint, "gateway", ""), MacAddress=_get(endpoint, "mac", ""))
+    name = str(getattr(record, "name", ""))
+    short = str(getattr(record, "id", ""))[:12]
+    data["DNSNames"] = list(dict.fromkeys(n for n in (name, short, *aliases) if n))
+    return data
 
 
 def _networks(record: Any, running: bool) -> dict[str, Any]:
-    return {network_name(record): _endpoint(record, running)}
+    networks = getattr(record, "networks", None) or []
+    if not networks:
+        return {network_name(record): _endpoint(record, running)}
+    # On kvmc networks docker shows those only (the user-mode NIC is kvmc's way out, as the
+    # default gateway of a docker bridge network is).
+    return {str(_get(ep, "network")): _network_endpoint(record, ep, running) for ep in networks}
 
 
 def _port_key(port: Any) -> str:
@@ -284,7 +315,8 @@ def _config(record: Any, image_config: Any = None) -> dict[str, Any]:
 
 
 def _network_settings(record: Any, running: bool) -> dict[str, Any]:
-    endpoint = _endpoint(record, running)
+    networks = getattr(record, "networks", None) or []
+    endpoint = _network_endpoint(record, networks[0], running) if networks else _endpoint(record, running)
     return {
         "Bridge": "", "SandboxID": "", "SandboxKey": "", "HairpinMode": False,
         "LinkLocalIPv6Address": "", "LinkLocalIPv6PrefixLen": 0,

@@ -127,7 +127,10 @@ class CreateRequest:
     network: str = "user"
     """``user`` (docker's default/bridge), ``none``, or any other name as given."""
     network_aliases: list[str] = field(default_factory=list)
-    """NetworkingConfig.EndpointsConfig aliases (compose: the container and service names)."""
+    """NetworkingConfig.EndpointsConfig aliases on the NetworkMode network (compose: the
+    container and service names)."""
+    more_networks: list[tuple[str, list[str]]] = field(default_factory=list)
+    """Further EndpointsConfig entries (API 1.44+ creates a container on several networks)."""
     publish: list[str] = field(default_factory=list)
     publish_all: bool = False
     volumes: list[str] = field(default_factory=list)
@@ -366,15 +369,32 @@ def _stop_timeout(value: Any) -> int | None:
     return value
 
 
-def _aliases(networking: Any) -> list[str]:
-    """Every alias of every endpoint asked for (compose names one network per container)."""
+def _endpoints(networking: Any) -> dict[str, list[str]]:
+    """NetworkingConfig.EndpointsConfig: each network named, with its aliases (in order)."""
     endpoints = _obj(_obj(networking, "NetworkingConfig").get("EndpointsConfig"), "EndpointsConfig")
-    aliases: list[str] = []
-    for endpoint in endpoints.values():
+    found: dict[str, list[str]] = {}
+    for name, endpoint in endpoints.items():
+        aliases: list[str] = []
         for alias in _str_list(_obj(endpoint, "EndpointsConfig").get("Aliases"), "Aliases"):
             if alias not in aliases:
                 aliases.append(alias)
-    return aliases
+        found[str(name)] = aliases
+    return found
+
+
+def _network_request(mode: Any, networking: Any) -> tuple[str, list[str], list[tuple[str, list[str]]]]:
+    """(network, its aliases, further endpoints) from NetworkMode and EndpointsConfig. A
+    NetworkMode of default/bridge with EndpointsConfig naming one network (docker-py's
+    ``networking_config`` alone) puts the container on that network."""
+    network = network_mode(mode)
+    endpoints = _endpoints(networking)
+    if network == "user":
+        named = [n for n in endpoints if network_mode(n) != "user"]
+        if named:
+            network = named[0]
+    aliases = endpoints.pop(network, [])
+    more = [(name, aliases_) for name, aliases_ in endpoints.items() if network_mode(name) != "user"]
+    return network, aliases, more
 
 
 def create_options(body: Any, name: str | None) -> CreateRequest:
@@ -389,6 +409,7 @@ def create_options(body: Any, name: str | None) -> CreateRequest:
     restart = _obj(host.get("RestartPolicy"), "HostConfig.RestartPolicy")
     log_config = _obj(host.get("LogConfig"), "HostConfig.LogConfig")
     init = host.get("Init")
+    network, network_aliases, more_networks = _network_request(host.get("NetworkMode"), body.get("NetworkingConfig"))
     return CreateRequest(
         image=image,
         name=(name or "").lstrip("/") or None,
@@ -411,8 +432,9 @@ def create_options(body: Any, name: str | None) -> CreateRequest:
         auto_remove=bool(host.get("AutoRemove")),
         memory_mib=memory_mib(host.get("Memory")),
         cpus=cpu_count(host.get("NanoCpus"), host.get("CpuCount")),
-        network=network_mode(host.get("NetworkMode")),
-        network_aliases=_aliases(body.get("NetworkingConfig")),
+        network=network,
+        network_aliases=network_aliases,
+        more_networks=more_networks,
         publish=publish_specs(host.get("PortBindings")),
         publish_all=bool(host.get("PublishAllPorts")),
         volumes=mounts.volumes,
@@ -611,15 +633,16 @@ def path_stat_header(name: str, size: int, st_mode: int, mtime: float, link_targ
 
 # ---------------------------------------------------------------------------------- to kvmc
 
-def run_options(req: CreateRequest, network: str) -> RunOptions:
-    """A docker create request as the options kvmc's create takes (``network``: kvmc's mode,
-    resolved by the network service from the request's NetworkMode)."""
+def run_options(req: CreateRequest) -> RunOptions:
+    """A docker create request as the options kvmc's create takes (the engine resolves its
+    networks: kvmc/runtime.py, Runtime._networks)."""
     return RunOptions(
         image=req.image, name=req.name, auto_remove=req.auto_remove, detach=True,
         process=ProcessOptions(command=list(req.cmd or []), entrypoint=req.entrypoint, env=list(req.env),
                                workdir=req.workdir, user=req.user, hostname=req.hostname,
                                interactive=req.open_stdin),
-        memory_mib=req.memory_mib, cpus=req.cpus, network=network, publish=list(req.publish),
+        memory_mib=req.memory_mib, cpus=req.cpus, network=req.network, network_aliases=list(req.network_aliases),
+        more_networks=[(name, list(aliases)) for name, aliases in req.more_networks], publish=list(req.publish),
         publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
         docker=DockerFields(labels=dict(req.labels), tty=req.tty, open_stdin=req.open_stdin,
                             stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,

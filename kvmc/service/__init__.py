@@ -13,7 +13,7 @@ Modules, one resource each (as moby's routers/backends and podman's ContainerEng
 * ``files``      - docker cp: stat, copy out, copy in (tar streams, through the running VM)
 * ``images``     - list, inspect, pull, import, tag, rm (refusing images in use), prune
 * ``volumes``    - create, list, inspect (with users), rm (refusing volumes in use), prune
-* ``networks``   - docker's network objects (a registry for now: see the module)
+* ``networks``   - create, list, inspect (with containers), connect, disconnect, rm (refusing networks in use), prune
 * ``pools``      - warm, list, remove, gc of pool members and templates
 * ``system``     - info, disk usage, prune, gc
 """
@@ -50,7 +50,7 @@ class Services:
         self.images = ImageService(self.engine)
         self.volumes = VolumeService(self.engine)
         self.pools = PoolService(host)
-        self.networks = NetworkService(host.config.data_dir / "networks")
+        self.networks = NetworkService(self.engine)
         self.system = SystemService(self.engine)
 
     @classmethod

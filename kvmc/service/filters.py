@@ -76,6 +76,9 @@ def container_matches(record: ContainerRecord, filters: dict[str, list[str]], pa
         if key == "volume" and not any(v in record.volume_names or any(m.target == v for m in record.mounts)
                                        for v in values):
             return False
-        if key == "network" and not any(v in (record.network, {"user": "bridge"}.get(record.network)) for v in values):
-            return False
+        if key == "network":
+            names = {record.network, {"user": "bridge"}.get(record.network)} if not record.networks else set()
+            names |= {ep.network for ep in record.networks} | {ep.network_id for ep in record.networks}
+            if not any(v in names for v in values):
+                return False
     return True

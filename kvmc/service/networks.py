@@ -1,123 +1,218 @@
-"""Networks as docker's clients see them: named objects with labels, and docker's defaults.
+"""Networks as docker's clients see them, with the rules that involve containers.
 
-What exists today (issue 14 builds the rest): a registry of networks, so compose and the
-docker CLI can create, list, inspect and remove them, and containers can name one in
-``--network``/``NetworkMode``. A container on any network gets kvmc's user-mode network (NAT
-to the host, ``-p`` publishing); containers on the same network do NOT reach each other yet.
-The registry is files under ``<data_dir>/networks``, one JSON each, written atomically.
+A kvmc network is docker's user-defined bridge network: containers on it reach each other at
+L3 by name, alias and short id (a DNS server per network), and nothing else reaches them
+there. The registry is kvmc/net/store.py, the host side kvmc/net/host.py, joining and leaving
+as VMs start and end kvmc/vmlife.py. Here: who is attached, refusing to remove a network
+containers are attached to (naming them), connect and disconnect, prune, and the leftovers of
+a crash for ``kvmc gc``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import secrets
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import signal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from kvmc.errors import Conflict, NotFound, UsageError
-from kvmc.names import valid_name
-from kvmc.state import now_iso
+from kvmc.errors import Conflict, ContainerRunning, NotFound, UsageError
+from kvmc.net.host import host_taps, kvmc_namespaces
+from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, NETNS_PREFIX, Endpoint, tap_name, valid_dns_name
+from kvmc.net.store import BUILTIN, Network
+from kvmc.state import ContainerRecord
 
-BUILTIN = {"bridge": "bridge", "host": "host", "none": "null"}
-"""docker's predefined networks and their drivers; kvmc maps bridge to its user network."""
+if TYPE_CHECKING:
+    from kvmc.runtime import Runtime
+
+__all__ = ["BUILTIN", "Network", "NetworkService", "NetworkView"]
 
 
 @dataclass
-class Network:
-    id: str
-    name: str
-    driver: str = "bridge"
-    labels: dict[str, str] = field(default_factory=dict)
-    created: str = field(default_factory=now_iso)
-    internal: bool = False
-    attachable: bool = False
-    options: dict[str, str] = field(default_factory=dict)
-    builtin: bool = False
+class NetworkView:
+    """A network with what the registry does not know by itself: the containers on it."""
 
+    network: Network
+    containers: list[tuple[ContainerRecord, Endpoint]] = field(default_factory=list)
+    """Every container attached (running or not), with its endpoint (an address while it runs)."""
+    up: bool = False
+    """Its namespace and DNS server exist (a container on it runs)."""
 
-def _builtin(name: str) -> Network:
-    return Network(id=hashlib.sha256(f"kvmc-network-{name}".encode()).hexdigest(), name=name, driver=BUILTIN[name], builtin=True,
-                   created="1970-01-01T00:00:00Z")
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self.network), "up": self.up, "containers": [
+            {"id": r.id, "name": r.name, "state": str(r.state), "address": ep.address, "mac": ep.mac,
+             "aliases": ep.aliases} for r, ep in self.containers]}
 
 
 class NetworkService:
-    """Create, list, get and remove networks."""
+    """Create, list, inspect, connect, disconnect, remove and prune networks."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, engine: Runtime) -> None:
+        self.engine = engine
+        self.store = engine.host.networks
+        self.netns = engine.life.netns
 
-    def _path(self, network_id: str) -> Path:
-        return self.root / f"{network_id}.json"
+    # ----------------------------------------------------------------- reads
+    def _attached(self, network: Network) -> list[tuple[ContainerRecord, Endpoint]]:
+        found = []
+        for record in self.engine.state.list():
+            for endpoint in record.networks:
+                if endpoint.network_id == network.id:
+                    found.append((self.engine.observe(record), endpoint))
+        return found
+
+    def _view(self, network: Network) -> NetworkView:
+        if network.builtin:
+            return NetworkView(network)
+        return NetworkView(network, self._attached(network), self.netns.is_up(network))
 
     def list(self) -> list[Network]:
-        found = [_builtin(name) for name in BUILTIN]
-        if self.root.is_dir():
-            for path in sorted(self.root.glob("*.json")):
-                try:
-                    found.append(Network(**json.loads(path.read_text())))
-                except (OSError, ValueError, TypeError):
-                    continue
-        return found
+        return self.store.list()
 
     def get(self, ref: str) -> Network:
         """By name, full id or id prefix."""
-        networks = self.list()
-        for network in networks:
-            if ref in (network.name, network.id):
-                return network
-        matches = [n for n in networks if ref and n.id.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        raise NotFound(f"network {ref} not found")
+        return self.store.get(ref)
 
+    def inspect(self, ref: str) -> NetworkView:
+        return self._view(self.store.get(ref))
+
+    def views(self) -> list[NetworkView]:
+        return [self._view(n) for n in self.store.list()]
+
+    # --------------------------------------------------------------- changes
     def create(self, name: str, driver: str | None = None, labels: dict[str, str] | None = None,
                internal: bool = False, attachable: bool = False, options: dict[str, str] | None = None,
-               check_duplicate: bool = True) -> Network:
-        if not valid_name(name):
-            raise UsageError(f'invalid network name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')
-        if driver not in (None, "", "bridge"):
-            raise UsageError(f'network driver "{driver}" is not supported by kvmc (only bridge)')
-        if any(n.name == name for n in self.list()):
-            raise Conflict(f"network with name {name} already exists")
-        network = Network(id=secrets.token_hex(32), name=name, labels=dict(labels or {}), internal=internal,
-                          attachable=attachable, options=dict(options or {}))
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(network.id).with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(asdict(network)))
-            os.replace(tmp, self._path(network.id))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return network
+               subnet: str | None = None, gateway: str | None = None) -> Network:
+        """A network record with its own subnet; nothing exists on the host until a container
+        on it starts."""
+        if name in BUILTIN:
+            raise Conflict(f"network with name {name} already exists (it is pre-defined)")
+        return self.store.create(name, driver, labels, internal, attachable, options, subnet, gateway)
 
     def remove(self, ref: str) -> Network:
-        network = self.get(ref)
+        """Refused while any container (running or not) is attached: their names are given."""
+        network = self.store.get(ref)
         if network.builtin:
             raise Conflict(f"{network.name} is a pre-defined network and cannot be removed")
-        self._path(network.id).unlink(missing_ok=True)
+        attached = self._attached(network)
+        if attached:
+            names = ", ".join(r.name for r, _ in attached)
+            raise Conflict(f"error while removing network: network {network.name} id {network.id} has active "
+                           f"endpoints (containers {names}): remove them or disconnect them first")
+        with self.netns.locked(network.id):
+            self.netns.down(network.id)  # nothing runs on it: a leftover of a crash, if anything
+            self.store.remove(network)
+        self.netns.forget_lock(network.id)
         return network
 
     def prune(self) -> list[str]:
+        """Remove every network no container is attached to; their names."""
         removed = []
-        for network in self.list():
-            if not network.builtin:
-                self._path(network.id).unlink(missing_ok=True)
+        for network in self.store.list():
+            if not network.builtin and not self._attached(network):
+                try:
+                    self.remove(network.id)
+                except (Conflict, NotFound):
+                    continue
                 removed.append(network.name)
         return removed
 
-    def mode_for(self, ref: str) -> str:
-        """kvmc's network mode for a container that asks for network ``ref`` (docker's name)."""
-        if ref in ("", "default", "bridge"):
-            return "user"
-        if ref == "none":
-            return "none"
-        if ref == "host":
-            raise UsageError('kvmc containers are VMs: "--network host" (sharing the host network stack) '
-                             "is not possible; publish ports with -p instead")
-        if ref.startswith("container:"):
-            raise UsageError("kvmc containers are VMs: they cannot share another container's network stack")
-        self.get(ref)  # must exist, as in docker
-        return "user"
+    def connect(self, ref: str, container: str, aliases: list[str] | None = None) -> tuple[Network, ContainerRecord]:
+        """Attach a created or stopped container to a network (one more NIC at its next start).
+
+        A running VM cannot get a NIC: virtio-mmio, microvm's only bus, has no hotplug. docker
+        connects running containers; kvmc refuses with a reason instead of pretending."""
+        network = self.store.get(ref)
+        record = self.engine.state.resolve(container)
+        if network.builtin:
+            if network.name == "bridge" and record.network == "user":
+                return network, record  # every kvmc container has the user-mode network
+            raise UsageError(f"container {record.name} cannot be connected to the pre-defined network {network.name}")
+        aliases = list(aliases or [])
+        bad = [a for a in aliases if not valid_dns_name(a)]
+        if bad:
+            raise UsageError(f'invalid network alias "{bad[0]}"')
+        network = self.store.with_subnet(network)
+        with self.engine.state.locked(record.id):
+            record = self.engine.observe(self.engine.state.load(record.id) or record)
+            if any(ep.network_id == network.id for ep in record.networks):
+                raise Conflict(f"container {record.name} is already attached to network {network.name}")
+            if record.is_live:
+                raise ContainerRunning(f"container {record.name} is running: a kvmc VM cannot get a new network "
+                                       "interface while it runs (microvm's virtio-mmio has no hotplug); stop it, "
+                                       "connect, then start it")
+            if len(record.networks) >= MAX_NETWORKS_PER_CONTAINER:
+                raise UsageError(f"a kvmc container can be on at most {MAX_NETWORKS_PER_CONTAINER} networks")
+            endpoints = [*record.networks, Endpoint(network_id=network.id, network=network.name, aliases=aliases,
+                                                    tap=tap_name(record.id, len(record.networks)))]
+            self.engine.redefine(record, networks=endpoints)
+        return network, record
+
+    def disconnect(self, ref: str, container: str, force: bool = False) -> tuple[Network, ContainerRecord]:
+        """Detach a created or stopped container from a network (its NIC goes at the next start)."""
+        network = self.store.get(ref)
+        record = self.engine.state.resolve(container)
+        with self.engine.state.locked(record.id):
+            record = self.engine.observe(self.engine.state.load(record.id) or record)
+            if not any(ep.network_id == network.id for ep in record.networks):
+                if force:
+                    return network, record
+                raise Conflict(f"container {record.name} is not connected to network {network.name}")
+            if record.is_live:
+                raise ContainerRunning(f"container {record.name} is running: a kvmc VM cannot lose a network "
+                                       "interface while it runs; stop it first")
+            kept = [ep for ep in record.networks if ep.network_id != network.id]
+            # NICs are renumbered: their taps are named after their position
+            endpoints = [Endpoint(network_id=ep.network_id, network=ep.network, aliases=list(ep.aliases),
+                                  tap=tap_name(record.id, i)) for i, ep in enumerate(kept)]
+            self.engine.redefine(record, networks=endpoints)
+        return network, record
+
+    # --------------------------------------------------------------------- gc
+    def leftovers(self, force: bool) -> list[str]:
+        """What a crash can leave on the host: kvmc taps of VMs that no longer run, network
+        namespaces with no running container (or of removed networks), DNS servers of
+        networks that are down. With ``force``, remove them. Their descriptions."""
+        found: list[str] = []
+        running_taps: set[str] = set()
+        running_networks: set[str] = set()
+        for record in self.engine.state.list():
+            seen = self.engine.observe(record)
+            if seen.is_live:
+                running_taps.update(ep.tap for ep in record.networks)
+                running_networks.update(ep.network_id[:12] for ep in record.networks)
+        for tap in host_taps():
+            if tap not in running_taps and not self._pool_tap(tap):
+                found.append(f"tap {tap}")
+                if force:
+                    self.netns.delete_tap(tap)
+        known = {n.id[:12]: n for n in self.store.list() if not n.builtin}
+        for ns in kvmc_namespaces():
+            short = ns[len(NETNS_PREFIX):]
+            if short in running_networks:
+                for tap in self.netns.taps_in(short):
+                    if tap not in running_taps:
+                        found.append(f"tap {tap} (in {ns})")
+                        if force:
+                            self.netns.delete_tap(tap, short)
+                continue
+            found.append(f"network namespace {ns}")
+            if force:
+                with self.netns.locked(short):
+                    self.netns.down(short)
+        live_dns = {ns[len(NETNS_PREFIX):] for ns in kvmc_namespaces()}
+        for pid in self.netns.stray_dns_servers(live_dns):
+            found.append(f"dnsmasq pid {pid}")
+            if force:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        return found
+
+    def _pool_tap(self, tap: str) -> bool:
+        """Taps that pool members hold while they wait (none today: members have no NICs on
+        networks; kept as the one place to say so)."""
+        return False
+

@@ -46,4 +46,9 @@ class SystemService:
         return removed, deleted
 
     def gc(self, force: bool) -> list[str]:
-        return self.engine.gc(force)
+        """Orphan VMs and half-created containers, then network leftovers (taps, namespaces,
+        DNS servers) of VMs that no longer run."""
+        from kvmc.service.networks import NetworkService
+
+        found = self.engine.gc(force)
+        return found + NetworkService(self.engine).leftovers(force)

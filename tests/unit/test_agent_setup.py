@@ -1,4 +1,4 @@
-"""The agent's container setup RUN items (mount, readonly_root, net, dns), end to end: the real
+"""The agent's container setup RUN items (mount, readonly_root, net, netif, dns), end to end: the real
 static agent against a real busybox rootfs, as in test_agent_protocol.py.
 
 Every agent here runs inside its own mount, UTS and network namespaces (``unshare``), with the
@@ -175,6 +175,49 @@ def test_net_configures_eth0_and_hosts(agent_bin: Path, root: Path, preconfigure
         "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n10.0.2.15 box1\n"
         "nameserver 10.0.2.3\nbox1\n"
     )
+
+
+@pytest.mark.usefixtures("veth")
+def test_netif_finds_nic_by_mac_swaps_names_and_sets_mac_and_address(agent_bin: Path, root: Path) -> None:
+    """Two NICs probed in the "wrong" order: the network NIC (defined MAC ...:57) came up as
+    eth0 and the user-mode one (...:56) as eth1. netif renames them into place before net
+    configures eth0, gives the network NIC the container's MAC and address, and /etc/hosts
+    names the container by that address."""
+    before = ("ip link add eth0 address 52:54:00:12:34:57 type veth peer name p0 && "
+              "ip link add eth1 address 52:54:00:12:34:56 type veth peer name p1 && "
+              "mount -t sysfs sysfs /sys && ")  # this namespace's NICs in /sys/class/net
+    netif = "52:54:00:12:34:57,eth1,02:42:ac:12:00:02,172.18.0.2/16"
+    script = "ip -o link show eth0; ip -o link show eth1; ip -4 -o addr; ip route; cat /etc/hosts /etc/resolv.conf"
+    with agent_in_namespaces(agent_bin, root, before=before) as a:
+        res, out, err = a.run(["sh", "-c", script], net=NET, netifs=[netif], dns=["172.18.0.1", "10.0.2.3"],
+                              hostname="box1")
+    assert (res.exit_code, res.error, err) == (0, None, b"")
+    text = out.decode()
+    lines = text.splitlines()
+    assert "link/ether 52:54:00:12:34:56" in lines[0] and ",UP" in lines[0]  # eth0: the user-mode NIC
+    assert "link/ether 02:42:ac:12:00:02" in lines[1] and ",UP" in lines[1]  # eth1: the container's MAC
+    assert "eth0    inet 10.0.2.15/24" in text and "eth1    inet 172.18.0.2/16" in text
+    assert "default via 10.0.2.2 dev eth0" in text and "172.18.0.0/16 dev eth1" in text
+    assert text.endswith("127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n172.18.0.2 box1\n"
+                         "nameserver 172.18.0.1\nnameserver 10.0.2.3\n")
+
+
+@pytest.mark.parametrize(
+    ("netif", "error"),
+    [
+        ("52:54:00:12:34:57,eth1,02:42:ac:12:00:02,172.18.0.2/16",
+         "netif: the VM has no network interface with MAC 52:54:00:12:34:57"),
+        ("52:54:00:12:34:57,eth1,02:42:ac:12:00:02,172.18.0.2",
+         'netif: bad value "52:54:00:12:34:57,eth1,02:42:ac:12:00:02,172.18.0.2" (want MATCHMAC,NAME,MAC,ADDRESS/PREFIX)'),
+        ("52:54:00:12:34,eth1,02:42:ac:12:00:02,172.18.0.2/16",
+         'netif: bad value "52:54:00:12:34,eth1,02:42:ac:12:00:02,172.18.0.2/16" (want MATCHMAC,NAME,MAC,ADDRESS/PREFIX)'),
+    ],
+    ids=["no-nic", "no-prefix", "bad-mac"],
+)
+def test_netif_failure_is_126(agent_bin: Path, root: Path, netif: str, error: str) -> None:
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, _, _ = a.run(["true"], netifs=[netif])
+    assert (res.exit_code, res.error, res.pid) == (126, error, None)
 
 
 def test_net_without_eth0_fails(agent_bin: Path, root: Path) -> None:

@@ -21,7 +21,7 @@ def _body(**host_config: object) -> dict:
 
 def test_a_plain_docker_run_becomes_a_user_network_container() -> None:
     req = create_options(_body(AutoRemove=True), "web")
-    opts = run_options(req, "user")
+    opts = run_options(req)
     assert (opts.image, opts.name, opts.auto_remove, opts.network) == ("alpine", "web", True, "user")
     assert opts.process.command == ["sh", "-c", "exit 3"] and opts.process.entrypoint is None
     assert opts.process.env == ["A=1"] and opts.process.workdir == "/srv" and not opts.process.interactive
@@ -35,7 +35,7 @@ def test_resources_ports_mounts_and_stdin_reach_kvmc_in_its_own_syntax() -> None
                                "53/udp": [{"HostIp": "", "HostPort": ""}]},
                  Binds=["vol1:/data", "/tmp:/host:ro"], Tmpfs={"/run": "size=64m"}, ReadonlyRootfs=True)
     body.update(OpenStdin=True, StdinOnce=True, Entrypoint=["/bin/sh"], Tty=True)
-    opts = run_options(create_options(body, None), "user")
+    opts = run_options(create_options(body, None))
     assert (opts.memory_mib, opts.cpus, opts.read_only) == (256, 2, True)
     assert opts.process.interactive and opts.docker.open_stdin and opts.docker.stdin_once and opts.docker.tty
     assert opts.process.entrypoint == ["/bin/sh"]
@@ -45,3 +45,19 @@ def test_resources_ports_mounts_and_stdin_reach_kvmc_in_its_own_syntax() -> None
     assert mounts == [("bind", "/tmp", "/host", True), ("volume", "vol1", "/data", False)]
     [tmpfs] = map(parse_tmpfs, opts.tmpfs)
     assert (tmpfs.target, "size=64m" in tmpfs.options) == ("/run", True)
+
+
+def test_compose_and_multi_network_endpoints_become_kvmc_networks() -> None:
+    """compose: NetworkMode is the project network, its aliases in EndpointsConfig; API 1.44+
+    clients may name more endpoints; docker-py's networking_config alone (NetworkMode left
+    default) puts the container on the network it names."""
+    body = _body(NetworkMode="proj_default")
+    body["NetworkingConfig"] = {"EndpointsConfig": {
+        "proj_default": {"Aliases": ["proj-web-1", "web"]}, "backend": {"Aliases": ["api"]}}}
+    opts = run_options(create_options(body, None))
+    assert (opts.network, opts.network_aliases) == ("proj_default", ["proj-web-1", "web"])
+    assert opts.more_networks == [("backend", ["api"])]
+    body = _body()
+    body["NetworkingConfig"] = {"EndpointsConfig": {"ci": {"Aliases": ["postgres"]}}}
+    opts = run_options(create_options(body, None))
+    assert (opts.network, opts.network_aliases, opts.more_networks) == ("ci", ["postgres"], [])

@@ -22,8 +22,9 @@ from kvmc.state import SCHEMA_VERSION, ContainerProcess, ContainerRecord, State,
 
 FIXTURE = Path(__file__).parent / "fixtures" / "record-v1.json"
 NEW_KEYS = {"labels": {}, "tty": False, "open_stdin": False, "stdin_once": False, "entrypoint": None, "cmd": None,
-            "stop_signal": None, "stop_timeout": None}
-"""What schema 2 added, with the value a migrated record gets (docker's defaults)."""
+            "stop_signal": None, "stop_timeout": None, "networks": []}
+"""What schema 2 added (and typed fields added since, with defaults: ``networks``), with the
+value a migrated record gets (docker's defaults)."""
 
 
 @pytest.fixture
@@ -150,3 +151,24 @@ def test_every_state_string_is_typed(tmp_path: Path, v1: dict, state: str) -> No
     record = store.load(v1["id"])
     assert record is not None and record.state is State(state)
     assert json.loads(json.dumps(asdict(record)))["state"] == state  # still plain JSON
+
+
+def test_schema_2_record_without_networks_loads_and_gains_typed_endpoints(store: StateStore, v1: dict) -> None:
+    """Records written before kvmc networks (schema 2, no ``networks`` key) load with none;
+    an endpoint written back is read as the typed class."""
+    from kvmc.net.plan import Endpoint
+
+    record = store.load(v1["id"])
+    assert record is not None
+    store.save(record)
+    path = store.container_dir(v1["id"]) / "record.json"
+    data = json.loads(path.read_text())
+    del data["networks"]
+    path.write_text(json.dumps(data))
+    loaded = store.load(v1["id"])
+    assert loaded is not None and loaded.networks == []
+    store.update(loaded, networks=[Endpoint("ab" * 32, "backend", ["db"], "172.18.0.2", 16, "172.18.0.1",
+                                            "02:42:ac:12:00:02", "kvtabc0")])
+    again = store.load(v1["id"])
+    assert again is not None and isinstance(again.networks[0], Endpoint)
+    assert again.networks[0].aliases == ["db"] and again.networks[0].address == "172.18.0.2"

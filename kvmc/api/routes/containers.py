@@ -52,12 +52,11 @@ async def create(request: web.Request) -> web.Response:
     api = api_of(request)
     req = create_options(await read_json(request, {}), request.query.get("name"))
     services = api.services
-    network = req.network if req.network in ("user", "none") else services.networks.mode_for(req.network)
     warnings = []
     if req.tty:
         warnings.append("kvmc does not allocate a TTY yet: the process runs with pipes")
     try:
-        record = await api.call(services.containers.create, run_options(req, network))
+        record = await api.call(services.containers.create, run_options(req))
     except ImageNotFound:
         raise ApiError(404, f"No such image: {normalize_image_ref(req.image)}") from None
     return json_response({"Id": record.id, "Warnings": warnings}, status=201)
