@@ -19,6 +19,7 @@ APT_PACKAGES=(
     zstd                                  # image store: scanning zstd-compressed layers
     cpio kmod                             # initramfs assembly, depmod for the kernel's modules
     tini                                  # reaps QEMU promptly when libvirtd is started by hand
+    dnsmasq-base iproute2                 # kvmc networks: a DNS server per network namespace, ip
     # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
 )

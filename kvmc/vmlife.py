@@ -61,7 +61,7 @@ class VMLife:
 
     def __init__(self, host: HostContext) -> None:
         self.host = host
-        self.netns = NetnsHost(host.config.run_dir)
+        self.netns = NetnsHost(host.config.run_dir, str(host.config.data_dir))
 
     # ---------------------------------------------------------------- remove
     def discard(self, record: ContainerRecord, stop_vm: bool = True) -> None:
@@ -102,7 +102,7 @@ class VMLife:
     def create_taps(self, record: ContainerRecord) -> None:
         """The container's taps, before its VM starts (QEMU opens them; they stay down here)."""
         for endpoint in record.networks:
-            create_tap(endpoint.tap)
+            create_tap(endpoint.tap, str(self.host.config.data_dir))
 
     def join_networks(self, record: ContainerRecord) -> list[str]:
         """Put a started VM's NICs on its networks: each network's namespace up (the first

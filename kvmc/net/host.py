@@ -55,11 +55,18 @@ def _ip(*args: str, netns: str | None = None, check: bool = True, stdin: str | N
     return proc
 
 
-def create_tap(name: str) -> None:
+def owner_mark(state_root: str) -> str:
+    """What kvmc writes into a tap's alias (ifalias): the state root whose VM made it, so that
+    ``kvmc gc`` of one state root never touches another's (tests run several at once)."""
+    return f"kvmc {state_root}"
+
+
+def create_tap(name: str, state_root: str) -> None:
     """A persistent tap ``name`` in this namespace, left down, for libvirt to open (managed='no').
 
     Persistent: it exists before QEMU opens it and after QEMU closes it, so kvmc deletes it
-    (:meth:`NetnsHost.delete_tap`). ``EBUSY``/``EEXIST``: it exists already (a restart)."""
+    (:meth:`NetnsHost.delete_tap`). ``EBUSY``/``EEXIST``: it exists already (a restart).
+    Its alias names ``state_root`` (:func:`owner_mark`)."""
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
@@ -75,6 +82,18 @@ def create_tap(name: str) -> None:
         fcntl.ioctl(fd, _TUNSETPERSIST, 1)
     finally:
         os.close(fd)
+    try:
+        Path(f"/sys/class/net/{name}/ifalias").write_text(owner_mark(state_root))
+    except OSError as exc:
+        raise NetworkSetupError(f"cannot label tap {name}: {exc.strerror}") from None
+
+
+def tap_owner(name: str) -> str:
+    """The alias of a tap in this namespace ("" if it has none or is gone)."""
+    try:
+        return Path(f"/sys/class/net/{name}/ifalias").read_text().strip()
+    except OSError:
+        return ""
 
 
 def host_taps() -> list[str]:
@@ -93,10 +112,14 @@ def kvmc_namespaces() -> list[str]:
 
 
 class NetnsHost:
-    """Bring networks up and down, move taps in, keep each network's DNS hosts file."""
+    """Bring networks up and down, move taps in, keep each network's DNS hosts file.
 
-    def __init__(self, run_dir: Path) -> None:
+    ``state_root``: kvmc's data dir; each network's directory under ``<run_dir>/net`` names it
+    (``state-root``), so gc of one state root leaves another's networks alone."""
+
+    def __init__(self, run_dir: Path, state_root: str = "") -> None:
         self.base = run_dir / "net"
+        self.state_root = state_root
 
     def dir(self, network_id: str) -> Path:
         return self.base / network_id[:12]
@@ -124,6 +147,7 @@ class NetnsHost:
         ns = netns_name(network.id)
         directory = self.dir(network.id)
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        (directory / "state-root").write_text(self.state_root)
         try:
             _ip("netns", "add", ns)
             _ip("-batch", "-", netns=ns, stdin="\n".join([
@@ -144,14 +168,15 @@ class NetnsHost:
         It answers the names in its hosts file, and for each of them it is the authority
         (``server=/NAME/`` in its servers file, re-read on SIGHUP with the hosts file): a
         type it has no record of (AAAA) gets "no data", not REFUSED, so no resolver asks
-        elsewhere and gets NXDOMAIN (musl fails a whole lookup on an NXDOMAIN for AAAA). Any
-        other name gets REFUSED, so the guest's resolver asks its next nameserver, slirp's
-        proxy to the host's resolvers."""
+        elsewhere and gets NXDOMAIN (musl fails a whole lookup on an NXDOMAIN for AAAA). An
+        unknown name without a dot gets NXDOMAIN (``--domain-needed``: no resolver asks on, as
+        no other server could know a container name). Any other name gets REFUSED, so the
+        guest's resolver asks its next nameserver, slirp's proxy to the host's resolvers."""
         directory = self.dir(network.id)
         cmd = ["ip", "netns", "exec", netns_name(network.id), DNSMASQ,
                "--conf-file=/dev/null", f"--pid-file={directory / 'dnsmasq.pid'}",
                f"--listen-address={network.gateway}", "--bind-interfaces", "--except-interface=lo",
-               "--no-resolv", "--no-hosts", "--no-poll", "--no-negcache", "--local-ttl=0",
+               "--no-resolv", "--no-hosts", "--no-poll", "--no-negcache", "--local-ttl=0", "--domain-needed",
                f"--addn-hosts={directory / 'hosts'}", f"--servers-file={directory / 'servers'}",
                f"--log-facility={directory / 'dnsmasq.log'}",
                "--user=root", "--group=root"]
@@ -188,7 +213,7 @@ class NetnsHost:
         if (NETNS_DIR / ns).exists():
             _ip("netns", "del", ns, check=False)
         directory = self.dir(network_id)
-        for name in ("hosts", "hosts.tmp", "servers", "servers.tmp", "dnsmasq.pid", "dnsmasq.log"):
+        for name in ("hosts", "hosts.tmp", "servers", "servers.tmp", "dnsmasq.pid", "dnsmasq.log", "state-root"):
             (directory / name).unlink(missing_ok=True)
         try:
             directory.rmdir()
@@ -230,21 +255,30 @@ class NetnsHost:
         if Path(f"/sys/class/net/{tap}").exists():
             _ip("link", "del", "dev", tap, check=False)
 
-    def taps_in(self, network_id: str) -> list[str]:
-        """kvmc's taps inside a network's namespace."""
+    def owned(self, network_id: str) -> bool:
+        """The network's namespace was made for this state root."""
+        try:
+            return (self.dir(network_id) / "state-root").read_text() == self.state_root
+        except OSError:
+            return False
+
+    def taps_in(self, network_id: str) -> list[tuple[str, str]]:
+        """kvmc's taps inside a network's namespace, with their aliases."""
         proc = _ip("-o", "link", "show", netns=netns_name(network_id), check=False)
         taps = []
         for line in proc.stdout.splitlines():
             parts = line.split(":", 2)
-            if len(parts) > 1:
+            if len(parts) > 2:
                 name = parts[1].strip().split("@")[0]
+                alias = parts[2].split("alias ", 1)[1].strip() if "alias " in parts[2] else ""
                 if name.startswith(TAP_PREFIX):
-                    taps.append(name)
+                    taps.append((name, alias))
         return taps
 
-    def stray_dns_servers(self, known: set[str]) -> list[int]:
-        """dnsmasq processes kvmc started (by their pid file under ``<run_dir>/net``) whose
-        network directory is not in ``known`` (short ids): what a crash left running."""
+    def stray_dns_servers(self) -> list[int]:
+        """dnsmasq processes kvmc started (their pid file is under ``<run_dir>/net``) whose
+        namespace is gone: of no use to any state root (a crash between the two steps of
+        :meth:`down`)."""
         strays = []
         marker = f"--pid-file={self.base}/".encode()
         for entry in Path("/proc").iterdir():
@@ -252,11 +286,14 @@ class NetnsHost:
                 continue
             try:
                 args = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
+                continue
+            if state == "Z":
                 continue
             for arg in args:
                 if arg.startswith(marker):
                     short = arg[len(marker):].split(b"/")[0].decode(errors="replace")
-                    if short not in known:
+                    if not (NETNS_DIR / netns_name(short)).exists():
                         strays.append(int(entry.name))
         return strays

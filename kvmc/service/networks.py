@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmc.errors import Conflict, ContainerRunning, NotFound, UsageError
-from kvmc.net.host import host_taps, kvmc_namespaces
+from kvmc.net.host import host_taps, kvmc_namespaces, owner_mark, tap_owner
 from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, NETNS_PREFIX, Endpoint, tap_name, valid_dns_name
 from kvmc.net.store import BUILTIN, Network
 from kvmc.state import ContainerRecord
@@ -171,9 +171,10 @@ class NetworkService:
 
     # --------------------------------------------------------------------- gc
     def leftovers(self, force: bool) -> list[str]:
-        """What a crash can leave on the host: kvmc taps of VMs that no longer run, network
-        namespaces with no running container (or of removed networks), DNS servers of
-        networks that are down. With ``force``, remove them. Their descriptions."""
+        """What a crash can leave on the host: this state root's taps of VMs that no longer
+        run, its network namespaces with no running container (or of removed networks), and
+        DNS servers whose namespace is gone. With ``force``, remove them. Their descriptions.
+        Another state root's taps and namespaces are never touched (kvmc.net.host.owner_mark)."""
         found: list[str] = []
         running_taps: set[str] = set()
         running_networks: set[str] = set()
@@ -182,27 +183,28 @@ class NetworkService:
             if seen.is_live:
                 running_taps.update(ep.tap for ep in record.networks)
                 running_networks.update(ep.network_id[:12] for ep in record.networks)
+        mark = owner_mark(str(self.engine.config.data_dir))
         for tap in host_taps():
-            if tap not in running_taps and not self._pool_tap(tap):
+            if tap not in running_taps and tap_owner(tap) == mark:
                 found.append(f"tap {tap}")
                 if force:
                     self.netns.delete_tap(tap)
-        known = {n.id[:12]: n for n in self.store.list() if not n.builtin}
         for ns in kvmc_namespaces():
             short = ns[len(NETNS_PREFIX):]
+            if not self.netns.owned(short):
+                continue
             if short in running_networks:
-                for tap in self.netns.taps_in(short):
-                    if tap not in running_taps:
+                for tap, alias in self.netns.taps_in(short):
+                    if tap not in running_taps and alias == mark:
                         found.append(f"tap {tap} (in {ns})")
                         if force:
                             self.netns.delete_tap(tap, short)
                 continue
-            found.append(f"network namespace {ns}")
+            found.append(f"network namespace {ns} and its DNS server")
             if force:
                 with self.netns.locked(short):
                     self.netns.down(short)
-        live_dns = {ns[len(NETNS_PREFIX):] for ns in kvmc_namespaces()}
-        for pid in self.netns.stray_dns_servers(live_dns):
+        for pid in self.netns.stray_dns_servers():
             found.append(f"dnsmasq pid {pid}")
             if force:
                 try:
@@ -210,9 +212,3 @@ class NetworkService:
                 except ProcessLookupError:
                     pass
         return found
-
-    def _pool_tap(self, tap: str) -> bool:
-        """Taps that pool members hold while they wait (none today: members have no NICs on
-        networks; kept as the one place to say so)."""
-        return False
-

@@ -26,7 +26,9 @@ DEFAULT_IMAGE = "kvmc/busybox:latest"
 # The guest kernel the suite boots: KVMC_KERNEL=kvmc|debian as for kvmc itself (config key
 # `kernel`, default kvmc), each in the guest directory "make setup" builds it into.
 # tests/e2e/test_kernels.py boots both whichever is chosen here.
-GUEST_DIR = SHARED_DATA / {"debian": "guest", "kvmc": "guest-kvmc"}[os.environ.get("KVMC_KERNEL", "kvmc")]
+# KVMC_TEST_GUEST_DIR points the suite at other artefacts (a branch's own agent build).
+GUEST_DIR = Path(os.environ.get("KVMC_TEST_GUEST_DIR") or
+                 SHARED_DATA / {"debian": "guest", "kvmc": "guest-kvmc"}[os.environ.get("KVMC_KERNEL", "kvmc")])
 
 
 @dataclass
