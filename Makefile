@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KVMC  := .venv/bin/kvmc
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup guest demo test unit bench bench-boot bench-volumes clean
+.PHONY: setup guest demo test unit bench bench-boot bench-volumes bench-network clean
 
 setup:                       ## install packages, start libvirtd, build guest + default image
 	ci/setup-host.sh
@@ -22,11 +22,14 @@ test: setup                  ## the whole suite: unit tests and end-to-end tests
 unit:                        ## fast tests only (no VM boots)
 	.venv/bin/python -m pytest -q tests/unit
 
-bench: bench-boot bench-volumes  ## all benchmarks (bench/)
+bench: bench-boot bench-volumes bench-network  ## all benchmarks (bench/)
 	.venv/bin/python bench/startup.py
 
 bench-volumes: setup         ## read throughput: named volume and virtiofs vs the host (bench/volumes.py)
 	.venv/bin/python bench/volumes.py
+
+bench-network: setup       ## TCP latency/throughput: container<->container on a network vs slirp (bench/network.py)
+	.venv/bin/python bench/network.py
 
 bench-boot: setup            ## guest boot: Debian's kernel vs kvmc's own (bench/boot.py)
 	.venv/bin/python bench/boot.py
