@@ -393,3 +393,22 @@ def test_template_memory_must_match_the_vm_and_be_expressible() -> None:
                   shares=[ShareSpec(Path("/srv"), "share1")])
     with pytest.raises(ValueError, match="option syntax"):
         TemplateMemory(Path("/dev/shm/a,b.mem"), 384, shared=True)
+
+
+def test_network_nics_are_unmanaged_taps_after_the_user_mode_nic(domain_type):
+    """One virtio-net NIC per kvmc network, on a tap kvmc made (libvirt neither creates nor
+    brings it up: managed='no'), with the fixed MAC of its position."""
+    from kvmc.domain import NicSpec
+    from kvmc.net.plan import defined_mac
+
+    spec = make_spec(domain_type, network=True,
+                     nics=[NicSpec("kvt0123456789a0", defined_mac(0)), NicSpec("kvt0123456789a1", defined_mac(1))])
+    interfaces = render(spec).findall("devices/interface")
+    assert [i.get("type") for i in interfaces] == ["user", "ethernet", "ethernet"]
+    assert [i.find("mac").get("address") for i in interfaces] == [
+        "52:54:00:12:34:56", "52:54:00:12:34:57", "52:54:00:12:34:58"]
+    for nic, tap in zip(interfaces[1:], ("kvt0123456789a0", "kvt0123456789a1")):
+        assert nic.find("target").attrib == {"dev": tap, "managed": "no"}
+        assert nic.find("model").get("type") == "virtio"
+        assert nic.find("address").get("type") == "virtio-mmio"
+    assert render(make_spec(domain_type, network=True)).findall("devices/interface[@type='ethernet']") == []
