@@ -227,8 +227,9 @@ class VMLife:
         conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
         proc = record.process
         networked = record.network == "user"
-        # The networks' DNS servers first (they answer their containers' names and REFUSE the
-        # rest, so the resolver asks on), then slirp's proxy to the host's resolvers.
+        # The networks' DNS servers first (they answer their containers' names, NXDOMAIN for
+        # other plain names, and refuse dotted names, which the resolver then asks the next
+        # server for), then slirp's proxy to the host's resolvers.
         nameservers = list(dict.fromkeys(ep.gateway for ep in record.networks if ep.gateway))
         nameservers += [DNS_SERVER] if networked else []
         # A restored or cloned guest's clock is as old as its save file or template, and every

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.conftest import DEFAULT_IMAGE, Kvmc
-from tests.e2e.docker_clients import compose, docker_env, run_docker
+from tests.e2e.docker_clients import compose, run_docker
+from tests.e2e.serve import KvmcServe
 
 SERVER = ["nc", "-ll", "-p", "80", "-e", "echo", "hello"]
 """A TCP server that greets every client (busybox nc, persistent)."""
@@ -133,30 +131,11 @@ services:
 """
 
 
-@pytest.fixture
-def kvmc_api(kvmc: Kvmc, tmp_path: Path):  # noqa: ANN201
-    """``kvmc serve`` on a private unix socket of this session's state root."""
-    sock = tmp_path / "docker.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "kvmc", "serve", "-H", f"unix://{sock}"], env=kvmc.env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "wb"))
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"kvmc serve exited: {(tmp_path / 'serve.log').read_text()}")
-            time.sleep(0.05)
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_compose_services_reach_each_other_by_service_name(kvmc: Kvmc, kvmc_api: Path, tmp_path: Path) -> None:
+def test_compose_services_reach_each_other_by_service_name(kvmc_serve: KvmcServe, tmp_path: Path) -> None:
     project = tmp_path / "netproj"
     project.mkdir()
     (project / "compose.yaml").write_text(COMPOSE)
-    env = docker_env(kvmc_api)
+    env = kvmc_serve.env
     try:
         compose(env, project, "up", "-d", timeout=240, check=True)
         network = json.loads(run_docker(env, "network", "inspect", "netproj_default", check=True).stdout)[0]
