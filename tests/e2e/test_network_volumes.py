@@ -80,7 +80,8 @@ def test_bad_publish_and_network_flags(kvmc: Kvmc) -> None:
         (["-p", "99999:80"], b"ports are 1-65535"),
         (["-p", "localhost:80:80"], b"not an IP address"),
         (["-p", "80:80/sctp"], b"invalid -p"),
-        (["--network", "host"], b"kvmc supports user and none"),
+        (["--network", "host"], b'"--network host" (sharing the host network stack) is not possible'),
+        (["--network", "nosuch"], b"network nosuch not found"),
         (["--network", "none", "-p", "8080:80"], b"cannot be combined with --network none"),
     ):
         proc = kvmc("run", "--rm", *args, DEFAULT_IMAGE, "true")
