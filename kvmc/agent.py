@@ -1,4 +1,4 @@
-"""Host side of "kvmc-agent protocol 1", spoken with the guest agent over virtio-serial.
+"""Host side of "kvmc-agent protocol 2", spoken with the guest agent over virtio-serial.
 
 The wire format is described in ``docs/agent-protocol.md``; the guest side is
 ``images/agent/kvmc-agent.c``. On the host the port is QEMU's unix socket for the
@@ -20,9 +20,12 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import BinaryIO
 
+from kvmc.detach import DetachScanner
 from kvmc.errors import AgentProtocolError, GuestError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+RUN_TTY = 0x01
+"""RUN header flag (protocol 2): the agent gives the process a pseudo-terminal."""
 MAX_PAYLOAD = 1 << 20
 OUTPUT_CHUNK = 32 * 1024
 """The agent never sends STDOUT/STDERR payloads larger than this."""
@@ -41,6 +44,8 @@ class FrameType(IntEnum):
     SIGNAL = 0x03
     SHUTDOWN = 0x04
     EXIT_ACK = 0x05
+    RESIZE = 0x06
+    """Protocol 2: u16 rows, u16 columns: the window size of a TTY process's terminal."""
     READY = 0x10
     STARTED = 0x11
     STDOUT = 0x12
@@ -123,6 +128,10 @@ class ProcessSpec:
     stdin: bool = False
     time_ns: int | None = None
     seed: bytes | None = None
+    tty: bool = False
+    """Protocol 2: a pseudo-terminal for stdin, stdout and stderr (sent as the RUN_TTY flag)."""
+    winsize: tuple[int, int] | None = None
+    """(rows, columns) of that terminal at start."""
     # Container setup, applied by the agent before the main process (id 1) starts; see
     # docs/agent-protocol.md. A mount is "FSTYPE:SOURCE:OPTIONS:TARGET" (TARGET last, so it
     # is the only field that may hold a colon); SOURCE "@SERIAL" names a virtio-blk disk by
@@ -139,12 +148,15 @@ class ProcessSpec:
         """Return the RUN payload: NUL-terminated ``key=value`` items."""
         if not self.args:
             raise ValueError("a process needs at least one argument")
-        items = [("arg", a) for a in self.args] + [("env", e) for e in self.env]
+        items = [("proto", str(PROTOCOL_VERSION))]
+        items += [("arg", a) for a in self.args] + [("env", e) for e in self.env]
         for key, value in (("cwd", self.cwd), ("user", self.user), ("hostname", self.hostname)):
             if value is not None:
                 items.append((key, value))
         if self.stdin:
             items.append(("stdin", "1"))
+        if self.tty and self.winsize and all(self.winsize):
+            items.append(("winsize", f"{self.winsize[0]}x{self.winsize[1]}"))
         if self.time_ns is not None:
             items.append(("time_ns", str(self.time_ns)))
         if self.seed:
@@ -175,6 +187,9 @@ class ProcessResult:
     pid: int | None = None
     started_uptime_ms: int | None = None
     ready_uptime_ms: int | None = None
+    detached: bool = False
+    """The relay ended before the process did (detach keys, or a TTY client's stdin ended):
+    the process goes on and ``exit_code`` means nothing."""
 
 
 def parse_uptime(payload: bytes) -> int | None:
@@ -191,6 +206,19 @@ def parse_ready(payload: bytes) -> int | None:
     if not text.startswith(f"kvmc-agent/{PROTOCOL_VERSION} ") and text != f"kvmc-agent/{PROTOCOL_VERSION}":
         raise AgentProtocolError(f"guest agent speaks {text.split(' ')[0]!r}, kvmc needs kvmc-agent/{PROTOCOL_VERSION}")
     return parse_uptime(payload)
+
+
+def encode_resize(rows: int, cols: int) -> bytes:
+    """A RESIZE payload: u16 rows, u16 columns (each clamped to 1..65535)."""
+    return struct.pack(">HH", max(1, min(rows, 0xFFFF)), max(1, min(cols, 0xFFFF)))
+
+
+def parse_resize(payload: bytes) -> tuple[int, int]:
+    """Decode a RESIZE payload into (rows, columns)."""
+    if len(payload) != 4:
+        raise AgentProtocolError(f"malformed RESIZE payload {payload!r}")
+    rows, cols = struct.unpack(">HH", payload)
+    return rows, cols
 
 
 def encode_exit(code: int) -> bytes:
@@ -235,15 +263,15 @@ class AgentConnection:
         """The socket's file descriptor (for selectors)."""
         return self.sock.fileno()
 
-    def send(self, type: FrameType, proc_id: int, payload: bytes = b"") -> None:
+    def send(self, type: FrameType, proc_id: int, payload: bytes = b"", flags: int = 0) -> None:
         """Send one frame."""
-        data = encode_frame(type, proc_id, payload)
+        data = encode_frame(type, proc_id, payload, flags)
         with self._send_lock:
             self.sock.sendall(data)
 
     def run(self, proc_id: int, spec: ProcessSpec) -> None:
         """Ask the agent to start a process under ``proc_id`` (1 = the container's main process)."""
-        self.send(FrameType.RUN, proc_id, spec.encode())
+        self.send(FrameType.RUN, proc_id, spec.encode(), RUN_TTY if spec.tty else 0)
 
     def send_stdin(self, proc_id: int, data: bytes) -> None:
         """Send bytes to the process's stdin (only if it was started with ``stdin=True``)."""
@@ -257,6 +285,10 @@ class AgentConnection:
     def signal(self, proc_id: int, signum: int) -> None:
         """Deliver a signal to the process (not to its children)."""
         self.send(FrameType.SIGNAL, proc_id, struct.pack(">I", signum))
+
+    def resize(self, proc_id: int, rows: int, cols: int) -> None:
+        """Set the window size of a TTY process's terminal (SIGWINCH in the guest)."""
+        self.send(FrameType.RESIZE, proc_id, encode_resize(rows, cols))
 
     def shutdown(self, timeout_s: int) -> None:
         """SIGTERM every process, SIGKILL after ``timeout_s`` seconds, then power the VM off."""
@@ -313,19 +345,41 @@ class AgentConnection:
         self.close()
 
 
-def _pump_stdin(conn: AgentConnection, proc_id: int, stdin: BinaryIO, done: threading.Event) -> None:
+def _pump_stdin(conn: AgentConnection, proc_id: int, stdin: BinaryIO, done: threading.Event,
+                detached: threading.Event, close_at_eof: bool, scanner: DetachScanner | None,
+                end_at_eof: bool) -> None:
     read = getattr(stdin, "read1", stdin.read)
     try:
         while not done.is_set():
             data = read(OUTPUT_CHUNK)
             if not data:
                 break
-            if not done.is_set():
+            if scanner is not None:
+                data, detach = scanner.feed(data)
+                if data and not done.is_set():
+                    conn.send_stdin(proc_id, data)
+                if detach:
+                    _end_relay(conn, detached)
+                    return
+            elif not done.is_set():
                 conn.send_stdin(proc_id, data)
-        if not done.is_set():
+        if done.is_set():
+            return
+        if end_at_eof:
+            _end_relay(conn, detached)
+        elif close_at_eof:
             conn.close_stdin(proc_id)
     except (OSError, ValueError):
         pass  # connection or stream closed under us: the process outcome says the rest
+
+
+def _end_relay(conn: AgentConnection, detached: threading.Event) -> None:
+    """Leave the process running and make the relay's read return (it sees EOF)."""
+    detached.set()
+    try:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def attach_process(
@@ -336,21 +390,38 @@ def attach_process(
     stdout: BinaryIO,
     stderr: BinaryIO,
     timeout: float | None = None,
+    close_stdin_at_eof: bool = True,
+    detach_keys: bytes | None = None,
+    end_at_stdin_eof: bool = False,
 ) -> ProcessResult:
     """Relay one process's stdio until its EXIT, acknowledge it and return the result.
 
-    ``stdin`` is pumped from a daemon thread (EOF closes the process's stdin); pass None
-    when the process was started without ``stdin=True``. READY is recorded if seen but not
-    required: after a snapshot restore an earlier connection consumed it. Frames for other
-    process ids are dropped. ``timeout`` bounds the wait between two frames.
+    ``stdin`` is pumped from a daemon thread; pass None when the process was started without
+    ``stdin=True`` (or a TTY). At its EOF the process's stdin is closed if
+    ``close_stdin_at_eof`` (docker's StdinOnce for attaches, always for execs), or the relay
+    ends if ``end_at_stdin_eof`` (a TTY attach, as docker's: the process keeps its terminal).
+    ``detach_keys`` (TTY attaches): the stdin bytes that end the relay and leave the process
+    running (they are not forwarded). An ended relay returns ``detached=True``.
+
+    READY is recorded if seen but not required: after a snapshot restore an earlier connection
+    consumed it. Frames for other process ids are dropped. ``timeout`` bounds the wait between
+    two frames.
     """
     result = ProcessResult(exit_code=-1, ready_uptime_ms=conn.ready_uptime_ms)
-    done = threading.Event()
+    done, detached = threading.Event(), threading.Event()
     if stdin is not None:
-        threading.Thread(target=_pump_stdin, args=(conn, proc_id, stdin, done), daemon=True).start()
+        scanner = DetachScanner(detach_keys) if detach_keys else None
+        threading.Thread(target=_pump_stdin, args=(conn, proc_id, stdin, done, detached, close_stdin_at_eof,
+                                                   scanner, end_at_stdin_eof), daemon=True).start()
     try:
         while True:
-            frame = conn.read_frame(timeout)
+            try:
+                frame = conn.read_frame(timeout)
+            except (GuestError, OSError):
+                if detached.is_set():
+                    result.detached = True
+                    return result
+                raise
             if frame is None:
                 raise GuestError(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
             if frame.type == FrameType.READY:

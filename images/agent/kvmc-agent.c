@@ -1,5 +1,5 @@
 /*
- * kvmc-agent: the guest side of "kvmc-agent protocol 1" (see docs/agent-protocol.md).
+ * kvmc-agent: the guest side of "kvmc-agent protocol 2" (see docs/agent-protocol.md).
  *
  * It runs as PID 1 of the microVM (exec'd by the initramfs /init), talks to the host over
  * a named virtio-serial port, sets the container up (mounts, eth0/eth1.., resolv.conf, read-only
@@ -42,6 +42,7 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -53,8 +54,10 @@
 #define HUP_BACKOFF_MS 20    /* device mode: pause on the port while no host is attached */
 #define STDIN_HIGH (4u << 20) /* stop reading the port while this much stdin is queued */
 #define MAX_GROUPS 64
+#define PROTOCOL 2           /* the number in READY, --version and the RUN item proto */
+#define RUN_TTY 0x01         /* RUN header flag: give the process a pseudo-terminal */
 
-enum { T_RUN = 0x01, T_STDIN, T_SIGNAL, T_SHUTDOWN, T_EXIT_ACK,
+enum { T_RUN = 0x01, T_STDIN, T_SIGNAL, T_SHUTDOWN, T_EXIT_ACK, T_RESIZE,
        T_READY = 0x10, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_ERROR };
 
 struct proc {
@@ -62,6 +65,7 @@ struct proc {
 	uint16_t id;
 	pid_t pid;
 	int exec_fd, out_fd, err_fd, in_fd; /* -1 once closed */
+	int tty_fd;                         /* a TTY process: its pty master (resize, VEOF), else -1 */
 	char *in_buf;                       /* stdin bytes not yet accepted by the pipe */
 	size_t in_len;
 	int in_eof;                         /* close the pipe once in_buf is empty */
@@ -453,12 +457,13 @@ static _Noreturn void exec_in_path(int efd, char **argv, char **env)
 }
 
 struct run_spec {
-	char **argv, **env; /* env has room for 3 more entries */
+	char **argv, **env; /* env has room for 4 more entries */
 	int nenv;
 	const char *cwd, *user, *hostname;
 	char **mounts, **dns, **netifs; /* container setup, process 1 only */
 	int nmounts, ndns, nnetifs, readonly_root;
 	const char *net;
+	int tty; /* stdin, stdout and stderr are the pty's slave, which becomes the controlling terminal */
 };
 
 static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int err_w, int efd)
@@ -469,6 +474,10 @@ static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int er
 	for (int sig = 1; sig < NSIG; sig++)
 		signal(sig, SIG_DFL); /* we ignore SIGPIPE; the container must not inherit that */
 	setsid();
+	/* A TTY process is the session leader of its terminal: ^C typed on it is SIGINT for the
+	 * foreground process group, and a resize (TIOCSWINSZ on the master) SIGWINCH. */
+	if (s->tty && ioctl(in_r, TIOCSCTTY, 0) < 0)
+		child_fail(efd, 126, "tty: cannot make the pseudo-terminal the controlling terminal: %s", strerror(errno));
 	if (in_r < 0 && (in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) /* before chroot: may lack /dev */
 		child_fail(efd, 126, "open /dev/null: %s", strerror(errno));
 	dup2(in_r, 0);
@@ -498,6 +507,8 @@ static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int er
 		snprintf(host, sizeof host, "HOSTNAME=%s", s->hostname);
 		s->env[s->nenv++] = host;
 	}
+	if (s->tty && !env_get(s->env, "TERM"))
+		s->env[s->nenv++] = "TERM=xterm"; /* docker's default for a TTY */
 	s->env[s->nenv] = NULL;
 
 	if (setgroups(ngroups, groups) < 0 || setgid(u.gid) < 0 || setuid(u.uid) < 0)
@@ -987,6 +998,51 @@ static void add_seed(const char *hex)
 	free(info);
 }
 
+/*
+ * A pseudo-terminal from the container's own devpts instance (ROOT/dev/pts, mounted with
+ * newinstance by the init), so that the process sees its terminal as /dev/pts/N. Returns the
+ * master (O_CLOEXEC) and stores the slave in *slave, or -1 with a message in err.
+ */
+static int open_pty(int *slave, const char *winsize, char *err, size_t errlen)
+{
+	char path[4200];
+	const char *step = "open";
+	snprintf(path, sizeof path, "%s/dev/pts/ptmx", strcmp(root, "/") ? root : "");
+	int m = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC), unlock = 0;
+	if (m < 0) {
+		snprintf(path, sizeof path, "%s/dev/ptmx", strcmp(root, "/") ? root : "");
+		m = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	}
+	if (m < 0)
+		goto fail;
+	step = "unlock";
+	if (ioctl(m, TIOCSPTLCK, &unlock) < 0)
+		goto fail;
+	step = "open the slave of";
+	*slave = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (*slave < 0 && errno == EINVAL) { /* kernels before 4.13: by number, in the same instance */
+		int n;
+		if (ioctl(m, TIOCGPTN, &n) == 0) {
+			snprintf(path, sizeof path, "%s/dev/pts/%d", strcmp(root, "/") ? root : "", n);
+			*slave = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		}
+	}
+	if (*slave < 0)
+		goto fail;
+	unsigned rows = 0, cols = 0;
+	if (winsize && sscanf(winsize, "%ux%u", &rows, &cols) == 2 && rows && cols) {
+		struct winsize ws = { .ws_row = rows, .ws_col = cols };
+		ioctl(m, TIOCSWINSZ, &ws);
+	}
+	return m;
+fail:;
+	int e = errno;
+	snprintf(err, errlen, "tty: cannot allocate a pseudo-terminal: %s %.300s: %s", step, path, strerror(e));
+	if (m >= 0)
+		close(m);
+	return -1;
+}
+
 /* A RUN that cannot even fork: report it like an exec failure so the host gets its EXIT. */
 static void run_failed(uint16_t id, const char *msg)
 {
@@ -994,7 +1050,7 @@ static void run_failed(uint16_t id, const char *msg)
 	send_exit(id, 0, 126);
 }
 
-static void do_run(uint16_t id, const unsigned char *payload, size_t len)
+static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t len)
 {
 	struct proc *p = NULL;
 	if (id == 0 || find_proc(id)) { /* no EXIT: that would be mistaken for the live one's */
@@ -1021,11 +1077,14 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 	for (size_t i = 0; i <= len; i++)
 		nitems += buf[i] == 0;
 	struct run_spec s = { .argv = calloc(nitems + 1, sizeof(char *)),
-			      .env = calloc(nitems + 4, sizeof(char *)),
+			      .env = calloc(nitems + 5, sizeof(char *)),
 			      .mounts = calloc(nitems + 1, sizeof(char *)),
 			      .dns = calloc(nitems + 1, sizeof(char *)),
 			      .netifs = calloc(nitems + 1, sizeof(char *)) };
 	int argc = 0, want_stdin = 0, allocated = s.argv && s.env && s.mounts && s.dns && s.netifs;
+	long proto = 1; /* protocol 1 hosts sent no proto item */
+	const char *winsize = NULL;
+	s.tty = flags & RUN_TTY;
 	for (char *it = buf, *next; allocated && it < buf + len; it = next) {
 		next = it + strlen(it) + 1; /* before we split at '=' */
 		char *val = strchr(it, '=');
@@ -1044,6 +1103,8 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 		else if (!strcmp(it, "net")) s.net = val;
 		else if (!strcmp(it, "dns")) s.dns[s.ndns++] = val;
 		else if (!strcmp(it, "netif")) s.netifs[s.nnetifs++] = val;
+		else if (!strcmp(it, "proto")) proto = atol(val);
+		else if (!strcmp(it, "winsize")) winsize = val;
 		else if (!strcmp(it, "time_ns")) {
 			long long ns = atoll(val);
 			struct timespec ts = { ns / 1000000000, ns % 1000000000 };
@@ -1052,7 +1113,15 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 		} else
 			logmsg("RUN: ignoring unknown key %s", it);
 	}
-	int in[2] = { -1, -1 }, out[2], err[2], ex[2];
+	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 }, ex[2], master = -1, slave = -1, tty_fd = -1;
+	if (proto != PROTOCOL) {
+		char why[200];
+		snprintf(why, sizeof why, "the host speaks kvmc-agent protocol %ld and this guest agent speaks %d: "
+			 "the guest artefacts and kvmc must come from the same version (rebuild them with images/build.sh)",
+			 proto, PROTOCOL);
+		run_failed(id, why);
+		goto done;
+	}
 	if (!allocated || argc == 0) {
 		run_failed(id, allocated ? "RUN: no arg given" : "RUN: out of memory");
 		goto done;
@@ -1069,8 +1138,24 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 			goto done;
 		}
 	}
-	if ((want_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
-	    pipe2(err, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
+	if (s.tty) {
+		/* One stream, as docker's TTY: the master is read as stdout, written as stdin (a
+		 * dup, so that closing stdin never closes the output) and kept for resizes. */
+		char why[600];
+		if ((master = open_pty(&slave, winsize, why, sizeof why)) < 0) {
+			run_failed(id, why);
+			goto done;
+		}
+		in[0] = out[1] = err[1] = slave;
+		out[0] = master;
+		in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		tty_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		if (in[1] < 0 || tty_fd < 0 || pipe2(ex, O_CLOEXEC) < 0) {
+			run_failed(id, "RUN: out of file descriptors");
+			goto done;
+		}
+	} else if ((want_stdin && pipe2(in, O_CLOEXEC) < 0) || pipe2(out, O_CLOEXEC) < 0 ||
+		   pipe2(err, O_CLOEXEC) < 0 || pipe2(ex, O_CLOEXEC) < 0) {
 		run_failed(id, "RUN: pipe failed"); /* fd leak on this path is acceptable: EMFILE */
 		goto done;
 	}
@@ -1078,22 +1163,31 @@ static void do_run(uint16_t id, const unsigned char *payload, size_t len)
 	pid_t pid = fork();
 	if (pid == 0)
 		child_main(&s, in[0], out[1], err[1], ex[1]);
-	close(out[1]);
-	close(err[1]);
+	if (s.tty) {
+		close(slave); /* the child's now: the master reads EIO once every holder closed it */
+	} else {
+		close(out[1]);
+		close(err[1]);
+		if (in[0] >= 0)
+			close(in[0]);
+	}
 	close(ex[1]);
-	if (in[0] >= 0)
-		close(in[0]);
 	if (pid < 0) {
-		close(out[0]), close(err[0]), close(ex[0]);
+		close(out[0]), close(ex[0]);
+		if (err[0] >= 0)
+			close(err[0]);
 		if (in[1] >= 0)
 			close(in[1]);
+		if (tty_fd >= 0)
+			close(tty_fd);
 		run_failed(id, "RUN: fork failed");
 		goto done;
 	}
 	*p = (struct proc){ .used = 1, .id = id, .pid = pid, .exec_fd = ex[0], .out_fd = out[0],
-			    .err_fd = err[0], .in_fd = in[1], .fork_ms = fork_ms };
+			    .err_fd = err[0], .in_fd = in[1], .tty_fd = tty_fd, .fork_ms = fork_ms };
 	set_nonblock(out[0]);
-	set_nonblock(err[0]);
+	if (err[0] >= 0)
+		set_nonblock(err[0]);
 	set_nonblock(ex[0]);
 	if (in[1] >= 0)
 		set_nonblock(in[1]);
@@ -1122,16 +1216,33 @@ static void close_stdin(struct proc *p)
 	p->in_len = 0;
 }
 
+static void do_stdin_bytes(struct proc *p, const unsigned char *data, size_t len);
+
 static void do_stdin(struct proc *p, const unsigned char *data, size_t len)
 {
 	if (!p || p->in_fd < 0 || p->in_eof)
 		return;
+	if (len == 0 && p->tty_fd >= 0) {
+		/* A terminal's input cannot be closed without hanging it up: end it as a user at the
+		 * terminal does, with its EOF character (^D unless the process changed it). */
+		struct termios t;
+		unsigned char eof = tcgetattr(p->tty_fd, &t) == 0 ? t.c_cc[VEOF] : 4;
+		data = &eof;
+		len = 1;
+		do_stdin_bytes(p, data, len);
+		return;
+	}
 	if (len == 0) {
 		p->in_eof = 1;
 		if (p->in_len == 0)
 			close_stdin(p);
 		return;
 	}
+	do_stdin_bytes(p, data, len);
+}
+
+static void do_stdin_bytes(struct proc *p, const unsigned char *data, size_t len)
+{
 	char *nb = realloc(p->in_buf, p->in_len + len);
 	if (!nb) {
 		logmsg("stdin for %u dropped: out of memory", p->id);
@@ -1168,12 +1279,19 @@ static void begin_shutdown(uint32_t timeout_s)
 			kill_proc(&procs[i], SIGTERM);
 }
 
-static void dispatch(int type, uint16_t id, const unsigned char *payload, size_t len)
+static void dispatch(int type, int flags, uint16_t id, const unsigned char *payload, size_t len)
 {
 	struct proc *p = find_proc(id);
 	switch (type) {
 	case T_RUN:
-		do_run(id, payload, len);
+		do_run(id, flags, payload, len);
+		break;
+	case T_RESIZE: /* the kernel sends SIGWINCH to the terminal's foreground process group */
+		if (p && p->tty_fd >= 0 && len == 4) {
+			struct winsize ws = { .ws_row = payload[0] << 8 | payload[1], .ws_col = payload[2] << 8 | payload[3] };
+			if (ws.ws_row && ws.ws_col && ioctl(p->tty_fd, TIOCSWINSZ, &ws) < 0)
+				logmsg("resize %u: %s", id, strerror(errno));
+		}
 		break;
 	case T_STDIN:
 		do_stdin(p, payload, len);
@@ -1210,7 +1328,7 @@ static void handle_input(void)
 		}
 		if (rlen - off - 8 < len)
 			break;
-		dispatch(h[0], (uint16_t)(h[2] << 8 | h[3]), h + 8, len);
+		dispatch(h[0], h[1], (uint16_t)(h[2] << 8 | h[3]), h + 8, len);
 		off += 8 + len;
 	}
 	memmove(rbuf, rbuf + off, rlen - off);
@@ -1284,6 +1402,8 @@ static void maybe_finish_proc(struct proc *p, int64_t now)
 			close(p->err_fd);
 	}
 	close_stdin(p);
+	if (p->tty_fd >= 0)
+		close(p->tty_fd);
 	uint16_t id = p->id;
 	int st = p->status;
 	memset(p, 0, sizeof *p);
@@ -1366,7 +1486,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--exit-by-reboot")) exit_by_reboot = 1;
 		else if (!strcmp(argv[i], "--version")) {
 			/* Also what a hot pool member runs once, as /proc/self/exe, to warm it up. */
-			puts("kvmc-agent/1");
+			printf("kvmc-agent/%d\n", PROTOCOL);
 			return 0;
 		} else {
 			fprintf(stderr, "usage: kvmc-agent --root DIR (--port-name NAME | --port SOCKET) "
@@ -1401,7 +1521,7 @@ int main(int argc, char **argv)
 			finish();
 		return 1;
 	}
-	send_text(T_READY, 0, "kvmc-agent/1 uptime_ms=%lld", (long long)uptime_ms());
+	send_text(T_READY, 0, "kvmc-agent/%d uptime_ms=%lld", PROTOCOL, (long long)uptime_ms());
 
 	for (;;) {
 		struct pollfd pf[2 + MAX_PROCS * 4];

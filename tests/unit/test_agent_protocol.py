@@ -1,4 +1,4 @@
-"""kvmc-agent protocol 1, end to end: the real static agent, a real busybox chroot, real
+"""kvmc-agent protocol 2, end to end: the real static agent, a real busybox chroot, real
 fork/exec, driven through kvmc.agent over a unix socket ("socket mode"). Plus frame
 encoding tests. Needs root (chroot), gcc/make and busybox-static."""
 
@@ -21,6 +21,11 @@ import pytest
 
 from kvmc.agent import (
     MAX_PAYLOAD,
+    RUN_TTY,
+    Frame,
+    encode_resize,
+    parse_ready,
+    parse_resize,
     AgentConnection,
     FrameReader,
     FrameType,
@@ -95,7 +100,7 @@ def test_connection_raises_on_bad_frame_from_peer() -> None:
 
 def test_spec_encoding() -> None:
     spec = ProcessSpec(args=["sh", "-c", "x"], env=["A=1"], cwd="/w", user="app", stdin=True, seed=b"\x01\xff")
-    assert spec.encode() == b"arg=sh\0arg=-c\0arg=x\0env=A=1\0cwd=/w\0user=app\0stdin=1\0seed=01ff\0"
+    assert spec.encode() == b"proto=2\0arg=sh\0arg=-c\0arg=x\0env=A=1\0cwd=/w\0user=app\0stdin=1\0seed=01ff\0"
     with pytest.raises(ValueError):
         ProcessSpec(args=[]).encode()
 
@@ -197,7 +202,7 @@ def test_stdout_stderr_separate_and_exit_code(agent: Agent) -> None:
 
 @needs_root
 def test_ready_reports_version(agent: Agent) -> None:
-    assert agent.conn.wait_ready(5).startswith("kvmc-agent/1 uptime_ms=")
+    assert agent.conn.wait_ready(5).startswith("kvmc-agent/2 uptime_ms=")
 
 
 @needs_root
@@ -372,3 +377,156 @@ def test_pid1_reaps_and_powers_off_its_namespace(agent_bin: Path, rootfs: Path) 
         t0 = time.monotonic()
         a.proc.wait(timeout=5)
         assert time.monotonic() - t0 < 3
+
+
+# ---------- protocol 2: TTY processes, RESIZE, the version handshake ----------
+
+
+def test_tty_run_frame_carries_the_flag_and_the_size() -> None:
+    sent: list[bytes] = []
+
+    class Sock:
+        def sendall(self, data: bytes) -> None:
+            sent.append(data)
+
+    conn = AgentConnection(Sock())  # type: ignore[arg-type]
+    conn.run(3, ProcessSpec(args=["sh"], tty=True, winsize=(40, 120)))
+    conn.run(4, ProcessSpec(args=["sh"], winsize=(40, 120)))  # no TTY: no flag, no size
+    conn.resize(3, 50, 132)
+    reader = FrameReader(accept=frozenset(FrameType))
+    for data in sent:
+        reader.feed(data)
+    tty_run, plain_run, resize = reader.next_frame(), reader.next_frame(), reader.next_frame()
+    assert tty_run == Frame(FrameType.RUN, 3, b"proto=2\0arg=sh\0winsize=40x120\0", RUN_TTY)
+    assert plain_run == Frame(FrameType.RUN, 4, b"proto=2\0arg=sh\0", 0)
+    assert (resize.type, resize.proc_id, resize.payload) == (FrameType.RESIZE, 3, b"\x00\x32\x00\x84")
+    assert parse_resize(resize.payload) == (50, 132)
+
+
+def test_resize_encoding_clamps_and_rejects_malformed() -> None:
+    assert encode_resize(0, 70000) == b"\x00\x01\xff\xff"
+    with pytest.raises(AgentProtocolError):
+        parse_resize(b"\x00\x01\x02")
+
+
+def test_host_refuses_another_agent_version() -> None:
+    assert parse_ready(b"kvmc-agent/2 uptime_ms=12") == 12
+    with pytest.raises(AgentProtocolError, match="kvmc-agent/1.*needs kvmc-agent/2"):
+        parse_ready(b"kvmc-agent/1 uptime_ms=12")
+
+
+@needs_root
+def test_agent_refuses_a_protocol_1_host(agent: Agent) -> None:
+    """A RUN without ``proto=2`` (what kvmc of protocol 1 sends) fails its start, clearly."""
+    agent.conn.send(FrameType.RUN, 1, b"arg=true\0")
+    res = attach_process(agent.conn, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=5)
+    assert res.exit_code == 126
+    assert "host speaks kvmc-agent protocol 1 and this guest agent speaks 2" in (res.error or "")
+
+
+@contextmanager
+def tty_agent(agent_bin: Path, rootfs: Path) -> Iterator[Agent]:
+    """The agent with a devpts instance of its own at ROOT/dev/pts, as the guest's init mounts it."""
+    script = ('mount --bind "$1" "$1" && mkdir -p "$1/dev/pts" && mount -t proc proc "$1/proc" && '
+              'mount -t devpts -o newinstance,ptmxmode=0666 devpts "$1/dev/pts" && shift && exec "$@"')
+    (rootfs / "proc").mkdir(exist_ok=True)
+    wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(rootfs))
+    with start_agent(agent_bin, rootfs, wrapper=wrapper) as a:
+        yield a
+
+
+class Typist(io.RawIOBase):
+    """stdin for attach_process: each item is sent once the output so far contains its prompt."""
+
+    def __init__(self, out: io.BytesIO, script: list[tuple[bytes, bytes]], end: bool = True) -> None:
+        super().__init__()
+        self.out, self.script, self.end = out, list(script), end
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int = -1) -> bytes:
+        if not self.script:
+            if not self.end:
+                time.sleep(30)
+            return b""
+        prompt, keys = self.script[0]
+        deadline = time.monotonic() + 10
+        while prompt not in self.out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.script.pop(0)
+        return keys
+
+    read = read1  # type: ignore[assignment]
+
+
+@needs_root
+def test_tty_process_has_a_controlling_terminal_of_the_given_size(agent_bin: Path, rootfs: Path) -> None:
+    with tty_agent(agent_bin, rootfs) as a:
+        script = 'tty; stty size; echo "TERM=$TERM"; ls -l /proc/self/fd/2'
+        res, out, err = a.run(["sh", "-c", script], tty=True, winsize=(33, 101))
+    text = out.decode()
+    assert res.exit_code == 0 and err == b"", (res, out, err)
+    assert text.split("\r\n")[0] == "/dev/pts/0"
+    assert "33 101\r\n" in text and "TERM=xterm\r\n" in text  # docker's TERM; \r\n: the pty's ONLCR
+    assert "/dev/pts/0" in text.split("\r\n")[-2]  # stderr is the terminal too: one stream
+
+
+@needs_root
+def test_tty_keystrokes_resize_ctrl_c_and_the_shells_exit_code(agent_bin: Path, rootfs: Path) -> None:
+    with tty_agent(agent_bin, rootfs) as a:
+        a.conn.run(1, ProcessSpec(args=["sh", "-i"], env=["PS1=$ "], tty=True, winsize=(24, 80)))
+        out = io.BytesIO()
+        keys = Typist(out, [
+            (b"$ ", b"echo $((6*7))\r"),
+            (b"42", b"stty size\r"),
+            (b"24 80", b""),
+        ])
+        # The resize happens once the first size is printed, from another thread (as SIGWINCH).
+        def resize_later() -> None:
+            deadline = time.monotonic() + 10
+            while b"24 80" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            a.conn.resize(1, 50, 132)
+            time.sleep(0.2)
+            a.conn.send_stdin(1, b"stty size\r")
+            while b"50 132" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            # ^C reaches the foreground job as SIGINT from the guest's terminal driver
+            a.conn.send_stdin(1, b"sleep 30; echo not-interrupted\r")
+            time.sleep(0.5)
+            a.conn.send_stdin(1, b"\x03")
+            time.sleep(0.3)
+            a.conn.send_stdin(1, b"exit 7\r")
+
+        import threading
+        threading.Thread(target=resize_later, daemon=True).start()
+        t0 = time.monotonic()
+        res = attach_process(a.conn, 1, stdin=keys, stdout=out, stderr=io.BytesIO(), timeout=20,
+                             end_at_stdin_eof=False, close_stdin_at_eof=False)
+    text = out.getvalue().decode(errors="replace")
+    assert res.exit_code == 7, text
+    assert "42\r\n" in text and "24 80\r\n" in text and "50 132\r\n" in text
+    assert "^C" in text and "not-interrupted" not in text.replace("echo not-interrupted", "")
+    assert time.monotonic() - t0 < 15  # the sleep 30 was interrupted
+
+
+@needs_root
+def test_tty_stdin_eof_is_the_terminals_eof_character(agent_bin: Path, rootfs: Path) -> None:
+    with tty_agent(agent_bin, rootfs) as a:
+        res, out, _ = a.run(["sh", "-c", "cat; echo cat-ended"], stdin=b"hello\n", tty=True)
+    assert res.exit_code == 0
+    assert b"hello\r\n" in out and b"cat-ended" in out  # ^D at the start of a line: read() returns 0
+
+
+@needs_root
+def test_detach_keys_end_the_relay_and_leave_the_process_running(agent_bin: Path, rootfs: Path) -> None:
+    with tty_agent(agent_bin, rootfs) as a:
+        a.conn.run(1, ProcessSpec(args=["sh", "-i"], env=["PS1=$ "], tty=True))
+        out = io.BytesIO()
+        keys = Typist(out, [(b"$ ", b"echo one\r\x10"), (b"one\r\n", b"\x11echo lost\r")], end=False)
+        res = attach_process(a.conn, 1, stdin=keys, stdout=out, stderr=io.BytesIO(), timeout=10,
+                             detach_keys=b"\x10\x11", end_at_stdin_eof=True)
+        assert res.detached and res.exit_code == -1
+        assert a.proc.poll() is None  # the agent and its shell go on
+    assert b"lost" not in out.getvalue()
