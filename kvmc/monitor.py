@@ -104,7 +104,9 @@ class Monitor:
 
     def _drop(self, client: Client) -> None:
         with self.lock:
-            was_stdin = client.stdin and client in self.attached
+            # docker's StdinOnce: the first attached client's stdin is the process's. Never
+            # for a TTY: its terminal outlives any attach (detach keys, a closed attach).
+            was_stdin = client.stdin and client in self.attached and self.record.stdin_once and not self.record.tty
             self.attached.discard(client)
             self.clients.discard(client)
             for pid in [p for p, c in self.execs.items() if c is client]:
@@ -151,7 +153,9 @@ class Monitor:
                 allowed = frame.proc_id == MAIN_PROCESS_ID or self.execs.get(frame.proc_id) is client
             if not allowed:
                 return
-        self.conn.send(frame.type, frame.proc_id, frame.payload)
+        # RESIZE comes from any client (the API resizes an exec on a request of its own); the
+        # agent ignores it for a process without a terminal.
+        self.conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:

@@ -30,6 +30,8 @@ class ProcessOptions:
     user: str | None = None
     hostname: str | None = None
     interactive: bool = False
+    tty: bool = False
+    """A pseudo-terminal for the process (``exec -t``; a container's is DockerFields.tty)."""
 
 
 def read_env_file(path: Path) -> list[str]:
@@ -57,6 +59,14 @@ def merge_env(image_env: list[str], overrides: list[str], host_env: Mapping[str,
             value = host_env[key]
         merged[key] = value
     return [f"{k}={v}" for k, v in merged.items()]
+
+
+def terminal_env(env: list[str], host_env: Mapping[str, str]) -> list[str]:
+    """A TTY process's environment: TERM as given, else the caller's TERM (the CLI's
+    terminal), else docker's ``xterm``."""
+    if any(item.startswith("TERM=") for item in env):
+        return env
+    return [*env, f"TERM={host_env.get('TERM') or 'xterm'}"]
 
 
 def build_process(config: ImageConfig, opts: ProcessOptions, host_env: Mapping[str, str] | None = None) -> dict:

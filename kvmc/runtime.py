@@ -24,9 +24,10 @@ import uuid
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping
+from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 
 from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
+from kvmc.detach import parse_detach_keys
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, container_vm, render_domain_xml
@@ -38,7 +39,7 @@ from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_t
 from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, tap_name, valid_dns_name
 from kvmc.network import NETWORK_MODES, PortMapping, allocate_ports, parse_network, parse_publish
 from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
-from kvmc.process import ProcessOptions, build_process, merge_env
+from kvmc.process import ProcessOptions, build_process, merge_env, terminal_env
 from kvmc.state import ContainerRecord, State
 from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive
 
@@ -49,7 +50,21 @@ MONITOR_DIED = "kvmc's monitor for this container died"
 SignalForwarder = Callable[[Callable[[int], None]], AbstractContextManager]
 """Given ``send(signum)``, a context manager that forwards the caller's signals while a
 process is attached: the CLI installs handlers (kvmc/cli/signals.py); the API server passes
-None and turns docker's ``kill`` calls into signals itself."""
+None and turns docker's ``kill`` calls into signals itself. As docker's --sig-proxy, signals
+are forwarded to processes without a TTY only: a TTY's ^C is a byte that the guest's terminal
+driver turns into SIGINT."""
+
+
+class Console(Protocol):
+    """A front door's terminal, for a process with a TTY (the CLI's is kvmc/terminal.py; the
+    API has none: its clients resize through the resize endpoints)."""
+
+    def size(self) -> tuple[int, int] | None:
+        """(rows, columns) now, or None when the caller has no terminal."""
+
+    def session(self, resize: Callable[[int, int], None], raw: bool) -> AbstractContextManager:
+        """While attached: ``resize`` with the size now and on every change; with ``raw``, the
+        caller's terminal in raw mode, restored on every way out."""
 
 
 @dataclass
@@ -58,6 +73,8 @@ class DockerFields:
 
     labels: dict[str, str] = field(default_factory=dict)
     tty: bool = False
+    console_size: tuple[int, int] | None = None
+    """(rows, columns) of the TTY at start: docker's ConsoleSize, the CLI's terminal."""
     open_stdin: bool = False
     stdin_once: bool = False
     entrypoint: list[str] | None = None
@@ -141,6 +158,8 @@ class Runtime:
         if image.architecture and image.architecture != HOST_ARCH:
             raise ImageError(f'image "{opts.image}" is built for {image.architecture}; kvmc runs {HOST_ARCH} guests')
         process = build_process(image.config, opts.process, opts.host_env)
+        if opts.docker.tty:
+            process["env"] = terminal_env(process["env"], opts.host_env)
         if opts.publish_all:
             opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports])
         network, ports, mounts, endpoints = self._network_and_mounts(opts)
@@ -198,7 +217,9 @@ class Runtime:
             restore_from=str(directory / SAVE_FILE) if member else "", resume_paused=hot,
             clone_from=str(template_dir) if template_dir else "",
             network=network, ports=ports, mounts=mounts, networks=endpoints, read_only=opts.read_only,
-            labels={**image.config.labels, **docker.labels}, tty=docker.tty, open_stdin=docker.open_stdin,
+            labels={**image.config.labels, **docker.labels}, tty=docker.tty,
+            console_size=list(docker.console_size) if docker.tty and docker.console_size else None,
+            open_stdin=docker.open_stdin,
             stdin_once=docker.stdin_once, entrypoint=docker.entrypoint, cmd=docker.cmd,
             stop_signal=docker.stop_signal or image.config.stop_signal, stop_timeout=docker.stop_timeout,
         )
@@ -462,20 +483,53 @@ class Runtime:
 
         return signals(send)
 
+    @staticmethod
+    def _terminal(console: Console | None, conn: AgentConnection, proc_id: int,
+                  raw: bool) -> AbstractContextManager:
+        """The caller's terminal while a TTY process is attached: its size follows the
+        caller's (RESIZE on the attach's own connection), raw mode when stdin is attached."""
+        if console is None:
+            return nullcontext()
+
+        def resize(rows: int, cols: int) -> None:
+            try:
+                conn.resize(proc_id, rows, cols)
+            except OSError:
+                pass
+
+        return console.session(resize, raw)
+
     def attach(self, record: ContainerRecord, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-               signals: SignalForwarder | None = None) -> int:
-        """Relay process 1's stdio through the monitor until the container ends; its exit code."""
+               signals: SignalForwarder | None = None, console: Console | None = None,
+               detach_keys: str | None = None) -> int | None:
+        """Relay process 1's stdio through the monitor until the container ends; its exit code,
+        or None when the caller detached (detach keys, or the end of a TTY attach's stdin) and
+        the container goes on.
+
+        docker's rules: stdin is relayed only to a container with stdin open (``-i``); its EOF
+        closes the container's stdin if StdinOnce (``run -i`` in the foreground), and ends a
+        TTY attach. Detach keys apply to TTY attaches with stdin.
+        """
+        tty = record.tty
+        if not (record.open_stdin or record.process.stdin):
+            stdin = None
+        keys = parse_detach_keys(detach_keys) if tty and stdin is not None else None
         conn = self.connect_monitor(record)
         with conn:
             try:
                 conn.send(FrameType.ATTACH, MAIN_PROCESS_ID, b"stdin=1" if stdin is not None else b"")
-                with self._forwarding(signals, conn, MAIN_PROCESS_ID):
-                    result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr)
+                with self._forwarding(None if tty else signals, conn, MAIN_PROCESS_ID), \
+                        self._terminal(console if tty else None, conn, MAIN_PROCESS_ID, raw=stdin is not None):
+                    result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr,
+                                            close_stdin_at_eof=record.stdin_once and not tty,
+                                            detach_keys=keys, end_at_stdin_eof=tty)
             except (GuestError, OSError) as exc:
                 ended = self.state.load(record.id)
                 if ended is not None and ended.state == State.EXITED and ended.error:
                     raise KvmcError(ended.error) from exc  # it failed before we could hear it
                 raise KvmcError(f"lost the monitor of container {record.name}: {exc}") from exc
+            if result.detached:
+                return None
             # The monitor closes the connection once the exit is recorded (and --rm done).
             try:
                 while conn.read_frame(SHUTOFF_WAIT_S + 5) is not None:
@@ -484,11 +538,26 @@ class Runtime:
                 pass
         return raise_for(result)
 
+    def resize(self, ref: str, rows: int, cols: int, proc_id: int = MAIN_PROCESS_ID) -> ContainerRecord:
+        """Set the window size of the terminal of a running container's process (1: its main
+        process, else an exec's): the API's resize endpoints. The CLI resizes on its attach's
+        own connection (:meth:`_terminal`); both end in the agent's RESIZE."""
+        record = self.require_running(ref)
+        if rows <= 0 or cols <= 0:
+            return record  # docker's clients send 0x0 when they do not know: nothing to do
+        try:
+            with self.connect_monitor(record) as conn:
+                conn.resize(proc_id, rows, cols)
+        except (OSError, KvmcError) as exc:
+            raise ContainerNotRunning(f"container {record.name} is not running") from exc
+        return record
+
     # -------------------------------------------------------------------- run
     def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-            signals: SignalForwarder | None = None) -> tuple[ContainerRecord, int | None]:
+            signals: SignalForwarder | None = None, console: Console | None = None,
+            detach_keys: str | None = None) -> tuple[ContainerRecord, int | None]:
         """docker run: the record and, in the foreground, the command's exit code (raises
-        KvmcError for 125/126/127). Detached: returns once the process runs, code None."""
+        KvmcError for 125/126/127). Detached (``-d``, or detach keys later): code None."""
         record = self.create(opts)
         try:
             monitor = self.start(record, wait_attach=not opts.detach, discard_on_failure=True)
@@ -497,29 +566,41 @@ class Runtime:
             raise
         if opts.detach:
             return self.wait_started(record, monitor), None
-        return record, self.attach(record, stdin if opts.process.interactive else None, stdout, stderr, signals)
+        return record, self.attach(record, stdin if opts.process.interactive else None, stdout, stderr, signals,
+                                   console, detach_keys)
 
     # ------------------------------------------------------------------- exec
     def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-             signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None) -> int:
-        """docker exec: a second process in the running VM, with its own stdio and exit code."""
+             signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
+             console: Console | None = None, detach_keys: str | None = None, winsize: tuple[int, int] | None = None,
+             proc_id: int | None = None) -> int | None:
+        """docker exec: a second process in the running VM, with its own stdio and exit code
+        (None if the caller detached from a TTY exec, which goes on). ``winsize``: the TTY's
+        size at start when there is no ``console`` to ask (the API's ConsoleSize)."""
         record = self.require_running(ref)
         proc = record.process
+        env = merge_env(proc.env, opts.env, host_env or {})
+        if opts.tty:
+            env = terminal_env(env, host_env or {})
+            winsize = (console.size() if console is not None else None) or winsize
         spec = ProcessSpec(
-            args=opts.command, env=merge_env(proc.env, opts.env, host_env or {}),
-            cwd=opts.workdir or proc.cwd, user=opts.user or proc.user, stdin=opts.interactive,
+            args=opts.command, env=env, cwd=opts.workdir or proc.cwd, user=opts.user or proc.user,
+            stdin=opts.interactive, tty=opts.tty, winsize=winsize,
         )
-        proc_id = random.randint(2, 0xFFFF)
+        proc_id = proc_id or random.randint(2, 0xFFFF)
+        stdin = stdin if opts.interactive else None
+        keys = parse_detach_keys(detach_keys) if opts.tty and stdin is not None else None
         conn = self.connect_monitor(record)
         with conn:
-            with self._forwarding(signals, conn, proc_id):
+            with self._forwarding(None if opts.tty else signals, conn, proc_id), \
+                    self._terminal(console if opts.tty else None, conn, proc_id, raw=stdin is not None):
                 try:
                     conn.run(proc_id, spec)
-                    result = attach_process(conn, proc_id, stdin=stdin if opts.interactive else None,
-                                            stdout=stdout, stderr=stderr)
+                    result = attach_process(conn, proc_id, stdin=stdin, stdout=stdout, stderr=stderr,
+                                            detach_keys=keys, end_at_stdin_eof=opts.tty)
                 except (GuestError, OSError) as exc:
                     raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
-        return raise_for(result)
+        return None if result.detached else raise_for(result)
 
     def require_running(self, ref: str) -> ContainerRecord:
         """The container ``ref`` names, which must be running (exec, attach, kill)."""

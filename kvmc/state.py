@@ -123,6 +123,9 @@ class ContainerRecord:
     read_only: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     tty: bool = False
+    """docker's Tty: process 1 runs on a pseudo-terminal in the guest (one output stream)."""
+    console_size: list[int] | None = None
+    """[rows, columns] of that terminal at start (docker's HostConfig.ConsoleSize)."""
     open_stdin: bool = False
     """docker's OpenStdin: stdin stays open for attaches (API containers)."""
     stdin_once: bool = False

@@ -238,6 +238,7 @@ class VMLife:
         conn.run(MAIN_PROCESS_ID, ProcessSpec(
             args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
             hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
+            tty=record.tty, winsize=tuple(record.console_size) if record.console_size else None,
             mounts=agent_mount_items(record.mounts), readonly_root=record.read_only,
             net=guest_net_config() if networked else None, netifs=netifs, dns=nameservers,
         ))

@@ -19,7 +19,7 @@ from kvmc.process import ProcessOptions
 from kvmc.state import ContainerRecord, State
 
 if TYPE_CHECKING:
-    from kvmc.runtime import RunOptions, Runtime, SignalForwarder
+    from kvmc.runtime import Console, RunOptions, Runtime, SignalForwarder
 
 WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
 POLL_S = 0.1
@@ -96,9 +96,11 @@ class ContainerService:
         return self.engine.create(opts)
 
     def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-            signals: SignalForwarder | None = None) -> tuple[ContainerRecord, int | None]:
-        """docker run: (record, exit code); detached: (record, None) once the process runs."""
-        return self.engine.run(opts, stdin, stdout, stderr, signals)
+            signals: SignalForwarder | None = None, console: Console | None = None,
+            detach_keys: str | None = None) -> tuple[ContainerRecord, int | None]:
+        """docker run: (record, exit code); (record, None) once the process runs when detached
+        (``-d``), or when the caller detached from its TTY (detach keys)."""
+        return self.engine.run(opts, stdin, stdout, stderr, signals, console, detach_keys)
 
     def start(self, ref: str, *, wait_attach: bool = False) -> ContainerRecord:
         """Start a created or stopped container. Without ``wait_attach`` this returns once
@@ -111,27 +113,39 @@ class ContainerService:
         return self.engine.wait_started(record, monitor)
 
     def start_attached(self, ref: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-                       signals: SignalForwarder | None = None) -> int:
-        """``start -a``: start and relay the output until the process exits; its exit code."""
+                       signals: SignalForwarder | None = None, console: Console | None = None,
+                       detach_keys: str | None = None) -> int | None:
+        """``start -a``: start and relay the output until the process exits; its exit code
+        (None if the caller detached)."""
         record = self.start(ref, wait_attach=True)
-        return self.engine.attach(record, stdin, stdout, stderr, signals)
+        return self.engine.attach(self.state.load(record.id) or record, stdin, stdout, stderr, signals, console,
+                                  detach_keys)
 
     def attach(self, ref: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-               signals: SignalForwarder | None = None) -> int:
-        """Relay a running container's output (and stdin) until it exits; its exit code."""
+               signals: SignalForwarder | None = None, console: Console | None = None,
+               detach_keys: str | None = None) -> int | None:
+        """Relay a running container's output (and stdin) until it exits; its exit code, or
+        None when the caller detached and the container goes on."""
         record = self.engine.require_running(ref)
-        return self.engine.attach(record, stdin, stdout, stderr, signals)
+        return self.engine.attach(record, stdin, stdout, stderr, signals, console, detach_keys)
 
     def attach_started(self, record: ContainerRecord, stdin: BinaryIO | None, stdout: BinaryIO,
-                       stderr: BinaryIO) -> int:
+                       stderr: BinaryIO, detach_keys: str | None = None) -> int | None:
         """Attach to a container just started with ``wait_attach`` (its process waits for us)."""
-        return self.engine.attach(record, stdin, stdout, stderr)
+        return self.engine.attach(record, stdin, stdout, stderr, detach_keys=detach_keys)
+
+    def resize(self, ref: str, rows: int, cols: int) -> ContainerRecord:
+        """Set the size of a running TTY container's terminal (its process gets SIGWINCH)."""
+        return self.engine.resize(ref, rows, cols)
 
     def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
-             signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None) -> int:
+             signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
+             console: Console | None = None, detach_keys: str | None = None,
+             winsize: tuple[int, int] | None = None, proc_id: int | None = None) -> int | None:
         if not opts.command:
             raise UsageError("exec needs a command")
-        return self.engine.exec(ref, opts, stdin, stdout, stderr, signals, host_env)
+        return self.engine.exec(ref, opts, stdin, stdout, stderr, signals, host_env, console=console,
+                                detach_keys=detach_keys, winsize=winsize, proc_id=proc_id)
 
     def pause(self, ref: str) -> ContainerRecord:
         return self.engine.pause(ref)

@@ -8,12 +8,14 @@ stream closes, and an instance is forgotten a while after it ended.
 
 from __future__ import annotations
 
+import random
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
+from kvmc.detach import parse_detach_keys
 from kvmc.errors import Conflict, ExecNotFound, KvmcError, UsageError
 from kvmc.process import ProcessOptions
 
@@ -33,6 +35,11 @@ class ExecInstance:
     tty: bool = False
     attach_stdout: bool = True
     attach_stderr: bool = True
+    console_size: tuple[int, int] | None = None
+    """The TTY's (rows, columns) at start: docker's ConsoleSize (exec create or start)."""
+    detach_keys: str | None = None
+    proc_id: int | None = None
+    """The agent's process id once started (what a resize addresses)."""
     running: bool = False
     started: bool = False
     exit_code: int | None = None
@@ -50,12 +57,17 @@ class ExecService:
         self._lock = threading.Lock()
 
     def create(self, ref: str, options: ProcessOptions, tty: bool = False, attach_stdout: bool = True,
-               attach_stderr: bool = True) -> ExecInstance:
+               attach_stderr: bool = True, console_size: tuple[int, int] | None = None,
+               detach_keys: str | None = None) -> ExecInstance:
         """Register an exec in a running container (refused when it does not run)."""
         record = self.containers.engine.require_running(ref)
         if not options.command:
             raise UsageError("No exec command specified")
-        instance = ExecInstance(secrets.token_hex(32), record.id, options, tty, attach_stdout, attach_stderr)
+        if detach_keys:
+            parse_detach_keys(detach_keys)  # refused now, not when it starts
+        options.tty = tty
+        instance = ExecInstance(secrets.token_hex(32), record.id, options, tty, attach_stdout, attach_stderr,
+                                console_size, detach_keys)
         with self._lock:
             self._forget_old()
             self._instances[instance.id] = instance
@@ -71,22 +83,40 @@ class ExecService:
             raise ExecNotFound(f"No such exec instance: {exec_id}")
         return instance
 
-    def start(self, exec_id: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO) -> ExecInstance:
+    def start(self, exec_id: str, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
+              console_size: tuple[int, int] | None = None) -> ExecInstance:
         """Run the exec to its end, relaying its stdio; its exit code is recorded before this
-        returns (so a client that reads it right after the stream closes finds it)."""
+        returns (so a client that reads it right after the stream closes finds it). A caller
+        that detached from a TTY exec leaves it running, with no exit code."""
         instance = self.get(exec_id)
         with self._lock:
             if instance.started:
                 raise Conflict(f"exec {exec_id[:12]} has already started")
             instance.started = instance.running = True
+            instance.proc_id = random.randint(2, 0xFFFF)
         try:
-            instance.exit_code = self.containers.exec(instance.container_id, instance.options, stdin, stdout, stderr)
+            instance.exit_code = self.containers.exec(
+                instance.container_id, instance.options, stdin, stdout, stderr,
+                detach_keys=instance.detach_keys, winsize=console_size or instance.console_size,
+                proc_id=instance.proc_id)
         except KvmcError as exc:
             instance.exit_code, instance.error = exc.exit_code, str(exc)
             raise
         finally:
             instance.running = False
             instance.ended_at = time.monotonic()
+        return instance
+
+    def resize(self, exec_id: str, rows: int, cols: int) -> ExecInstance:
+        """Set the size of a running TTY exec's terminal."""
+        instance = self.get(exec_id)
+        with self._lock:
+            if not instance.started:  # not yet: the size it starts with (a client may resize
+                instance.console_size = (rows, cols) if rows > 0 and cols > 0 else instance.console_size
+                return instance       # right after its start request, before it runs)
+        if not instance.running or instance.proc_id is None:
+            raise Conflict(f"exec {instance.id[:12]} is not running")
+        self.containers.engine.resize(instance.container_id, rows, cols, instance.proc_id)
         return instance
 
     def _forget_old(self) -> None:
