@@ -77,6 +77,28 @@ def _stdio() -> tuple:
     return sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer
 
 
+def _console():  # noqa: ANN202 - kvmc.terminal.HostTerminal, the engine's Console for a TTY
+    from kvmc.terminal import HostTerminal
+
+    return HostTerminal()
+
+
+def _check_terminal_flags(tty: bool, interactive: bool, detach_keys: Optional[str], sig_proxy: str) -> bool:
+    """Validate -t/-i/--detach-keys/--sig-proxy as docker does; whether to proxy signals."""
+    from kvmc.detach import parse_detach_keys
+    from kvmc.terminal import is_terminal
+
+    if detach_keys is not None:
+        parse_detach_keys(detach_keys)
+    if tty and interactive and not is_terminal(0):
+        raise UsageError("the input device is not a TTY: -t with -i needs a terminal on stdin "
+                         "(drop -t to pipe into the command)")
+    value = sig_proxy.strip().lower()
+    if value not in ("true", "false", "1", "0", "t", "f"):
+        raise UsageError(f'invalid --sig-proxy "{sig_proxy}": use --sig-proxy=true or --sig-proxy=false')
+    return value in ("true", "1", "t")
+
+
 def _report_each(reports: list, exit_code: int | None = 1) -> None:
     """Print each item's ref (or its error); if any failed, exit with ``exit_code`` (None:
     the first failure's own code, 125 for kvmc's errors)."""
@@ -100,9 +122,10 @@ def _run_options(
     env_file: Optional[List[Path]], workdir: Optional[str], user: Optional[str], entrypoint: Optional[str],
     memory: Optional[str], cpus: Optional[str], interactive: bool, detach: bool, hostname: Optional[str],
     accel: Optional[str], network: str, publish: Optional[List[str]], volume: Optional[List[str]],
-    tmpfs: Optional[List[str]], read_only: bool, network_alias: Optional[List[str]] = None,
+    tmpfs: Optional[List[str]], read_only: bool, network_alias: Optional[List[str]] = None, tty: bool = False,
+    stdin_once: bool = False,
 ):  # noqa: ANN202
-    from kvmc.runtime import RunOptions
+    from kvmc.runtime import DockerFields, RunOptions
 
     args = list(command or [])
     if args and args[0] == "--":
@@ -118,6 +141,10 @@ def _run_options(
         cpus=parse_cpus(cpus) if cpus else None, accel=accel,
         network=network, network_aliases=list(network_alias or []), publish=list(publish or []),
         volumes=list(volume or []), tmpfs=list(tmpfs or []), read_only=read_only,
+        # docker's StdinOnce: stdin closes with the first attach (run -i in the foreground,
+        # create -i); run -d -i keeps it open for every later attach.
+        docker=DockerFields(tty=tty, console_size=_console().size() if tty else None, open_stdin=interactive,
+                            stdin_once=stdin_once),
     )
 
 
@@ -132,7 +159,14 @@ _USER = typer.Option(None, "-u", "--user", help="user, uid, user:group or uid:gi
 _ENTRYPOINT = typer.Option(None, "--entrypoint", help="Override the image's entrypoint.")
 _MEMORY = typer.Option(None, "-m", "--memory", help="VM memory, e.g. 256m or 1g (default from config: 256m).")
 _CPUS = typer.Option(None, "--cpus", help="Number of vCPUs (fractions round up; default 1).")
-_INTERACTIVE = typer.Option(False, "-i", "--interactive", help="Forward stdin to the command.")
+_INTERACTIVE = typer.Option(False, "-i", "--interactive", help="Keep stdin open and forward it to the command.")
+_TTY = typer.Option(False, "-t", "--tty", help="Allocate a pseudo-terminal in the guest (one output stream); "
+                    "with -i, this terminal is raw while attached.")
+_DETACH_KEYS = typer.Option(None, "--detach-keys", help="Keys that detach from a TTY and leave the container "
+                            "running (default ctrl-p,ctrl-q; e.g. ctrl-a,x).")
+_SIG_PROXY = typer.Option("true", "--sig-proxy", metavar="BOOL",
+                          help="Forward the signals kvmc receives to the process (non-TTY only), as "
+                          "--sig-proxy=true (default) or --sig-proxy=false.")
 _HOSTNAME = typer.Option(None, "--hostname", help="Container host name (default: short id).")
 _ACCEL = typer.Option(None, "--accel", help="auto (probe, default), kvm or tcg.")
 _NETWORK = typer.Option("user", "--network", help="user (default, docker's bridge: NAT through QEMU's user-mode "
@@ -160,6 +194,7 @@ def run(
     no_pool: bool = typer.Option(False, "--no-pool", help="Boot a fresh VM even if a pooled one is ready."),
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
+    tty: bool = _TTY, detach_keys: Optional[str] = _DETACH_KEYS, sig_proxy: str = _SIG_PROXY,
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
@@ -167,16 +202,16 @@ def run(
     else a ready pool member restored, instead of booting; -v says which happened, and so does
     'kvmc inspect' (boot: template, pool or cold).
     """
-    if detach and interactive:
-        raise UsageError("-d and -i cannot be combined: a detached container has no stdin")
+    proxy = _check_terminal_flags(tty, interactive and not detach, detach_keys, sig_proxy)
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only,
-                        network_alias)
+                        network_alias, tty, stdin_once=interactive and not detach)
     opts.use_pool = not no_pool
-    record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals)
-    if code is None:
+    record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals if proxy else None,
+                                              console=_console() if tty else None, detach_keys=detach_keys)
+    if detach:
         typer.echo(record.id)
-    raise typer.Exit(code or 0)
+    raise typer.Exit(code or 0)  # None: detached from the TTY (detach keys), the container runs on
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -184,14 +219,16 @@ def create(
     image: str = _IMAGE, command: Optional[List[str]] = _COMMAND, name: Optional[str] = _NAME,
     env: Optional[List[str]] = _ENV, env_file: Optional[List[Path]] = _ENV_FILE,
     workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, entrypoint: Optional[str] = _ENTRYPOINT,
-    memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS,
+    memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, interactive: bool = _INTERACTIVE,
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
+    tty: bool = _TTY,
 ) -> None:
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
-                        False, True, hostname, accel, network, publish, volume, tmpfs, read_only, network_alias)
+                        interactive, True, hostname, accel, network, publish, volume, tmpfs, read_only, network_alias,
+                        tty, stdin_once=interactive)
     typer.echo(_services().containers.create(opts).id)
 
 
@@ -199,14 +236,20 @@ def create(
 def start(
     containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
     attach_: bool = typer.Option(False, "-a", "--attach", help="Attach to the output and wait for the exit."),
+    interactive: bool = typer.Option(False, "-i", "--interactive", help="Attach stdin too (with -a)."),
+    detach_keys: Optional[str] = _DETACH_KEYS,
 ) -> None:
     """Start created or stopped containers (their disks keep what they wrote)."""
     service = _services().containers
-    if attach_:
+    if attach_ or interactive:
         if len(containers) > 1:
             raise UsageError("you cannot start and attach multiple containers at once")
-        _, stdout, stderr = _stdio()
-        raise typer.Exit(service.start_attached(containers[0], None, stdout, stderr, signals=_forward_signals))
+        record = service.get(containers[0])
+        _check_terminal_flags(record.tty, interactive, detach_keys, "true")
+        stdin, stdout, stderr = _stdio()
+        code = service.start_attached(containers[0], stdin if interactive else None, stdout, stderr,
+                                      signals=_forward_signals, console=_console(), detach_keys=detach_keys)
+        raise typer.Exit(code or 0)
     _report_each(for_each(containers, service.start), exit_code=None)
 
 
@@ -256,21 +299,37 @@ def exec_(
     container: str = typer.Argument(..., help="Container name or id prefix."),
     command: List[str] = typer.Argument(..., help="Command and arguments."),
     interactive: bool = _INTERACTIVE, env: Optional[List[str]] = _ENV,
-    workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER,
+    workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, tty: bool = _TTY,
+    detach_keys: Optional[str] = _DETACH_KEYS,
 ) -> None:
     """Run a second process in a running container, with its own output and exit code."""
     args = list(command)
     if args and args[0] == "--":
         args = args[1:]
-    opts = ProcessOptions(command=args, env=list(env or []), workdir=workdir, user=user, interactive=interactive)
-    raise typer.Exit(_services().containers.exec(container, opts, *_stdio(), signals=_forward_signals,
-                                                 host_env=os.environ))
+    _check_terminal_flags(tty, interactive, detach_keys, "true")
+    opts = ProcessOptions(command=args, env=list(env or []), workdir=workdir, user=user, interactive=interactive,
+                          tty=tty)
+    code = _services().containers.exec(container, opts, *_stdio(), signals=_forward_signals, host_env=os.environ,
+                                       console=_console() if tty else None, detach_keys=detach_keys)
+    raise typer.Exit(code or 0)  # None: detached from the TTY, the process runs on
 
 
 @app.command()
-def attach(container: str = typer.Argument(..., help="Container name or id prefix.")) -> None:
-    """Attach to a running container's output (and stdin) until it exits."""
-    raise typer.Exit(_services().containers.attach(container, *_stdio(), signals=_forward_signals))
+def attach(
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    no_stdin: bool = typer.Option(False, "--no-stdin", help="Do not attach stdin."),
+    detach_keys: Optional[str] = _DETACH_KEYS, sig_proxy: str = _SIG_PROXY,
+) -> None:
+    """Attach to a running container's output (and stdin, if it was started with -i) until it
+    exits; from a TTY, the detach keys (ctrl-p ctrl-q) leave it running."""
+    service = _services().containers
+    record = service.get(container)
+    proxy = _check_terminal_flags(False, False, detach_keys, sig_proxy)
+    stdin, stdout, stderr = _stdio()
+    code = service.attach(container, None if no_stdin else stdin, stdout, stderr,
+                          signals=_forward_signals if proxy else None, console=_console() if record.tty else None,
+                          detach_keys=detach_keys)
+    raise typer.Exit(code or 0)  # None: detached, the container runs on
 
 
 @app.command("ps")
