@@ -345,7 +345,9 @@ def _collect_mounts(config: dict[str, Any], host: dict[str, Any]) -> _Mounts:
     return out
 
 
-def _console_size(value: Any) -> tuple[int, int] | None:
+def console_size(value: Any) -> tuple[int, int] | None:
+    """docker's ConsoleSize ``[rows, columns]`` (create's HostConfig, exec create and start);
+    None when absent or 0x0."""
     if value is None:
         return None
     if (not isinstance(value, list) or len(value) != 2
@@ -441,7 +443,7 @@ def create_options(body: Any, name: str | None) -> CreateRequest:
         anonymous_volumes=mounts.anonymous,
         tmpfs=mounts.tmpfs,
         read_only=bool(host.get("ReadonlyRootfs")),
-        console_size=_console_size(host.get("ConsoleSize")),
+        console_size=console_size(host.get("ConsoleSize")),
         init=init if isinstance(init, bool) else None,
         dns=_str_list(host.get("Dns"), "HostConfig.Dns"),
         extra_hosts=_str_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts"),
@@ -644,7 +646,8 @@ def run_options(req: CreateRequest) -> RunOptions:
         memory_mib=req.memory_mib, cpus=req.cpus, network=req.network, network_aliases=list(req.network_aliases),
         more_networks=[(name, list(aliases)) for name, aliases in req.more_networks], publish=list(req.publish),
         publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
-        docker=DockerFields(labels=dict(req.labels), tty=req.tty, open_stdin=req.open_stdin,
+        docker=DockerFields(labels=dict(req.labels), tty=req.tty, console_size=req.console_size,
+                            open_stdin=req.open_stdin,
                             stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,
                             stop_signal=req.stop_signal, stop_timeout=req.stop_timeout),
     )

@@ -21,6 +21,7 @@ from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack
 from kvmc.api.server import Api, PendingAttach, api_of
 from kvmc.api.translate import (ZERO_TIME, create_options, normalize_image_ref, parse_filters, parse_time,
                                 path_stat_header, run_options)
+from kvmc.detach import parse_detach_keys
 from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
 from kvmc.process import ProcessOptions
 from kvmc.state import ContainerRecord, State
@@ -52,9 +53,7 @@ async def create(request: web.Request) -> web.Response:
     api = api_of(request)
     req = create_options(await read_json(request, {}), request.query.get("name"))
     services = api.services
-    warnings = []
-    if req.tty:
-        warnings.append("kvmc does not allocate a TTY yet: the process runs with pipes")
+    warnings: list[str] = []
     try:
         record = await api.call(services.containers.create, run_options(req))
     except ImageNotFound:
@@ -164,8 +163,11 @@ async def prune(request: web.Request) -> web.Response:
 
 
 async def resize(request: web.Request) -> web.Response:
-    """Accepted (the CLI retries and warns otherwise); kvmc has no TTYs to size yet."""
-    await _record(request)
+    """The TTY's window size (``h`` rows, ``w`` columns): RESIZE to the agent, SIGWINCH in
+    the guest. A container without a TTY accepts it and nothing happens (as dockerd)."""
+    api = api_of(request)
+    rows, cols = int_param(request, "h") or 0, int_param(request, "w") or 0
+    await api.call(api.services.containers.resize, request.match_info["id"], rows, cols)
     return web.Response(status=200)
 
 
@@ -195,17 +197,21 @@ async def wait(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ attach
 async def _relay(api: Api, record: ContainerRecord, stdin: io.RawIOBase | None, out: io.RawIOBase,
-                 err: io.RawIOBase, just_started: bool) -> None:
+                 err: io.RawIOBase, just_started: bool, detach_keys: str | None) -> None:
+    """The engine's relay (the CLI's) in a worker thread; detach keys end it for a TTY."""
     service = api.services.containers
     if just_started:
-        await api.call(service.attach_started, record, stdin, out, err)
+        await api.call(service.attach_started, record, stdin, out, err, detach_keys)
     else:
-        await api.call(service.attach, record.id, stdin, out, err)
+        await api.call(service.attach, record.id, stdin, out, err, None, None, detach_keys)
 
 
 async def attach(request: web.Request) -> web.StreamResponse:
     api = api_of(request)
     record = await _record(request)
+    detach_keys = request.query.get("detachKeys") or None
+    if detach_keys:
+        parse_detach_keys(detach_keys)  # a 400 before the upgrade, as dockerd
     loop = asyncio.get_running_loop()
     stream = await hijack(request, tty=record.tty)
     want = {name: bool_param(request, name) for name in ("stdin", "stdout", "stderr")}
@@ -219,12 +225,12 @@ async def attach(request: web.Request) -> web.StreamResponse:
                     await stream.write_frame(STREAM_TYPES[entry["stream"]] if not record.tty else STDOUT,
                                              entry["log"].encode())
         if record.is_live:
-            await _relay(api, record, stdin, out, err, just_started=False)
+            await _relay(api, record, stdin, out, err, False, detach_keys)
         elif bool_param(request, "stream", True):
             waiter = PendingAttach(loop.create_future())
             api.pending.setdefault(record.id, []).append(waiter)
             started = await waiter.started
-            await _relay(api, started, stdin, out, err, just_started=True)
+            await _relay(api, started, stdin, out, err, True, detach_keys)
     except KvmcError as exc:
         if not stream.closed and record.tty is False:
             await stream.write_frame(STDERR, f"{exc}\n".encode())

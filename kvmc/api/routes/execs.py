@@ -8,9 +8,9 @@ from aiohttp import web
 
 from kvmc.api import shapes
 from kvmc.api.bridge import STDERR, STDOUT, Sink, StreamInput, StreamOutput
-from kvmc.api.http import hijack, json_response, read_json
+from kvmc.api.http import hijack, int_param, json_response, read_json
 from kvmc.api.server import api_of
-from kvmc.api.translate import InvalidRequest
+from kvmc.api.translate import InvalidRequest, console_size
 from kvmc.errors import KvmcError
 from kvmc.process import ProcessOptions
 
@@ -28,7 +28,8 @@ async def create(request: web.Request) -> web.Response:
                              workdir=body.get("WorkingDir") or None, user=str(user) if user not in (None, "") else None,
                              interactive=bool(body.get("AttachStdin")))
     instance = await api.call(api.services.execs.create, request.match_info["id"], options, bool(body.get("Tty")),
-                              body.get("AttachStdout", True) is not False, body.get("AttachStderr", True) is not False)
+                              body.get("AttachStdout", True) is not False, body.get("AttachStderr", True) is not False,
+                              console_size(body.get("ConsoleSize")), body.get("DetachKeys") or None)
     return json_response({"Id": instance.id}, status=201)
 
 
@@ -39,8 +40,9 @@ async def start(request: web.Request) -> web.StreamResponse:
     body = await read_json(request, {}) or {}
     execs = api.services.execs
     instance = await api.call(execs.get, request.match_info["id"])
+    size = console_size(body.get("ConsoleSize"))
     if body.get("Detach"):
-        asyncio.ensure_future(api.call(execs.start, instance.id, None, Sink(), Sink()))
+        asyncio.ensure_future(api.call(execs.start, instance.id, None, Sink(), Sink(), size))
         return web.Response(status=200)
     loop = asyncio.get_running_loop()
     stream = await hijack(request, tty=instance.tty)
@@ -48,7 +50,7 @@ async def start(request: web.Request) -> web.StreamResponse:
     err = StreamOutput(loop, stream, STDOUT if instance.tty else STDERR) if instance.attach_stderr else Sink()
     stdin = StreamInput(loop, stream) if instance.options.interactive else None
     try:
-        await api.call(execs.start, instance.id, stdin, out, err)
+        await api.call(execs.start, instance.id, stdin, out, err, size)
     except KvmcError as exc:
         await stream.write_frame(STDOUT if instance.tty else STDERR, f"{exc}\n".encode())
     finally:
@@ -67,8 +69,10 @@ async def inspect(request: web.Request) -> web.Response:
 
 
 async def resize(request: web.Request) -> web.Response:
+    """The exec's TTY window size (``h`` rows, ``w`` columns), as for containers."""
     api = api_of(request)
-    await api.call(api.services.execs.get, request.match_info["id"])
+    rows, cols = int_param(request, "h") or 0, int_param(request, "w") or 0
+    await api.call(api.services.execs.resize, request.match_info["id"], rows, cols)
     return web.Response(status=201)
 
 
