@@ -61,3 +61,11 @@ def test_compose_and_multi_network_endpoints_become_kvmc_networks() -> None:
     body["NetworkingConfig"] = {"EndpointsConfig": {"ci": {"Aliases": ["postgres"]}}}
     opts = run_options(create_options(body, None))
     assert (opts.network, opts.network_aliases, opts.more_networks) == ("ci", ["postgres"], [])
+
+
+def test_a_tty_create_carries_its_console_size() -> None:
+    body = _body(ConsoleSize=[30, 100])
+    body.update(Tty=True, OpenStdin=True, StdinOnce=True, AttachStdin=True)
+    opts = run_options(create_options(body, None))
+    assert opts.docker.tty and opts.docker.console_size == (30, 100)
+    assert run_options(create_options(_body(), None)).docker.console_size is None  # [0, 0]: unknown
