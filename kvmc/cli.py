@@ -74,7 +74,11 @@ def _forward_signals(send: Callable[[int], None]) -> Iterator[None]:
 
 
 def _stdio() -> tuple:
-    return sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer
+    # stdin unbuffered (a FileIO on fd 0): the relay reads it in a daemon thread, which may
+    # still be blocked in read() when the CLI exits (detach, the process ended); a blocked
+    # BufferedReader holds its lock then, and Python aborts at shutdown waiting for it.
+    stdin = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115 - fd 0 stays open
+    return stdin, sys.stdout.buffer, sys.stderr.buffer
 
 
 def _console():  # noqa: ANN202 - kvmc.terminal.HostTerminal, the engine's Console for a TTY

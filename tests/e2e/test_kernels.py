@@ -7,6 +7,8 @@ exit code round-trip, and `uname -r` tells the two kernels apart.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +21,8 @@ GUEST_SUBDIRS = {"debian": "guest", "kvmc": "guest-kvmc"}
 
 
 def run_under(kvmc: Kvmc, kernel: str, *args: str):
-    guest_dir = SHARED_DATA / GUEST_SUBDIRS[kernel]
+    # KVMC_TEST_GUEST_DIR_KVMC / _DEBIAN: a branch's own guests (see GUEST_DIR in conftest.py).
+    guest_dir = Path(os.environ.get(f"KVMC_TEST_GUEST_DIR_{kernel.upper()}") or SHARED_DATA / GUEST_SUBDIRS[kernel])
     if not (guest_dir / "guest.json").is_file():
         pytest.fail(f"no {kernel} guest in {guest_dir}: run 'make setup'")
     env = {**kvmc.env, "KVMC_KERNEL": kernel, "KVMC_GUEST_DIR": str(guest_dir)}
