@@ -43,7 +43,10 @@ pool_app = typer.Typer(help="Pools of pre-booted, saved VMs (or VM templates) th
                        "clones) instead of booting.", **_PLAIN)
 app.add_typer(pool_app, name="pool")
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                     signal.SIGWINCH)
+"""docker's --sig-proxy (for a process without a TTY): what a user sends a foreground client,
+WINCH included (docker forwards all but CHLD, PIPE and URG; these are the ones that matter)."""
 
 _state: dict[str, object] = {}
 

@@ -93,6 +93,20 @@ def test_run_d_i_then_attach_with_piped_stdin(kvmc: Kvmc) -> None:
         kvmc("rm", "-f", name)
 
 
+def test_create_it_then_start_ai(kvmc: Kvmc) -> None:
+    name = "tty-start"
+    try:
+        assert kvmc("create", "-it", "--name", name, DEFAULT_IMAGE, "sh").returncode == 0
+        with kvmc_terminal(kvmc, "start", "-ai", name, rows=27, cols=90) as term:
+            term.expect(PROMPT)
+            term.send(b"stty size; exit 2\r")
+            term.expect(rb"27 90\r\n")  # resized on attach: create's size was this test's, not a terminal's
+            assert term.wait() == 2
+            assert term.settings() == term.settings_before
+    finally:
+        kvmc("rm", "-f", name)
+
+
 def test_terminal_restored_after_a_failed_start_and_a_killed_vm(kvmc: Kvmc) -> None:
     with kvmc_terminal(kvmc, "run", "--rm", "-it", DEFAULT_IMAGE, "nosuchcommand") as term:
         assert term.wait() == 127
