@@ -1151,6 +1151,10 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 		in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
 		tty_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
 		if (in[1] < 0 || tty_fd < 0 || pipe2(ex, O_CLOEXEC) < 0) {
+			int fds[] = { master, slave, in[1], tty_fd };
+			for (unsigned i = 0; i < sizeof fds / sizeof fds[0]; i++)
+				if (fds[i] >= 0)
+					close(fds[i]);
 			run_failed(id, "RUN: out of file descriptors");
 			goto done;
 		}
