@@ -526,3 +526,15 @@ def test_start_whose_vm_cannot_boot_keeps_the_container(env: Env, monkeypatch: p
     env.wait_monitors()
     env.svc.remove("created")
     env.nothing_left(tombstones=[record.id])  # rm keeps the exit code for wait?condition=removed
+
+
+def test_a_quick_rm_container_that_ended_before_the_start_was_seen_started(env: Env) -> None:
+    """wait_started (run -d, the API's start) polls the record; an --rm process may run, end
+    and be removed in between (docker run -i --rm IMAGE cat): its tombstone, without an error,
+    says it started."""
+    record = env.svc.create(env.opts("true", name="quick", auto_remove=True))
+    monitor = env.engine.start(record)
+    assert env.engine.wait_exited(record, 20)
+    assert env.state.load(record.id) is None and env.state.tombstone(record.id) == (0, None)
+    assert env.engine.wait_started(record, monitor).id == record.id
+    env.wait_monitors()
