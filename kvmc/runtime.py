@@ -409,7 +409,7 @@ class Runtime:
             current = self.repair(self.state.load(record.id) or record)
             if current.is_live:
                 raise ContainerRunning(f"container {record.name} is already running")
-            self._wait_powered_off(current)
+            self.wait_powered_off(current)
             self.check_host_resources(current)
             self.state.update(record, state=State.STARTING, started_at=None, finished_at=None, exit_code=None,
                               error=None, monitor_pid=None)
@@ -417,7 +417,7 @@ class Runtime:
                                  self.state.container_dir(record.id) / "monitor.log",
                                  wait_attach=wait_attach, discard_on_failure=discard_on_failure)
 
-    def _wait_powered_off(self, record: ContainerRecord) -> None:
+    def wait_powered_off(self, record: ContainerRecord) -> None:
         """An exited container's monitor may still be waiting for its guest to power off (see
         Monitor._finish): its VM can be started again only once it is off."""
         if record.state != State.EXITED:

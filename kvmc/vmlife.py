@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import BinaryIO
 
-from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec
+from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process
 from kvmc.context import HostContext
 from kvmc.domain import DOMAIN_PREFIX
 from kvmc.errors import GuestError, KvmcError, PortInUse
@@ -256,6 +257,47 @@ class VMLife:
                              f"{self.console_tail(record)}") from exc
         host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
+
+    def run_offline(self, record: ContainerRecord, args: list[str], stdin: BinaryIO | None, stdout: BinaryIO,
+                    stderr: BinaryIO) -> int:
+        """Boot a stopped container's own VM (its disk, its volumes) for one process as root,
+        and power it off: docker cp into a created or stopped container.
+
+        Why a VM and not the host: the disk may hold guest-written ext4, which kvmc never
+        parses on the host as root; the guest's own kernel does it. The record is not
+        touched (the container stays created or exited, its log unwritten); the caller holds
+        the container's lock, so no start runs meanwhile. A pooled container that never ran
+        loses its snapshot (its disk is about to change under the saved RAM): its first
+        start boots cold.
+        """
+        host = self.host
+        if record.restore_from or record.clone_from or record.resume_paused:
+            host.hv.destroy(record.domain)  # a hot member's paused VM
+            if record.restore_from:
+                Path(record.restore_from).unlink(missing_ok=True)
+            (host.state.container_dir(record.id) / CLONE_XML).unlink(missing_ok=True)
+            host.state.update(record, restore_from="", clone_from="", resume_paused=False)
+        self.create_taps(record)
+        try:
+            host.hv.define((host.state.container_dir(record.id) / "domain.xml").read_text())
+            host.hv.start(record.domain)
+            with AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s) as conn:
+                conn.wait_ready(host.config.boot_timeout_s)
+                conn.run(MAIN_PROCESS_ID, ProcessSpec(
+                    args=args, env=list(record.process.env), cwd="/", user="0", stdin=stdin is not None,
+                    time_ns=time.time_ns(), seed=os.urandom(64), mounts=agent_mount_items(record.mounts)))
+                result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr)
+            if not host.hv.wait_stopped(record.domain, 15.0):  # the agent powers off after EXIT_ACK
+                host.hv.destroy(record.domain)
+        finally:
+            if host.hv.state(record.domain) in ("running", "paused", "blocked"):
+                host.hv.destroy(record.domain)
+            for endpoint in record.networks:
+                if endpoint.tap:
+                    self.netns.delete_tap(endpoint.tap)
+        if result.error:
+            raise KvmcError(f"cannot run {args[0]} in container {record.name}'s VM: {result.error}")
+        return result.exit_code
 
     def _resume_hot(self, record: ContainerRecord) -> bool:
         """Resume a claimed hot member's paused VM; False (VM destroyed) if it cannot be."""

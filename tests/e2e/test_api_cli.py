@@ -259,6 +259,31 @@ def test_named_volume_persists_and_host_dir_is_read_only(kvmc_serve: KvmcServe, 
 TRAPPER = "trap 'echo got-term; exit 7' TERM; echo ready; while true; do sleep 1; done"
 
 
+def test_cp_into_a_created_container_and_its_volume(kvmc_serve: KvmcServe, tmp_path: Path) -> None:
+    """gitlab-ci-local's order: create, copy its files in (into a named volume too), start -a.
+    A stopped container's files are reached the same way (its own VM, booted for the copy)."""
+    srv = kvmc_serve
+    volume = f"cpvol-{tmp_path.name[-8:]}"
+    name = f"cpc-{tmp_path.name[-8:]}"
+    (tmp_path / "job.sh").write_text("echo from-the-script\n")
+    (tmp_path / "v.txt").write_text("in-the-volume\n")
+    assert srv.docker("create", "--name", name, "-v", f"{volume}:/data", DEFAULT_IMAGE,
+                      "sh", "-c", "sh /job.sh; cat /data/v.txt; echo after > /data/w.txt").returncode == 0
+    try:
+        assert srv.docker("cp", str(tmp_path / "job.sh"), f"{name}:/").returncode == 0
+        assert srv.docker("cp", str(tmp_path / "v.txt"), f"{name}:/data/").returncode == 0
+        started = srv.docker("start", "-a", name)
+        assert started.returncode == 0 and started.stdout == b"from-the-script\nin-the-volume\n", started.stderr
+        out = srv.docker("cp", f"{name}:/data/w.txt", str(tmp_path / "w.txt"))
+        assert out.returncode == 0 and (tmp_path / "w.txt").read_text() == "after\n", out.stderr
+        assert _status(srv, name) == "exited"  # copying did not start the container
+        missing = srv.docker("cp", str(tmp_path / "job.sh"), f"{name}:/no/such/dir/")
+        assert missing.returncode != 0
+    finally:
+        srv.docker("rm", "-f", name)
+        srv.docker("volume", "rm", volume)
+
+
 def test_wait_rename_kill_and_restart(kvmc_serve: KvmcServe) -> None:
     srv = kvmc_serve
     srv.docker("run", "-d", "--name", "api-trap", DEFAULT_IMAGE, "sh", "-c", TRAPPER, check=True)
