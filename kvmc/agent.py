@@ -10,7 +10,9 @@ Everything here is stdlib only: frame encoding/decoding, a small connection obje
 
 from __future__ import annotations
 
+import re
 import select
+import signal
 import socket
 import struct
 import threading
@@ -18,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from kvmc.detach import DetachScanner
 from kvmc.errors import AgentProtocolError, GuestError
@@ -30,6 +32,9 @@ MAX_PAYLOAD = 1 << 20
 OUTPUT_CHUNK = 32 * 1024
 """The agent never sends STDOUT/STDERR payloads larger than this."""
 MAIN_PROCESS_ID = 1
+MAX_HELD_FRAMES = 64
+"""READY is the agent's first frame: :meth:`AgentConnection.wait_ready` keeps at most this many
+frames that come before it."""
 """The container's main process: when it ends, the VM ends."""
 
 _HEADER = struct.Struct(">BBHI")  # type, flags, process id, payload length
@@ -90,11 +95,20 @@ class FrameReader:
     ``accept`` is the set of types this side may receive (guest-to-host by default); anything
     else, or a payload length over :data:`MAX_PAYLOAD`, raises AgentProtocolError. After an
     error the stream cannot be resynchronised: close the connection.
+
+    Memory: the header is checked as soon as it is complete, so the buffer never holds more
+    than one frame (header + at most :data:`MAX_PAYLOAD`) plus whatever the last :meth:`feed`
+    added, as long as the caller takes every complete frame before feeding more.
     """
 
     def __init__(self, accept: frozenset[FrameType] = GUEST_TO_HOST) -> None:
         self._buf = bytearray()
         self._accept = accept
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf)
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
@@ -106,9 +120,9 @@ class FrameReader:
             return None
         ftype, flags, proc_id, length = _HEADER.unpack_from(self._buf)
         if ftype not in self._accept:
-            raise AgentProtocolError(f"agent sent a frame of unknown type 0x{ftype:02x}")
+            raise AgentProtocolError(f"the peer sent a frame of unknown or unexpected type 0x{ftype:02x}")
         if length > MAX_PAYLOAD:
-            raise AgentProtocolError(f"agent sent a frame of {length} bytes (max {MAX_PAYLOAD})")
+            raise AgentProtocolError(f"the peer sent a frame of {length} bytes (max {MAX_PAYLOAD})")
         if len(self._buf) < HEADER_SIZE + length:
             return None
         payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
@@ -184,6 +198,8 @@ class ProcessResult:
     exit_code: int
     signal: int | None = None
     error: str | None = None
+    """Why it did not start: the guest agent's words (ERROR), escaped (:func:`guest_text`);
+    :func:`labelled` says whose words they are."""
     pid: int | None = None
     started_uptime_ms: int | None = None
     ready_uptime_ms: int | None = None
@@ -192,19 +208,72 @@ class ProcessResult:
     the process goes on and ``exit_code`` means nothing."""
 
 
-def parse_uptime(payload: bytes) -> int | None:
-    """The ``uptime_ms=N`` a READY or STARTED payload carries (guest ms since boot)."""
-    for word in payload.decode(errors="replace").split():
-        if word.startswith("uptime_ms="):
-            return int(word.removeprefix("uptime_ms="))
-    return None
+GUEST_TEXT_LIMIT = 2000
+"""At most this many characters of guest-written text go into one of kvmc's messages."""
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+GUEST_REPORT = "reported by the guest agent"
+"""The label on text the guest wrote (ERROR frames) wherever kvmc shows it."""
+
+
+def guest_text(payload: bytes, limit: int = GUEST_TEXT_LIMIT, *, one_line: bool = True) -> str:
+    """Text the guest wrote, safe to put in kvmc's own messages: invalid UTF-8 replaced, control
+    characters (newlines too when ``one_line``) shown as escapes, so that a guest can neither
+    drive the reader's terminal nor fake a line of kvmc's; at most ``limit`` characters."""
+    text = payload[: limit * 4].decode(errors="replace")
+    pattern = _CONTROL_OR_NEWLINE if one_line else _CONTROL
+    text = pattern.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def labelled(error: str) -> str:
+    """An ERROR frame's text (:attr:`ProcessResult.error`) as kvmc reports it: the guest's
+    words, labelled as such (idempotent)."""
+    return error if error.endswith(f"({GUEST_REPORT})") else f"{error} ({GUEST_REPORT})"
+
+
+def _fields(payload: bytes, what: str) -> dict[str, str]:
+    try:
+        text = payload.decode("ascii")
+    except UnicodeDecodeError:
+        raise AgentProtocolError(f"malformed {what} payload from the guest: {guest_text(payload, 200)!r}") from None
+    return dict(word.split("=", 1) for word in text.split() if "=" in word)
+
+
+def _number(fields: dict[str, str], key: str, what: str, payload: bytes, maximum: int) -> int | None:
+    value = fields.get(key)
+    if value is None:
+        return None
+    if not (value.isdigit() and value.isascii()) or int(value) > maximum:
+        raise AgentProtocolError(f"malformed {what} payload from the guest ({key} is not a number "
+                                 f"up to {maximum}): {guest_text(payload, 200)!r}")
+    return int(value)
+
+
+_MAX_UPTIME_MS = 1 << 62
+_MAX_PID = (1 << 31) - 1
+
+
+def parse_uptime(payload: bytes, what: str = "READY") -> int | None:
+    """The ``uptime_ms=N`` a READY or STARTED payload carries (guest ms since boot), or None
+    if absent; AgentProtocolError if it is there and not a number."""
+    return _number(_fields(payload, what), "uptime_ms", what, payload, _MAX_UPTIME_MS)
+
+
+def parse_started(payload: bytes) -> tuple[int | None, int | None]:
+    """A STARTED payload (``pid=<pid> uptime_ms=<ms>``) as (pid, uptime_ms); AgentProtocolError
+    if either is there and not a number."""
+    fields = _fields(payload, "STARTED")
+    return (_number(fields, "pid", "STARTED", payload, _MAX_PID),
+            _number(fields, "uptime_ms", "STARTED", payload, _MAX_UPTIME_MS))
 
 
 def parse_ready(payload: bytes) -> int | None:
     """Check a READY payload's protocol version; return the guest uptime it carries (ms)."""
     text = payload.decode(errors="replace")
     if not text.startswith(f"kvmc-agent/{PROTOCOL_VERSION} ") and text != f"kvmc-agent/{PROTOCOL_VERSION}":
-        raise AgentProtocolError(f"guest agent speaks {text.split(' ')[0]!r}, kvmc needs kvmc-agent/{PROTOCOL_VERSION}")
+        raise AgentProtocolError(f"guest agent speaks {guest_text(payload, 40).split(' ')[0]!r}, "
+                                 f"kvmc needs kvmc-agent/{PROTOCOL_VERSION}")
     return parse_uptime(payload)
 
 
@@ -227,11 +296,82 @@ def encode_exit(code: int) -> bytes:
 
 
 def parse_exit(payload: bytes) -> tuple[int, int | None]:
-    """Decode an EXIT payload into (docker exit code, signal or None)."""
+    """Decode an EXIT payload into (docker exit code, signal or None).
+
+    A process exits with 0..255 or is killed by a signal 1..127 (so that 128 + signal is still
+    an exit status); anything else is no process's end and a protocol error.
+    """
     if len(payload) != 5 or payload[0] not in (0, 1):
-        raise AgentProtocolError(f"malformed EXIT payload {payload!r}")
+        raise AgentProtocolError(f"malformed EXIT payload from the guest: {payload[:16]!r}")
     kind, value = struct.unpack(">BI", payload)
+    if kind == 0 and value > 255 or kind == 1 and not 1 <= value <= 127:
+        raise AgentProtocolError(f"EXIT payload from the guest with an impossible "
+                                 f"{'exit code' if kind == 0 else 'signal'} {value}")
     return (value, None) if kind == 0 else (128 + value, value)
+
+
+class ProcessTable:
+    """What the guest may say about which process, by the protocol's lifecycle
+    (docs/agent-protocol.md, "Process lifecycle"): only about processes the host asked for
+    (RUN), STARTED or ERROR once and before EXIT, EXIT once, nothing after it. :meth:`check`
+    raises AgentProtocolError for a frame outside that: an EXIT for a process that is not
+    running (sprayed, or a second one) never reaches anyone as an exit code.
+
+    Output (STDOUT/STDERR) may precede STARTED: the agent reads the process's pipes and its
+    exec report in one poll loop, in any order. Thread-safe.
+    """
+
+    REQUESTED, STARTED, FAILED = "requested", "started", "failed"
+
+    def __init__(self) -> None:
+        self._state: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def requested(self, proc_id: int) -> bool:
+        """Record a RUN for ``proc_id`` about to be sent; False if the id is in use."""
+        with self._lock:
+            if proc_id in self._state or not 0 < proc_id <= 0xFFFF:
+                return False
+            self._state[proc_id] = self.REQUESTED
+            return True
+
+    def forget(self, proc_id: int) -> None:
+        """A RUN that was never sent (the connection failed)."""
+        with self._lock:
+            self._state.pop(proc_id, None)
+
+    def running(self) -> list[int]:
+        with self._lock:
+            return sorted(self._state)
+
+    def check(self, frame: Frame) -> None:
+        """Validate one guest frame (type, process, payload) and advance the process's state."""
+        ftype, proc_id = frame.type, frame.proc_id
+        if ftype == FrameType.READY:
+            if proc_id != 0:
+                raise AgentProtocolError(f"the guest sent READY for process {proc_id} (READY is the VM's, id 0)")
+            parse_ready(frame.payload)
+            return
+        with self._lock:
+            state = self._state.get(proc_id)
+            if state is None:
+                raise AgentProtocolError(f"the guest sent {ftype.name} for process {proc_id}, which kvmc did not "
+                                         "start or which has exited")
+            if ftype == FrameType.STARTED:
+                if state != self.REQUESTED:
+                    raise AgentProtocolError(f"the guest sent STARTED for process {proc_id} twice or after its ERROR")
+                parse_started(frame.payload)
+                self._state[proc_id] = self.STARTED
+            elif ftype == FrameType.ERROR:
+                if state != self.REQUESTED:
+                    raise AgentProtocolError(f"the guest sent ERROR for process {proc_id} after it started")
+                self._state[proc_id] = self.FAILED
+            elif ftype == FrameType.EXIT:
+                if state == self.REQUESTED:
+                    raise AgentProtocolError(f"the guest sent EXIT for process {proc_id} before its start was "
+                                             "resolved (no STARTED or ERROR)")
+                parse_exit(frame.payload)
+                del self._state[proc_id]
 
 
 class AgentConnection:
@@ -331,6 +471,8 @@ class AgentConnection:
                 if frame.type == FrameType.READY:
                     return frame.payload.decode(errors="replace")
                 held.append(frame)
+                if len(held) > MAX_HELD_FRAMES:
+                    raise AgentProtocolError(f"the guest agent sent {len(held)} frames before READY")
         finally:
             self._backlog.extendleft(reversed(held))
 
@@ -382,6 +524,54 @@ def _end_relay(conn: AgentConnection, detached: threading.Event) -> None:
         pass
 
 
+class SignalWatch:
+    """A terminal's signals while it is attached to a process (``kvmc run``, ``attach``,
+    ``exec``): each is forwarded to the process, and the caller can always get out.
+
+    The first SIGINT or SIGTERM is forwarded; if the guest says nothing about the process
+    (no output, no exit) within ``ack_s`` seconds, or a second SIGINT/SIGTERM comes, waiting
+    is given up: ``give_up(signum)`` is raised (an exception; from the signal handler for the
+    second signal, so even a blocked write is left). The container is left as it is, to
+    ``stop`` or ``rm -f``. Forwarding happens in a thread of its own: a monitor that stopped
+    reading cannot block the handler.
+    """
+
+    ACK_S = 5.0
+    ENDING = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, forward: Callable[[int], None], give_up: Callable[[int], BaseException],
+                 ack_s: float = ACK_S) -> None:
+        self.forward = forward
+        self.give_up = give_up
+        self.ack_s = ack_s
+        self.pending: tuple[int, float] | None = None
+        """(signal, when) of a forwarded SIGINT/SIGTERM the guest has not answered yet."""
+        self.ending: int | None = None
+
+    def __call__(self, signum: int) -> None:
+        """The signal handler's send: forward, or give up at the second SIGINT/SIGTERM."""
+        if signum in self.ENDING:
+            if self.ending is not None:
+                raise self.give_up(signum)
+            self.ending = signum
+            self.pending = (signum, time.monotonic())
+        threading.Thread(target=self.forward, args=(signum,), daemon=True).start()
+
+    def heard(self) -> None:
+        """The guest said something about the process: it is alive."""
+        self.pending = None
+
+    def check(self) -> None:
+        """Raise ``give_up`` when a forwarded SIGINT/SIGTERM went unanswered for ``ack_s``."""
+        pending = self.pending
+        if pending is not None and time.monotonic() - pending[1] >= self.ack_s:
+            raise self.give_up(pending[0])
+
+
+WATCH_POLL_S = 0.25
+"""How often :func:`attach_process` looks at its SignalWatch while no frame comes."""
+
+
 def attach_process(
     conn: AgentConnection,
     proc_id: int,
@@ -393,6 +583,7 @@ def attach_process(
     close_stdin_at_eof: bool = True,
     detach_keys: bytes | None = None,
     end_at_stdin_eof: bool = False,
+    watch: SignalWatch | None = None,
 ) -> ProcessResult:
     """Relay one process's stdio until its EXIT, acknowledge it and return the result.
 
@@ -405,7 +596,9 @@ def attach_process(
 
     READY is recorded if seen but not required: after a snapshot restore an earlier connection
     consumed it. Frames for other process ids are dropped. ``timeout`` bounds the wait between
-    two frames.
+    two frames. ``watch``: the caller's SignalWatch, told about every frame for the process and
+    checked while none comes. Anything outside the protocol raises AgentProtocolError, never
+    anything else.
     """
     result = ProcessResult(exit_code=-1, ready_uptime_ms=conn.ready_uptime_ms)
     done, detached = threading.Event(), threading.Event()
@@ -413,33 +606,43 @@ def attach_process(
         scanner = DetachScanner(detach_keys) if detach_keys else None
         threading.Thread(target=_pump_stdin, args=(conn, proc_id, stdin, done, detached, close_stdin_at_eof,
                                                    scanner, end_at_stdin_eof), daemon=True).start()
+    last = time.monotonic()
     try:
         while True:
+            wait = timeout
+            if watch is not None:
+                wait = WATCH_POLL_S if timeout is None else min(timeout, WATCH_POLL_S)
             try:
-                frame = conn.read_frame(timeout)
+                frame = conn.read_frame(wait)
             except (GuestError, OSError):
                 if detached.is_set():
                     result.detached = True
                     return result
                 raise
             if frame is None:
-                raise GuestError(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
+                if watch is not None:
+                    watch.check()
+                if timeout is not None and time.monotonic() - last >= timeout:
+                    raise GuestError(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
+                continue
+            last = time.monotonic()
             if frame.type == FrameType.READY:
                 result.ready_uptime_ms = conn.ready_uptime_ms
                 continue
             if frame.proc_id != proc_id:
                 continue
+            if watch is not None:
+                watch.heard()
             if frame.type in (FrameType.STDOUT, FrameType.STDERR):
                 stream = stdout if frame.type == FrameType.STDOUT else stderr
                 stream.write(frame.payload)
                 stream.flush()
             elif frame.type == FrameType.STARTED:
-                text = frame.payload.decode(errors="replace")
-                result.started_uptime_ms = parse_uptime(frame.payload)
-                pid = dict(w.split("=", 1) for w in text.split() if "=" in w).get("pid")
-                result.pid = int(pid) if pid else None
+                result.pid, result.started_uptime_ms = parse_started(frame.payload)
             elif frame.type == FrameType.ERROR:
-                result.error = frame.payload.decode(errors="replace")
+                # Escaped, not one-lined: through kvmc's monitor (which one-lines the guest's
+                # words) this may be the monitor's own multi-line account of a failure.
+                result.error = guest_text(frame.payload, one_line=False)
             elif frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
                 done.set()

@@ -127,6 +127,17 @@ class ExecNotFound(NotFound):
     """No exec instance with that id (API only)."""
 
 
+class GaveUpWaiting(KvmcError):
+    """A terminal attached to a container gave up waiting for it after a signal (exit code
+    128 + the signal, as a shell reports a command it killed); the container is left as it is."""
+
+    kind = CONFLICT
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class CommandNotInvokable(KvmcError):
     """The container's command exists but cannot be executed (docker's 126)."""
 

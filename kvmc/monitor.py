@@ -31,10 +31,13 @@ from kvmc.agent import (
     FrameReader,
     FrameType,
     ProcessResult,
+    ProcessTable,
+    guest_text,
+    labelled,
     encode_exit,
     encode_frame,
     parse_exit,
-    parse_uptime,
+    parse_started,
 )
 from kvmc.config import load_config
 from kvmc.context import HostContext
@@ -89,6 +92,9 @@ class Monitor:
         self.first_attach = threading.Event()
         self.attached: set[Client] = set()
         self.execs: dict[int, Client] = {}
+        """Which client started which exec'd process (its frames go there only)."""
+        self.procs = ProcessTable()
+        """Which processes the guest may speak for: every guest frame is checked against it."""
         self.lock = threading.Lock()
         self.clients: set[Client] = set()
         self.log = JsonLog(self.host.state.container_dir(record.id) / "container.log")
@@ -140,14 +146,20 @@ class Monitor:
         self.conn_ready.wait()
         assert self.conn is not None
         if frame.type == FrameType.RUN:
-            with self.lock:
-                taken = frame.proc_id <= MAIN_PROCESS_ID or frame.proc_id in self.execs
-                if not taken:
-                    self.execs[frame.proc_id] = client
+            # Registered before it is sent: the guest's first frame about it may come at once.
+            taken = frame.proc_id <= MAIN_PROCESS_ID or not self.procs.requested(frame.proc_id)
             if taken:
                 client.send(FrameType.ERROR, frame.proc_id, f"process id {frame.proc_id} is in use".encode())
                 client.send(FrameType.EXIT, frame.proc_id, encode_exit(126))
                 return
+            with self.lock:
+                self.execs[frame.proc_id] = client
+            try:
+                self.conn.send(frame.type, frame.proc_id, frame.payload)
+            except OSError:
+                self.procs.forget(frame.proc_id)
+                raise
+            return
         elif frame.type in (FrameType.STDIN, FrameType.SIGNAL):
             with self.lock:
                 allowed = frame.proc_id == MAIN_PROCESS_ID or self.execs.get(frame.proc_id) is client
@@ -170,12 +182,17 @@ class Monitor:
 
     # ------------------------------------------------------------------ relay
     def _relay(self, conn: AgentConnection) -> ProcessResult:
-        """Route agent frames until process 1 exits; GuestError if the agent goes away."""
+        """Route agent frames until process 1 exits; GuestError if the agent goes away,
+        AgentProtocolError (a GuestError) at the first frame outside the protocol: an EXIT
+        for a process that does not run, a malformed payload, ... (ProcessTable.check)."""
         result = ProcessResult(exit_code=-1)
         while True:
             frame = conn.read_frame(None)
+            self.procs.check(frame)
             if frame.type == FrameType.READY:
                 continue
+            if frame.type == FrameType.ERROR:  # the guest's words: one line, escaped, for everyone
+                frame = Frame(frame.type, frame.proc_id, guest_text(frame.payload).encode(), frame.flags)
             if frame.proc_id != MAIN_PROCESS_ID:
                 with self.lock:
                     owner = self.execs.get(frame.proc_id)
@@ -189,12 +206,12 @@ class Monitor:
             if frame.type in (FrameType.STDOUT, FrameType.STDERR):
                 self.log.write("stdout" if frame.type == FrameType.STDOUT else "stderr", frame.payload)
             elif frame.type == FrameType.STARTED:
-                result.started_uptime_ms = parse_uptime(frame.payload)
+                _pid, result.started_uptime_ms = parse_started(frame.payload)
                 # Started now, not when the VM booted: a start that fails to exec the command
                 # (ERROR, then EXIT 126/127) is a failed start for wait_started and docker's API.
                 self.host.state.update(self.record, started_at=now_iso())
             elif frame.type == FrameType.ERROR:
-                result.error = frame.payload.decode(errors="replace")
+                result.error = labelled(frame.payload.decode())
                 self.log.write("stderr", f"kvmc: {result.error}\n".encode())
             if frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
@@ -218,8 +235,14 @@ class Monitor:
             if self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
                 raise KvmcError("no client attached to the container within 30 s")
             self.conn = self.life.boot(record)
+            self.procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
             self.conn_ready.set()
             result = self._relay(self.conn)
+        except AgentProtocolError as exc:
+            # The guest is not trusted: one frame outside the protocol and its VM is stopped
+            # (by _finish), with the reason recorded. Nothing it sent is relayed any more.
+            failure = f"kvmc stopped the VM: its guest agent broke the protocol: {exc.message}"
+            print(f"kvmc-monitor: {failure}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
             if not isinstance(exc, (KvmcError, OSError)):
                 traceback.print_exc()

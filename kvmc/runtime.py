@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
+import secrets
 import re
 import shutil
 import signal
@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 
-from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, attach_process
+from kvmc.agent import (MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, SignalWatch,
+                        attach_process, labelled)
 from kvmc.detach import parse_detach_keys
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, container_vm, render_domain_xml
-from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, ContainerNotRunning, ContainerRunning, GuestError,
+from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, ContainerNotRunning, ContainerRunning,
+                         GaveUpWaiting, GuestError,
                          ImageError, KvmcError, UsageError, VolumeInUse)
 from kvmc.monitor import SHUTOFF_WAIT_S, MonitorProcess
 from kvmc.monitor import spawn as spawn_monitor
@@ -120,7 +122,7 @@ def raise_for(result: ProcessResult) -> int:
     """The docker exit code of a finished process, raising for kvmc-level failures."""
     if result.error:
         err = {127: CommandNotFound, 126: CommandNotInvokable}.get(result.exit_code, KvmcError)
-        raise err(result.error)
+        raise err(labelled(result.error) if result.exit_code in (126, 127) else result.error)
     return result.exit_code
 
 
@@ -470,10 +472,12 @@ class Runtime:
             raise KvmcError(f"cannot reach the monitor of container {record.name}: {exc}") from exc
 
     @staticmethod
-    def _forwarding(signals: SignalForwarder | None, conn: AgentConnection,
-                    proc_id: int) -> AbstractContextManager:
+    def _forwarding(signals: SignalForwarder | None, conn: AgentConnection, proc_id: int,
+                    record: ContainerRecord) -> tuple[AbstractContextManager, SignalWatch | None]:
+        """The caller's signals forwarded to process ``proc_id`` while it is attached, and the
+        watch that lets the caller give up waiting (a second Ctrl-C; see SignalWatch)."""
         if signals is None:
-            return nullcontext()
+            return nullcontext(), None
 
         def send(signum: int) -> None:
             try:
@@ -481,7 +485,15 @@ class Runtime:
             except OSError:
                 pass
 
-        return signals(send)
+        def give_up(signum: int) -> GaveUpWaiting:
+            what = "its process" if proc_id == MAIN_PROCESS_ID else f"exec'd process {proc_id}"
+            return GaveUpWaiting(
+                f"gave up waiting for container {record.name} after {signal.Signals(signum).name}: {what} may "
+                f"still be running (see 'kvmc ps'; 'kvmc stop {record.name}' or 'kvmc rm -f {record.name}' ends it)",
+                signum)
+
+        watch = SignalWatch(send, give_up)
+        return signals(watch), watch
 
     @staticmethod
     def _terminal(console: Console | None, conn: AgentConnection, proc_id: int,
@@ -518,11 +530,12 @@ class Runtime:
         with conn:
             try:
                 conn.send(FrameType.ATTACH, MAIN_PROCESS_ID, b"stdin=1" if stdin is not None else b"")
-                with self._forwarding(None if tty else signals, conn, MAIN_PROCESS_ID), \
-                        self._terminal(console if tty else None, conn, MAIN_PROCESS_ID, raw=stdin is not None):
+                forwarding, watch = self._forwarding(None if tty else signals, conn, MAIN_PROCESS_ID, record)
+                with forwarding, self._terminal(console if tty else None, conn, MAIN_PROCESS_ID,
+                                                raw=stdin is not None):
                     result = attach_process(conn, MAIN_PROCESS_ID, stdin=stdin, stdout=stdout, stderr=stderr,
                                             close_stdin_at_eof=record.stdin_once and not tty,
-                                            detach_keys=keys, end_at_stdin_eof=tty)
+                                            detach_keys=keys, end_at_stdin_eof=tty, watch=watch)
             except (GuestError, OSError) as exc:
                 ended = self.state.load(record.id)
                 if ended is not None and ended.state == State.EXITED and ended.error:
@@ -587,17 +600,18 @@ class Runtime:
             args=opts.command, env=env, cwd=opts.workdir or proc.cwd, user=opts.user or proc.user,
             stdin=opts.interactive, tty=opts.tty, winsize=winsize,
         )
-        proc_id = proc_id or random.randint(2, 0xFFFF)
+        # Random, so that a guest cannot guess which id to forge an EXIT for (ProcessTable).
+        proc_id = proc_id or 2 + secrets.randbelow(0xFFFF - 1)
         stdin = stdin if opts.interactive else None
         keys = parse_detach_keys(detach_keys) if opts.tty and stdin is not None else None
         conn = self.connect_monitor(record)
         with conn:
-            with self._forwarding(None if opts.tty else signals, conn, proc_id), \
-                    self._terminal(console if opts.tty else None, conn, proc_id, raw=stdin is not None):
+            forwarding, watch = self._forwarding(None if opts.tty else signals, conn, proc_id, record)
+            with forwarding, self._terminal(console if opts.tty else None, conn, proc_id, raw=stdin is not None):
                 try:
                     conn.run(proc_id, spec)
                     result = attach_process(conn, proc_id, stdin=stdin, stdout=stdout, stderr=stderr,
-                                            detach_keys=keys, end_at_stdin_eof=opts.tty)
+                                            detach_keys=keys, end_at_stdin_eof=opts.tty, watch=watch)
                 except (GuestError, OSError) as exc:
                     raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
         return None if result.detached else raise_for(result)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process
+from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process, guest_text
 from kvmc.context import HostContext
 from kvmc.domain import DOMAIN_PREFIX
 from kvmc.errors import GuestError, KvmcError, PortInUse
@@ -27,6 +27,7 @@ from kvmc.state import LIVE_STATES, ContainerRecord, State
 CLONE_XML = "clone.xml"
 """A template clone's first-start definition (the persistent one, domain.xml, boots cold)."""
 CONSOLE_LOG = "console.log"
+CONSOLE_READ = 64 * 1024
 GUEST_OUTPUT_LABEL = "the guest's own console output (written by the guest, not checked by kvmc)"
 
 
@@ -175,21 +176,27 @@ class VMLife:
             return False
 
     # --------------------------------------------------------------- reports
+    def _console_end(self, record: ContainerRecord) -> str:
+        """The last CONSOLE_READ bytes of the console log (the guest decides its size)."""
+        try:
+            with (self.host.state.container_dir(record.id) / CONSOLE_LOG).open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - CONSOLE_READ))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def console_tail(self, record: ContainerRecord, lines: int = 8) -> str:
-        console = self.host.state.container_dir(record.id) / CONSOLE_LOG
-        if not console.exists():
-            return "(no console output)"
-        text = [ln for ln in console.read_text(errors="replace").splitlines() if ln.strip()]
-        return "\n".join(text[-lines:]) or "(no console output)"
+        text = [ln for ln in self._console_end(record).splitlines() if ln.strip()]
+        # Escaped: the guest wrote these bytes, and they end up on the user's terminal.
+        return "\n".join(guest_text(ln.encode(), 500) for ln in text[-lines:]) or "(no console output)"
 
     def vm_lost_reason(self, record: ContainerRecord, what: str) -> str:
         """Why a started VM went away, in kvmc's words; the console's tail is labelled as the
         guest's own output, which a container can write anything into."""
         state = self.host.hv.state(record.domain)
-        console = self.host.state.container_dir(record.id) / CONSOLE_LOG
-        text = console.read_text(errors="replace") if console.exists() else ""
+        text = self._console_end(record)
         panic = next((ln.strip() for ln in text.splitlines() if "Kernel panic" in ln), None)
-        cause = f"{what}; its console says the guest kernel panicked: {panic}" if panic else what
+        cause = f"{what}; its console says the guest kernel panicked: {guest_text(panic.encode(), 500)}" if panic else what
         return (f"the VM stopped unexpectedly ({cause}; domain {state or 'gone'}); "
                 f"last lines of {GUEST_OUTPUT_LABEL}:\n{self.console_tail(record)}")
 

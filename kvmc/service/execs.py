@@ -8,7 +8,6 @@ stream closes, and an instance is forgotten a while after it ended.
 
 from __future__ import annotations
 
-import random
 import secrets
 import threading
 import time
@@ -93,7 +92,7 @@ class ExecService:
             if instance.started:
                 raise Conflict(f"exec {exec_id[:12]} has already started")
             instance.started = instance.running = True
-            instance.proc_id = random.randint(2, 0xFFFF)
+            instance.proc_id = 2 + secrets.randbelow(0xFFFF - 1)  # unguessable by the guest (ProcessTable)
         try:
             instance.exit_code = self.containers.exec(
                 instance.container_id, instance.options, stdin, stdout, stderr,
