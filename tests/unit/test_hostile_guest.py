@@ -273,6 +273,16 @@ class MonitorRun:
     def client(self) -> AgentConnection:
         return AgentConnection.connect(self.record.control_socket, timeout=WAIT_S)
 
+    def attach(self) -> AgentConnection:
+        """A client attached to process 1 (once the monitor says so)."""
+        conn = self.client()
+        conn.send(FrameType.ATTACH, 1)
+        deadline = time.monotonic() + WAIT_S
+        while not self.monitor.attached:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return conn
+
     def start_exec(self, proc_id: int = EXEC_ID) -> AgentConnection:
         conn = self.client()
         conn.run(proc_id, ProcessSpec(args=["sh"]))
@@ -405,8 +415,7 @@ def test_started_with_a_bad_pid_stops_the_vm_and_the_exec_gets_no_traceback(moni
         "version", "ready-id", "started-twice", "error-late", "id-0", "unknown-id"])
 def test_every_kind_of_violation_stops_the_vm_with_a_recorded_error(monitor_run, bad: bytes) -> None:  # noqa: ANN001
     run = monitor_run()
-    attached = run.client()
-    attached.send(FrameType.ATTACH, 1)
+    attached = run.attach()
     run.guest.send(started(1) + encode_frame(FrameType.STDOUT, 1, b"fine\n") + bad)
     result = attach_process(attached, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=WAIT_S)
     assert result.exit_code == 137 and "broke the protocol" in (result.error or "")
@@ -424,8 +433,7 @@ def test_a_truncated_frame_then_silence_then_hangup_is_a_lost_vm(monitor_run) ->
 
 def test_error_text_from_the_guest_is_escaped_and_labelled(monitor_run) -> None:  # noqa: ANN001
     run = monitor_run()
-    attached = run.client()
-    attached.send(FrameType.ATTACH, 1)
+    attached = run.attach()
     run.guest.send(encode_frame(FrameType.ERROR, 1, b"exec failed\nkvmc: all is well \x1b[2J")
                    + encode_frame(FrameType.EXIT, 1, encode_exit(126)))
     result = attach_process(attached, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=WAIT_S)
