@@ -130,8 +130,9 @@ def _run_options(
     memory: Optional[str], cpus: Optional[str], interactive: bool, detach: bool, hostname: Optional[str],
     accel: Optional[str], network: str, publish: Optional[List[str]], volume: Optional[List[str]],
     tmpfs: Optional[List[str]], read_only: bool, network_alias: Optional[List[str]] = None, tty: bool = False,
-    stdin_once: bool = False,
+    stdin_once: bool = False, log_opt: Optional[List[str]] = None,
 ):  # noqa: ANN202
+    from kvmc.logs import parse_log_opt_flags
     from kvmc.runtime import DockerFields, RunOptions
 
     args = list(command or [])
@@ -148,6 +149,7 @@ def _run_options(
         cpus=parse_cpus(cpus) if cpus else None, accel=accel,
         network=network, network_aliases=list(network_alias or []), publish=list(publish or []),
         volumes=list(volume or []), tmpfs=list(tmpfs or []), read_only=read_only,
+        log_opts=parse_log_opt_flags(log_opt),
         # docker's StdinOnce: stdin closes with the first attach (run -i in the foreground,
         # create -i); run -d -i keeps it open for every later attach.
         docker=DockerFields(tty=tty, console_size=_console().size() if tty else None, open_stdin=interactive,
@@ -188,6 +190,9 @@ _VOLUME = typer.Option(None, "-v", "--volume", help="NAME:/path (named volume, c
 _TMPFS = typer.Option(None, "--tmpfs", help="Mount a tmpfs: /path[:size=64m,mode=1777,...].")
 _READ_ONLY = typer.Option(False, "--read-only", help="Mount the root filesystem read-only (volumes and "
                           "tmpfs stay writable).")
+_LOG_OPT = typer.Option(None, "--log-opt", help="Log option KEY=VALUE, repeatable: max-size=10m (per file; -1: "
+                        "no cap) and max-file=3 (files kept). Default: log_max_size/log_max_file of the "
+                        "config, 20m and 5.")
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -202,6 +207,7 @@ def run(
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
     tty: bool = _TTY, detach_keys: Optional[str] = _DETACH_KEYS, sig_proxy: str = _SIG_PROXY,
+    log_opt: Optional[List[str]] = _LOG_OPT,
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
@@ -212,7 +218,7 @@ def run(
     proxy = _check_terminal_flags(tty, interactive and not detach, detach_keys, sig_proxy)
     opts = _run_options(image, command, name, rm, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only,
-                        network_alias, tty, stdin_once=interactive and not detach)
+                        network_alias, tty, stdin_once=interactive and not detach, log_opt=log_opt)
     opts.use_pool = not no_pool
     record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals if proxy else None,
                                               console=_console() if tty else None, detach_keys=detach_keys)
@@ -230,12 +236,12 @@ def create(
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
-    tty: bool = _TTY,
+    tty: bool = _TTY, log_opt: Optional[List[str]] = _LOG_OPT,
 ) -> None:
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, True, hostname, accel, network, publish, volume, tmpfs, read_only, network_alias,
-                        tty, stdin_once=interactive)
+                        tty, stdin_once=interactive, log_opt=log_opt)
     typer.echo(_services().containers.create(opts).id)
 
 
@@ -395,13 +401,20 @@ def inspect(containers: List[str] = typer.Argument(..., help="Container names or
 def logs(
     container: str = typer.Argument(..., help="Container name or id prefix."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new output until the container exits."),
-    tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N chunks of output."),
-    timestamps: bool = typer.Option(False, "-t", "--timestamps", help="Prefix each chunk with its time."),
+    tail: str = typer.Option("all", "-n", "--tail", help="Only the last N lines of output (default: all)."),
+    since: Optional[str] = typer.Option(None, "--since", help="Only output from this time on: a duration "
+                                        "before now (10m, 1h30m), an RFC 3339 time or a Unix timestamp."),
+    until: Optional[str] = typer.Option(None, "--until", help="Only output up to this time (same forms)."),
+    timestamps: bool = typer.Option(False, "-t", "--timestamps", help="Prefix each line with its time."),
 ) -> None:
     """Print a container's output (kept in its log, whether it ran attached or detached)."""
-    for entry in _services().containers.logs(container, tail=tail, follow=follow):
-        stream = sys.stdout if entry["stream"] == "stdout" else sys.stderr
-        stream.write(f"{entry['time']} {entry['log']}" if timestamps else entry["log"])
+    if tail != "all" and not tail.lstrip("-").isdigit():
+        raise UsageError(f'invalid --tail "{tail}": a number of lines or "all"')
+    lines = None if tail == "all" else int(tail)
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    for entry in _services().containers.logs(container, tail=lines, follow=follow, since=since, until=until):
+        stream = out if entry.stream == "stdout" else err
+        stream.write(f"{entry.time} ".encode() + entry.data if timestamps else entry.data)
         stream.flush()
 
 

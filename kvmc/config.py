@@ -56,6 +56,10 @@ class Config:
     pool_refill: bool = False
     boot_timeout_s: float = 60.0
     stop_timeout_s: int = 10
+    # Each container's log (kvmc/logs.py): files of at most log_max_size (docker's units, "-1":
+    # no cap) and log_max_file of them, unless run/create --log-opt says otherwise.
+    log_max_size: str = "20m"
+    log_max_file: int = 5
 
     @property
     def images_dir(self) -> Path:
@@ -82,6 +86,12 @@ class Config:
             raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
         if self.cpus < 1:
             raise UsageError(f"cpus must be at least 1, not {self.cpus}")
+        from kvmc.logs import resolve_log_opts
+
+        try:
+            resolve_log_opts(None, self.log_max_size, self.log_max_file)
+        except UsageError as exc:
+            raise UsageError(f"config keys log_max_size/log_max_file: {exc}") from None
         return self
 
 

@@ -12,7 +12,6 @@ ended, and removes it if asked to (``--rm``, or a failed ``run``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -42,6 +41,7 @@ from kvmc.agent import (
 from kvmc.config import load_config
 from kvmc.context import HostContext
 from kvmc.errors import AgentProtocolError, KvmcError
+from kvmc.logs import LOG_FILE, LogOptions, LogWriter, log_options, resolve_log_opts
 from kvmc.state import ContainerRecord, State, now_iso
 from kvmc.vmlife import VMLife
 
@@ -68,14 +68,15 @@ class Client:
             return False
 
 
-class JsonLog:
-    """Docker json-file style log: one JSON object per chunk, with stream and time."""
-
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("a", buffering=1)
-
-    def write(self, stream: str, data: bytes) -> None:
-        self.file.write(json.dumps({"stream": stream, "time": now_iso(), "log": data.decode(errors="replace")}) + "\n")
+def open_log(host: HostContext, record: ContainerRecord) -> LogWriter:
+    """The container's json-file log, capped as its record says (the configured defaults for
+    records from before caps, or whose options no longer parse)."""
+    config = host.config
+    try:
+        opts = log_options(record.log_opts or resolve_log_opts(None, config.log_max_size, config.log_max_file))
+    except KvmcError:
+        opts = LogOptions()
+    return LogWriter(host.state.container_dir(record.id) / LOG_FILE, opts)
 
 
 class Monitor:
@@ -97,7 +98,7 @@ class Monitor:
         """Which processes the guest may speak for: every guest frame is checked against it."""
         self.lock = threading.Lock()
         self.clients: set[Client] = set()
-        self.log = JsonLog(self.host.state.container_dir(record.id) / "container.log")
+        self.log = open_log(self.host, record)
         self.pending_exit: Frame | None = None
 
     # ---------------------------------------------------------------- clients
@@ -212,9 +213,10 @@ class Monitor:
                 self.host.state.update(self.record, started_at=now_iso())
             elif frame.type == FrameType.ERROR:
                 result.error = labelled(frame.payload.decode())
-                self.log.write("stderr", f"kvmc: {result.error}\n".encode())
+                self.log.note("stderr", f"kvmc: {result.error}")
             if frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
+                self.log.flush()  # its last line, if it did not end with a newline
                 conn.ack_exit(MAIN_PROCESS_ID)
                 # Clients hear EXIT only after the record says so (see _finish).
                 self.pending_exit = frame
@@ -251,6 +253,7 @@ class Monitor:
                 failure = self.life.vm_lost_reason(record, failure)
         finally:
             self.conn_ready.set()
+        self.log.close()
         deferred = self._finish(result, failure)
         listener.close()
         ctl.unlink(missing_ok=True)

@@ -35,6 +35,7 @@ from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, con
 from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, ContainerNotRunning, ContainerRunning,
                          GaveUpWaiting, GuestError,
                          ImageError, KvmcError, UsageError, VolumeInUse)
+from kvmc.logs import resolve_log_opts
 from kvmc.monitor import SHUTOFF_WAIT_S, MonitorProcess
 from kvmc.monitor import spawn as spawn_monitor
 from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_tag
@@ -112,6 +113,8 @@ class RunOptions:
     """docker's -v specs: NAME:/path or /host/dir:/path, then :ro or :rw."""
     tmpfs: list[str] = field(default_factory=list)
     read_only: bool = False
+    log_opts: dict[str, str] = field(default_factory=dict)
+    """docker's --log-opt (max-size, max-file); the configured defaults fill in the rest."""
     host_env: Mapping[str, str] = field(default_factory=dict)
     """Where ``-e NAME`` (no value) takes NAME's value from: the CLI's environment; none for
     the API (the docker client has resolved those already)."""
@@ -162,6 +165,7 @@ class Runtime:
         process = build_process(image.config, opts.process, opts.host_env)
         if opts.docker.tty:
             process["env"] = terminal_env(process["env"], opts.host_env)
+        log_opts = resolve_log_opts(opts.log_opts, self.config.log_max_size, self.config.log_max_file)
         if opts.publish_all:
             opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports])
         network, ports, mounts, endpoints = self._network_and_mounts(opts)
@@ -224,6 +228,7 @@ class Runtime:
             open_stdin=docker.open_stdin,
             stdin_once=docker.stdin_once, entrypoint=docker.entrypoint, cmd=docker.cmd,
             stop_signal=docker.stop_signal or image.config.stop_signal, stop_timeout=docker.stop_timeout,
+            log_opts=log_opts,
         )
         try:
             self.state.save(record)

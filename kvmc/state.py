@@ -134,6 +134,9 @@ class ContainerRecord:
     cmd: list[str] | None = None
     stop_signal: str | None = None
     stop_timeout: int | None = None
+    log_opts: dict[str, str] = field(default_factory=dict)
+    """docker's LogConfig.Config as resolved at create (max-size, max-file; kvmc/logs.py);
+    empty in records from before logs were capped: the configured defaults apply."""
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

@@ -255,7 +255,7 @@ def _host_config(record: Any) -> dict[str, Any]:
     return {
         "Binds": _binds(record),
         "ContainerIDFile": "",
-        "LogConfig": {"Type": LOG_DRIVER, "Config": {}},
+        "LogConfig": {"Type": LOG_DRIVER, "Config": dict(_attr(record, "log_opts", {}) or {})},
         "NetworkMode": network_name(record),
         "PortBindings": _port_bindings(record),
         "RestartPolicy": {"Name": _attr(record, "restart_policy", "no") or "no", "MaximumRetryCount": 0},

@@ -146,6 +146,15 @@ class CreateRequest:
     restart_policy: str = "no"
     log_driver: str | None = None
     """HostConfig.LogConfig.Type; None for the default."""
+    log_opts: dict[str, str] = field(default_factory=dict)
+    """HostConfig.LogConfig.Config: json-file's max-size and max-file (checked by the engine)."""
+
+
+def _log_opts(value: Any) -> dict[str, str]:
+    opts = _obj(value, "HostConfig.LogConfig.Config")
+    if not all(isinstance(v, str) for v in opts.values()):
+        raise InvalidRequest("invalid HostConfig.LogConfig.Config: values must be strings")
+    return dict(opts)
 
 
 def _obj(value: Any, what: str) -> dict[str, Any]:
@@ -449,6 +458,7 @@ def create_options(body: Any, name: str | None) -> CreateRequest:
         extra_hosts=_str_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts"),
         restart_policy=str(restart.get("Name") or "no"),
         log_driver=_opt_str(log_config.get("Type")),
+        log_opts=_log_opts(log_config.get("Config")),
     )
 
 
@@ -646,6 +656,7 @@ def run_options(req: CreateRequest) -> RunOptions:
         memory_mib=req.memory_mib, cpus=req.cpus, network=req.network, network_aliases=list(req.network_aliases),
         more_networks=[(name, list(aliases)) for name, aliases in req.more_networks], publish=list(req.publish),
         publish_all=req.publish_all, volumes=list(req.volumes), tmpfs=list(req.tmpfs), read_only=req.read_only,
+        log_opts=dict(req.log_opts),
         docker=DockerFields(labels=dict(req.labels), tty=req.tty, console_size=req.console_size,
                             open_stdin=req.open_stdin,
                             stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,

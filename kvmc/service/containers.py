@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 
 from kvmc.errors import UsageError
-from kvmc.logs import follow_log
+from kvmc.logs import LOG_FILE, LogEntry, parse_log_time, read_log
 from kvmc.service.filters import check as check_filters
 from kvmc.service.filters import container_matches
 from kvmc.process import ProcessOptions
@@ -79,17 +79,26 @@ class ContainerService:
         return data
 
     def log_path(self, record: ContainerRecord):  # noqa: ANN201 - Path
-        return self.state.container_dir(record.id) / "container.log"
+        """The newest file of the container's json-file log (older ones end in .1, .2, ...)."""
+        return self.state.container_dir(record.id) / LOG_FILE
 
-    def logs(self, ref: str, *, tail: int | None = None, follow: bool = False) -> Iterator[dict]:
-        """The container's log entries (``stream``, ``time``, ``log``); ``follow`` until it ends."""
+    def logs(self, ref: str, *, tail: int | None = None, follow: bool = False, since: str | None = None,
+             until: str | None = None) -> Iterator[LogEntry]:
+        """The container's log entries, oldest first: the last ``tail`` (None or negative: all),
+        those from ``since`` and up to ``until`` (docker's forms: ``10m``, an RFC 3339 time, a
+        Unix timestamp; ``0`` or empty: not set); with ``follow``, until the container ends.
+        Only reads (kvmc/logs.py), for both front doors."""
         record = self.get(ref)
+        now = time.time_ns()
+        since_ns = parse_log_time(since, now) if since not in (None, "", "0") else None
+        until_ns = parse_log_time(until, now) if until not in (None, "", "0") else None
 
         def running() -> bool:
             current = self.state.load(record.id)
             return current is not None and self.engine.observe(current).is_live
 
-        return follow_log(self.log_path(record), tail=tail, follow=follow, still_running=running)
+        return read_log(self.log_path(record), tail=tail if tail is None or tail >= 0 else None, follow=follow,
+                        since=since_ns, until=until_ns, still_running=running)
 
     # --------------------------------------------------------------- changes
     def create(self, opts: RunOptions) -> ContainerRecord:

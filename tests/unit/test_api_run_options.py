@@ -69,3 +69,11 @@ def test_a_tty_create_carries_its_console_size() -> None:
     opts = run_options(create_options(body, None))
     assert opts.docker.tty and opts.docker.console_size == (30, 100)
     assert run_options(create_options(_body(), None)).docker.console_size is None  # [0, 0]: unknown
+
+
+def test_log_config_max_size_and_max_file_reach_the_container() -> None:
+    """docker run --log-opt max-size=1m --log-opt max-file=2 sends HostConfig.LogConfig.Config."""
+    body = _body(LogConfig={"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}})
+    opts = run_options(create_options(body, None))
+    assert opts.log_opts == {"max-size": "1m", "max-file": "2"}
+    assert run_options(create_options(_body(), None)).log_opts == {}  # the configured defaults apply

@@ -442,6 +442,8 @@ def test_container_inspect_docker_fields() -> None:
     paused = shapes.container_inspect(make_record(), vm_state="paused")
     assert paused["State"]["Paused"] and paused["State"]["Status"] == "paused"
     assert shapes.container_summary(make_record(), None, T0 + 6)["State"] == "running"
+    capped = shapes.container_inspect(make_record(log_opts={"max-size": "1m", "max-file": "2"}))
+    assert capped["HostConfig"]["LogConfig"] == {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "2"}}
 
 
 def test_shapes_read_untyped_records() -> None:

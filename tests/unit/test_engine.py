@@ -538,3 +538,29 @@ def test_a_quick_rm_container_that_ended_before_the_start_was_seen_started(env: 
     assert env.state.load(record.id) is None and env.state.tombstone(record.id) == (0, None)
     assert env.engine.wait_started(record, monitor).id == record.id
     env.wait_monitors()
+
+
+def test_logs_capped_rotated_and_read_by_lines(env: Env) -> None:
+    """--log-opt max-size/max-file reach the monitor's writer; the service reads by lines."""
+    script = "i=0; while [ $i -lt 2000 ]; do echo line $i; i=$((i+1)); done; echo err >&2; printf no-newline"
+    record, code = env.svc.run(env.opts("sh", "-c", script, name="chatty",
+                                        log_opts={"max-size": "20k", "max-file": "3"}), None, io.BytesIO(), io.BytesIO())
+    assert code == 0 and record.log_opts == {"max-size": "20k", "max-file": "3"}
+    directory = env.state.container_dir(record.id)
+    files = sorted(p.name for p in directory.glob("container.log*"))
+    assert files == ["container.log", "container.log.1", "container.log.2"]
+    assert all((directory / f).stat().st_size <= 20_000 for f in files)
+    last = list(env.svc.logs("chatty", tail=3))
+    assert [(e.stream, e.data) for e in last] == [("stdout", b"line 1999\n"), ("stderr", b"err\n"),
+                                                   ("stdout", b"no-newline")]
+    with pytest.raises(UsageError):
+        env.svc.create(env.opts("true", log_opts={"max-size": "0"}))
+    env.svc.remove("chatty")
+    env.wait_monitors()
+    env.nothing_left(tombstones=[record.id])
+
+
+def test_default_log_cap_comes_from_the_config(env: Env) -> None:
+    record = env.svc.create(env.opts("true", name="quiet"))
+    assert record.log_opts == {"max-size": "20m", "max-file": "5"}
+    env.svc.remove("quiet")

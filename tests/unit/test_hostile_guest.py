@@ -52,6 +52,7 @@ from kvmc.agent import (
     parse_started,
     parse_uptime,
 )
+from kvmc.config import Config
 from kvmc.errors import AgentProtocolError, GuestError, KvmcError
 from kvmc.monitor import Monitor
 from kvmc.state import ContainerProcess, ContainerRecord, State, StateStore
@@ -316,7 +317,7 @@ def monitor_run() -> Iterator[callable]:
         state.save(record)
         host_end, guest_end = socket.socketpair()
         hv = StubHypervisor()
-        host = SimpleNamespace(state=state, hv=hv)
+        host = SimpleNamespace(state=state, hv=hv, config=Config())
         monitor = Monitor(ScriptedLife(host, host_end), record, wait_attach=False, discard_on_failure=False)
         run = MonitorRun(monitor, ScriptedGuest(guest_end), hv, state, record, None)  # type: ignore[arg-type]
 

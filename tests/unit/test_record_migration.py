@@ -22,9 +22,10 @@ from kvmc.state import SCHEMA_VERSION, ContainerProcess, ContainerRecord, State,
 
 FIXTURE = Path(__file__).parent / "fixtures" / "record-v1.json"
 NEW_KEYS = {"labels": {}, "tty": False, "open_stdin": False, "stdin_once": False, "entrypoint": None, "cmd": None,
-            "stop_signal": None, "stop_timeout": None, "networks": [], "console_size": None}
+            "stop_signal": None, "stop_timeout": None, "networks": [], "console_size": None,
+            "log_opts": {}}
 """What schema 2 added (and typed fields added since, with defaults: ``networks``,
-``console_size``), with the value a migrated record gets (docker's defaults)."""
+``console_size``, ``log_opts``), with the value a migrated record gets (docker's defaults)."""
 
 
 @pytest.fixture
