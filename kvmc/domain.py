@@ -190,6 +190,12 @@ class VMSpec:
 
 
 OVERLAY_FILE = "rootfs.qcow2"
+
+
+def ro_volume_overlay(directory: Path, index: int) -> Path:
+    """The throwaway copy-on-write layer over a read-only volume (its ``index``: 1, 2, ...),
+    made anew at each boot (kvmc.vmlife.VMLife.boot): QEMU opens the volume itself read-only."""
+    return directory / f"volume{index}.ro.qcow2"
 ROOT_SERIAL = "kvmc-root"
 """How images/initramfs/init finds the root disk among volume disks."""
 
@@ -206,16 +212,22 @@ def container_vm(
     very VM a cold boot of the same container would have been: libvirt restores a save only
     into a definition whose devices match, and only host-side paths may differ.
     ``volume_disks`` (disk image, read-only) are attached as vdb, vdc, ... with serials vol1,
-    vol2, ... (the names kvmc.mounts.agent_mount_items gives the agent); a read-only one is
-    read-only in QEMU too, so the guest cannot write it whatever it mounts.
+    vol2, ... (the names kvmc.mounts.agent_mount_items gives the agent). A read-only one is
+    the backing file of a throwaway qcow2 layer (:func:`ro_volume_overlay`): QEMU opens the
+    volume read-only, so nothing the guest does reaches it, while the guest's ext4 can still
+    replay a journal left by a killed writer (into the layer; the host never parses the disk).
     ``network_taps``: the host taps of the container's NICs on kvmc networks, in order; each
     NIC is defined with a fixed MAC per position (kvmc.net.plan.defined_mac) and the agent gives
     it the container's own.
     """
     disks = [DiskSpec(path=directory / OVERLAY_FILE, target="vda", backing_path=image_disk, serial=ROOT_SERIAL)]
     for index, (disk, readonly) in enumerate(volume_disks, start=1):
-        disks.append(DiskSpec(path=disk, target=f"vd{chr(ord('a') + index)}", format="raw",
-                              serial=volume_serial(index), readonly=readonly))
+        target = f"vd{chr(ord('a') + index)}"
+        if readonly:
+            disks.append(DiskSpec(path=ro_volume_overlay(directory, index), target=target, backing_path=disk,
+                                  serial=volume_serial(index)))
+        else:
+            disks.append(DiskSpec(path=disk, target=target, format="raw", serial=volume_serial(index)))
     return VMSpec(
         name=name, uuid=uuid, container_id=container_id, container_name=container_name,
         domain_type=domain_type, memory_mib=memory_mib, vcpus=vcpus,

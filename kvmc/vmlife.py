@@ -16,7 +16,8 @@ from typing import BinaryIO
 
 from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process, guest_text
 from kvmc.context import HostContext
-from kvmc.domain import DOMAIN_PREFIX
+from kvmc.disks import create_overlay
+from kvmc.domain import DOMAIN_PREFIX, ro_volume_overlay
 from kvmc.errors import GuestError, KvmcError, PortInUse
 from kvmc.mounts import agent_mount_items
 from kvmc.net.host import NetnsHost, create_tap
@@ -223,9 +224,12 @@ class VMLife:
             (directory / CLONE_XML).unlink(missing_ok=True)
             host.state.update(record, clone_from="")
         else:
-            for mount in record.mounts:  # only cold boots have volumes (see create)
-                if mount.kind == "volume" and mount.readonly:
-                    host.volumes.replay_journal(mount.source)
+            volumes = [m for m in record.mounts if m.kind == "volume"]  # only cold boots have volumes
+            for index, mount in enumerate(volumes, start=1):
+                if mount.readonly:  # a fresh layer: the volume may have changed since the last start
+                    layer = ro_volume_overlay(directory, index)
+                    layer.unlink(missing_ok=True)
+                    create_overlay(Path(host.volumes.get(mount.source).path), layer)
             host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
             host.hv.start(record.domain)
         host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,

@@ -130,19 +130,6 @@ class VolumeStore:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def replay_journal(self, name: str) -> None:
-        """Bring a volume's ext4 to a clean state on the host, before a read-only attach.
-
-        A volume whose last container was killed (rm -f, a crash) still has its journal to
-        replay, and ext4 cannot replay it on a device QEMU opened read-only: the guest's mount
-        would fail. Only called while no running container uses the volume.
-        """
-        disk = self.get(name).path
-        proc = subprocess.run(["e2fsck", "-p", "-E", "journal_only", disk], capture_output=True, text=True)
-        if proc.returncode not in (0, 1):  # 1: "errors corrected", here the journal replayed
-            raise KvmcError(f"volume {name} needs repair (e2fsck exit {proc.returncode}): "
-                            f"{(proc.stdout + proc.stderr).strip()}")
-
     def remove(self, name: str) -> None:
         path = self._dir(name)
         if not (path / VOLUME_FILE).exists():

@@ -5,6 +5,7 @@ through virtiofs with :ro enforced by the host, and --read-only/--tmpfs behave a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -130,13 +131,20 @@ def test_named_volume_outlives_its_container(kvmc: Kvmc) -> None:
         refused = kvmc("volume", "rm", "keep")
         assert refused.returncode == 1 and b"in use by container(s) writer" in refused.stderr
     finally:
-        kvmc("rm", "-f", "writer", check=True)
-    # Read-only: the disk is read-only in QEMU; the guest's root cannot remount it writable.
+        kvmc("rm", "-f", "writer", check=True)  # killed: its ext4 may have a journal to replay
+    # Read-only: QEMU opens the volume read-only under a throwaway layer. The guest's ext4
+    # replays the journal into that layer (the host never runs e2fsck on the guest's disk), and
+    # whatever the guest's root does (remount, write) never reaches the volume.
+    disk = kvmc.data_dir / "volumes" / "keep" / "disk.ext4"
+    before = hashlib.sha256(disk.read_bytes()).hexdigest()
     out = kvmc("run", "--rm", "-v", "keep:/data:ro", DEFAULT_IMAGE, "sh", "-c",
                "cat /data/file; touch /data/x 2>/dev/null && echo writable; "
-               "mount -o remount,rw /data 2>/dev/null && touch /data/y 2>/dev/null && echo remounted-writable; exit 0",
+               "mount -o remount,rw /data 2>/dev/null && touch /data/y 2>/dev/null && echo remounted-private; exit 0",
                check=True).stdout
-    assert out == b"kept-data\n"
+    assert out.startswith(b"kept-data\n") and b"\nwritable\n" not in out
+    assert hashlib.sha256(disk.read_bytes()).hexdigest() == before
+    after = kvmc("run", "--rm", "-v", "keep:/data", DEFAULT_IMAGE, "ls", "/data", check=True).stdout.split()
+    assert b"file" in after and b"x" not in after and b"y" not in after
     assert b"keep" in kvmc("volume", "ls", check=True).stdout
     kvmc("volume", "rm", "keep", check=True)
     assert not (kvmc.data_dir / "volumes" / "keep").exists()

@@ -329,7 +329,13 @@ def test_volume_disks_carry_serials_and_shares_need_shared_memory_and_modern_mmi
     assert [(d.find("target").get("dev"), d.findtext("serial")) for d in disks] == [
         ("vda", "kvmc-root"), ("vdb", "vol1"), ("vdc", "vol2")]
     assert disks[1].find("driver").get("type") == "raw"
-    assert [d.find("readonly") is not None for d in disks] == [False, False, True]
+    # A read-only volume is the read-only backing file of a throwaway layer the guest may write
+    # (its ext4 replays a killed writer's journal there); QEMU never opens the volume writable.
+    assert disks[2].find("driver").get("type") == "qcow2"
+    assert disks[2].find("source").get("file") == str(OVERLAY.parent / "volume2.ro.qcow2")
+    assert disks[2].find("backingStore/source").get("file") == "/v/b/disk.ext4"
+    assert disks[2].find("backingStore/format").get("type") == "raw"
+    assert [d.find("readonly") is not None for d in disks] == [False, False, False]
     fs = root.findall("devices/filesystem")
     assert [(f.find("source").get("dir"), f.find("target").get("dir"), f.find("binary").get("path")) for f in fs] == [
         ("/srv/in", "share1", str(VIRTIOFSD_RO)), ("/srv/out", "share2", str(VIRTIOFSD))]
