@@ -236,25 +236,43 @@ class LogWriter:
             self.lost += output_bytes
 
     def _put(self, entries: list[bytes]) -> bool:
-        """Append ``entries``, rotating first when they would pass max-size; False if the
-        write failed (nothing of it is in the file then)."""
+        """Append ``entries``, rotating whenever the next one would pass max-size (so a burst
+        bigger than a file fills several); False if a write failed (what was written of the
+        failed part is taken back: no torn entry is left)."""
         if self._file is None:
             self._open()
             if self._file is None:
                 return False
-        data = b"".join(entries)
         limit = self.opts.max_size
+        if limit is None:
+            return self._append(b"".join(entries))
+        budget = limit * self.opts.max_file
+        if sum(map(len, entries)) > budget:  # more than every file holds: only the newest can stay
+            kept, total = [], 0
+            for entry in reversed(entries):
+                total += len(entry)
+                if total > budget:
+                    break
+                kept.append(entry)
+            entries = kept[::-1]
+        group: list[bytes] = []
+        size = self.size
+        for entry in entries:
+            if size and size + len(entry) > limit:
+                if group and not self._append(b"".join(group)):
+                    return False
+                group, size = [], 0
+                try:
+                    self._rotate()
+                except OSError:
+                    return False
+            group.append(entry)
+            size += len(entry)
+        return self._append(b"".join(group)) if group else True
+
+    def _append(self, data: bytes) -> bool:
+        assert self._file is not None
         try:
-            if limit is not None and self.size and self.size + len(data) > limit:
-                self._rotate()
-            if limit is not None and len(data) > limit:  # more than a whole file: keep the newest
-                keep, total = [], 0
-                for entry in reversed(entries):
-                    if total + len(entry) > limit:
-                        break
-                    keep.append(entry)
-                    total += len(entry)
-                data = b"".join(reversed(keep))
             written = self._file.write(data)
             self.size += written
             if written != len(data):  # a short write: the disk filled up in the middle
@@ -263,11 +281,10 @@ class LogWriter:
                 return False
             return True
         except OSError:
-            if self._file is not None:
-                try:  # never leave a torn entry behind
-                    self._file.truncate(self.size)
-                except (OSError, ValueError):
-                    pass
+            try:  # never leave a torn entry behind
+                self._file.truncate(self.size)
+            except (OSError, ValueError):
+                pass
             return False
 
     def _rotate(self) -> None:

@@ -254,3 +254,15 @@ def test_yes_throughput(tmp_path: Path) -> None:
     took = time.monotonic() - began
     size = sum(p.stat().st_size for p in log_files(tmp_path / LOG_FILE))
     print(f"`yes`: {64 * len(chunk) / took / 1e6:.1f} MB/s of output -> {size / (64 * len(chunk)):.0f}x on disk")
+
+
+def test_a_burst_bigger_than_a_file_fills_several(tmp_path: Path) -> None:
+    """One frame's worth of lines larger than max-size rotates as often as it needs."""
+    path = tmp_path / LOG_FILE
+    log = LogWriter(path, LogOptions(max_size=4000, max_file=3))
+    log.write("stdout", b"".join(f"line {i}\n".encode() for i in range(120)))  # ~9.5 kB of entries
+    assert [p.name for p in log_files(path)] == [f"{LOG_FILE}.2", f"{LOG_FILE}.1", LOG_FILE]
+    assert text_of(path) == b"".join(f"line {i}\n".encode() for i in range(120))
+    log.write("stdout", b"".join(f"more {i}\n".encode() for i in range(1000)))  # more than all 3 files
+    assert all(p.stat().st_size <= 4000 for p in log_files(path))
+    assert text_of(path).endswith(b"more 999\n")
