@@ -459,13 +459,19 @@ class AgentConnection:
             self.ready_uptime_ms = parse_ready(frame.payload)
         return frame
 
-    def wait_ready(self, timeout: float) -> str:
-        """Wait for READY and return its payload text; other frames stay queued for read_frame."""
+    def wait_ready(self, timeout: float, check: Callable[[], None] | None = None) -> str:
+        """Wait for READY and return its payload text; other frames stay queued for read_frame.
+        ``check`` is called about once a second meanwhile, to raise if waiting is pointless
+        (the VM paused on a full disk)."""
         deadline = time.monotonic() + timeout
         held: list[Frame] = []
         try:
             while True:
-                frame = self.read_frame(max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                frame = self.read_frame(left if check is None else min(left, 1.0))
+                if frame is None and check is not None and time.monotonic() < deadline:
+                    check()
+                    continue
                 if frame is None:
                     raise GuestError(f"the guest agent did not become ready within {timeout:g}s")
                 if frame.type == FrameType.READY:

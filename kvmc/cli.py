@@ -370,10 +370,11 @@ def ps(
     from kvmc.network import format_ports
 
     rows = [("CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "NAMES")]
+    vms = service.vm_states(records)
     for r in records:
         cmd = " ".join(r.process.args)
         cmd = f'"{cmd[:20]}…"' if len(cmd) > 21 else f'"{cmd}"'
-        status = f"Exited ({r.exit_code})" if r.state == "exited" else r.state.capitalize()
+        status = service.status(r, vms.get(r.id))
         rows.append((r.short_id, r.image[:22], cmd, status, format_ports(r.ports), r.name))
     widths = [max(len(row[i]) for row in rows) + 3 for i in range(5)]
     for row in rows:

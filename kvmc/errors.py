@@ -65,6 +65,11 @@ class Unavailable(KvmcError):
     kind = UNAVAILABLE
 
 
+class DiskFull(Unavailable):
+    """A write found no space left on its file system (ENOSPC): kvmc/space.py says which and
+    how much is free. Nothing half-written is left behind."""
+
+
 class NotSupported(KvmcError):
     """A Docker feature kvmc does not implement (build, swarm, plugins...)."""
 

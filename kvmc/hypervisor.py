@@ -29,6 +29,14 @@ _STATES = {
 }
 
 
+_PAUSED_REASONS = {
+    0: "unknown", 1: "user", 2: "migration", 3: "save", 4: "dump", 5: "ioerror", 6: "watchdog",
+    7: "from_snapshot", 8: "shutting_down", 9: "snapshot", 10: "crashed", 11: "starting_up",
+    12: "postcopy", 13: "postcopy_failed", 14: "api_error",
+}
+"""libvirt's virDomainPausedReason."""
+
+
 def _quiet(_ctx: Any, _err: Any) -> None:
     """libvirt error handler that prints nothing: errors reach the user as exceptions."""
 
@@ -213,6 +221,20 @@ class Hypervisor:
         except libvirt.libvirtError:
             return None  # vanished between lookup and state (transient domain ended)
         return _STATES.get(code, "nostate")
+
+    def state_reason(self, name: str) -> tuple[str | None, str | None]:
+        """(state, why) where libvirt knows why: a paused VM's reason is ``user`` (suspend),
+        ``ioerror`` (QEMU stopped it on a disk write that found no space: werror=enospc),
+        ``save``, ``migration``, ...; (None, None) when no such domain exists."""
+        dom = self._lookup(name)
+        if dom is None:
+            return None, None
+        try:
+            code, reason = dom.state()
+        except libvirt.libvirtError:
+            return None, None
+        state = _STATES.get(code, "nostate")
+        return state, _PAUSED_REASONS.get(reason, "unknown") if state == "paused" else None
 
     def wait_stopped(self, name: str, timeout: float, poll: float = 0.05) -> bool:
         """Wait until the domain is shut off (or gone); True if it did within ``timeout``."""

@@ -40,12 +40,15 @@ from kvmc.agent import (
 )
 from kvmc.config import load_config
 from kvmc.context import HostContext
-from kvmc.errors import AgentProtocolError, KvmcError
+from kvmc.errors import AgentProtocolError, DiskFull, KvmcError
 from kvmc.logs import LOG_FILE, LogOptions, LogWriter, log_options, resolve_log_opts
+from kvmc.space import free_bytes, mount_point, resume_threshold, to_disk_full
 from kvmc.state import ContainerRecord, State, now_iso
 from kvmc.vmlife import VMLife
 
 ATTACH_WAIT_S = 30.0
+DISK_CHECK_S = 2.0
+"""How often the monitor asks libvirt whether QEMU paused the VM on a full disk."""
 SHUTOFF_WAIT_S = 15.0
 """How long a guest may take to power off after its process ended before it is destroyed."""
 _RELAYED_TO_ATTACHED = {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.ERROR, FrameType.EXIT}
@@ -100,6 +103,8 @@ class Monitor:
         self.clients: set[Client] = set()
         self.log = open_log(self.host, record)
         self.pending_exit: Frame | None = None
+        self.ended = threading.Event()
+        """Set once the relay has ended (the VM is being stopped): the disk watch stops."""
 
     # ---------------------------------------------------------------- clients
     def _broadcast(self, frame: Frame) -> None:
@@ -224,6 +229,41 @@ class Monitor:
             if frame.type in _RELAYED_TO_ATTACHED:
                 self._broadcast(frame)
 
+    # ------------------------------------------------------------- disk full
+    def _disk_paths(self) -> list[Path]:
+        """Where the VM's disks live: the container's directory and its volumes'."""
+        paths = [self.host.state.container_dir(self.record.id)]
+        for name in self.record.volume_names:
+            try:
+                paths.append(Path(self.host.volumes.get(name).path).parent)
+            except KvmcError:
+                pass
+        return paths
+
+    def _watch_disk(self) -> None:
+        """A VM whose disk write found no space is paused by QEMU (werror=enospc) and shows as
+        paused (kvmc ps: "Paused (disk full)"). Say so once in the monitor's log, and resume it
+        once every file system its disks are on has room again (space.resume_threshold); if it
+        fills up again, QEMU pauses it again. A VM paused by the user is left alone."""
+        domain, noted = self.record.domain, False
+        while not self.ended.wait(DISK_CHECK_S):
+            try:
+                if self.host.hv.state_reason(domain) != ("paused", "ioerror"):
+                    noted = False
+                    continue
+                paths = self._disk_paths()
+                short = [p for p in paths if free_bytes(p) < resume_threshold(p)]
+                if not noted:
+                    where = ", ".join(str(mount_point(p)) for p in short or paths)
+                    say(f"QEMU paused the VM: a write to its disk found no space left on {where}; it resumes "
+                        "once there is room again")
+                    noted = True
+                if not short:
+                    self.host.hv.resume(domain)
+                    say("there is room again: the VM resumed")
+            except (KvmcError, OSError) as exc:
+                say(f"checking the VM's disk space: {exc}")
+
     # ------------------------------------------------------------------- main
     def run(self, listener: socket.socket | None = None) -> int:
         """Serve ``listener`` (bound to the control socket; made here if None) until the end."""
@@ -239,20 +279,26 @@ class Monitor:
             self.conn = self.life.boot(record)
             self.procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
             self.conn_ready.set()
+            threading.Thread(target=self._watch_disk, daemon=True).start()
             result = self._relay(self.conn)
         except AgentProtocolError as exc:
             # The guest is not trusted: one frame outside the protocol and its VM is stopped
             # (by _finish), with the reason recorded. Nothing it sent is relayed any more.
             failure = f"kvmc stopped the VM: its guest agent broke the protocol: {exc.message}"
-            print(f"kvmc-monitor: {failure}", file=sys.stderr)
+            say(failure)
         except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
             if not isinstance(exc, (KvmcError, OSError)):
                 traceback.print_exc()
-            failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
-            if self.conn is not None and record.started_at:
-                failure = self.life.vm_lost_reason(record, failure)
+            full = to_disk_full(exc, self.host.state.container_dir(record.id))
+            if full is not None or isinstance(exc, DiskFull):
+                failure = str(full or exc)
+            else:
+                failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
+                if self.conn is not None and record.started_at:
+                    failure = self.life.vm_lost_reason(record, failure)
         finally:
             self.conn_ready.set()
+            self.ended.set()
         self.log.close()
         deferred = self._finish(result, failure)
         listener.close()
@@ -353,6 +399,14 @@ class Monitor:
             except KvmcError:
                 pass
         self.host.hv.destroy(domain)
+
+
+def say(message: str) -> None:
+    """A line in the monitor's log (its stderr, fd 2: whatever sys.stderr has become)."""
+    try:
+        os.write(2, f"kvmc-monitor: {now_iso()}: {message}\n".encode())
+    except OSError:
+        pass
 
 
 def listen_control(path: Path) -> socket.socket:

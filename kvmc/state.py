@@ -199,13 +199,13 @@ class StateStore:
         """Atomically claim ``names/<name>``: link() a file already holding the id, so a
         loser never sees the reservation without its owner."""
         tmp = self.names / f".{container_id}.{secrets.token_hex(3)}"
-        tmp.write_text(container_id)
         try:
+            tmp.write_text(container_id)
             os.link(tmp, self.names / name)
         except FileExistsError:
             return False
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)  # also when the write failed (a full disk)
         return True
 
     def allocate(self, name: str | None, make_dir: bool = True) -> tuple[str, str, Path]:

@@ -18,11 +18,12 @@ from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_pro
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, ro_volume_overlay
-from kvmc.errors import GuestError, KvmcError, PortInUse
+from kvmc.errors import DiskFull, GuestError, KvmcError, PortInUse
 from kvmc.mounts import agent_mount_items
 from kvmc.net.host import NetnsHost, create_tap
 from kvmc.net.plan import DnsEntry, Endpoint, defined_mac, dns_names, guest_ifname, mac_for, pick_address
 from kvmc.network import DNS_SERVER, guest_net_config
+from kvmc.space import check_vm_disk
 from kvmc.state import LIVE_STATES, ContainerRecord, State
 
 CLONE_XML = "clone.xml"
@@ -261,7 +262,10 @@ class VMLife:
                      f"{time.monotonic() - started:.2f}s")
             return conn
         try:
-            conn.wait_ready(host.config.boot_timeout_s)
+            conn.wait_ready(host.config.boot_timeout_s, check=lambda: check_vm_disk(host.hv, record.domain, directory))
+        except DiskFull:
+            conn.close()
+            raise
         except (GuestError, OSError) as exc:
             conn.close()
             raise GuestError(f"the VM did not come up: {exc}; last lines of {GUEST_OUTPUT_LABEL}:\n"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kvmc.errors import Conflict, KvmcError, UsageError, VolumeInUse, VolumeNotFound  # noqa: F401 (re-exported)
 from kvmc.mounts import VOLUME_NAME
+from kvmc.space import TOOL_ENV, tool_error
 from kvmc.state import now_iso
 
 VOLUME_FILE = "volume.json"
@@ -112,7 +113,7 @@ class VolumeStore:
             subprocess.run(
                 ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", name[:16],
                  "-E", "lazy_itable_init=1,lazy_journal_init=1", str(disk)],
-                check=True, capture_output=True, text=True,
+                check=True, capture_output=True, text=True, env={**os.environ, **TOOL_ENV},
             )
             volume = Volume(name=name, created=now_iso(), size_bytes=size_bytes, path=str(final / DISK_FILE),
                             labels=dict(labels or {}))
@@ -126,7 +127,7 @@ class VolumeStore:
                 raise Conflict(f"volume {name} already exists") from None
             return volume
         except subprocess.CalledProcessError as exc:
-            raise KvmcError(f"cannot format volume {name}: {exc.stderr.strip()}") from None
+            raise tool_error(exc.stderr, work) or KvmcError(f"cannot format volume {name}: {exc.stderr.strip()}") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

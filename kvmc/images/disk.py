@@ -129,6 +129,7 @@ def make_ext4(rootfs: Path, dest: Path) -> DiskInfo:
                     str(dest),
                 ],
                 what="cannot build the image's ext4 disk",
+                writes=(dest.parent,),
             )
             break
         except ImageError as exc:

@@ -320,7 +320,8 @@ class ImageStore:
         rootfs = scratch / "rootfs"
         # "raw unpack": just the rootfs, no runtime bundle and no mtree manifest (umoci
         # would hash every file for a repack we never do). Whiteouts are applied by umoci.
-        run_tool(umoci_args(("raw", "unpack"), "--image", f"{copied}:{SCRATCH_TAG}", str(rootfs)), what=what)
+        run_tool(umoci_args(("raw", "unpack"), "--image", f"{copied}:{SCRATCH_TAG}", str(rootfs)), what=what,
+                 writes=(scratch,))
         shutil.rmtree(copied)  # free the blobs before the disk is written
 
         with self._staging_dir() as staging:

@@ -14,7 +14,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kvmc.errors import ImageError
+from kvmc.errors import DiskFull, ImageError
+from kvmc.space import HINT, TOOL_ENV, says_no_space, tool_error
 
 _PACKAGES = {
     "skopeo": "skopeo",
@@ -56,10 +57,13 @@ def run_tool(
     what: str,
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    writes: Sequence[Path] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run a tool; on failure raise ``ImageError("<what>: <tool's last error line>")``."""
+    """Run a tool; on failure raise ``ImageError("<what>: <tool's last error line>")``, or
+    DiskFull when it ran out of space (its output says so, or a file system it ``writes`` to
+    is full)."""
     exe = require_tool(argv[0])
-    full_env = dict(os.environ)
+    full_env = {**os.environ, **TOOL_ENV}
     if env:
         full_env.update(env)
     try:
@@ -76,7 +80,13 @@ def run_tool(
     except subprocess.TimeoutExpired as exc:
         raise ImageError(f"{what}: {argv[0]} timed out after {timeout:.0f}s") from exc
     if proc.returncode != 0:
-        raise ImageError(f"{what}: {last_error_line(proc.stderr or proc.stdout)}")
+        output = proc.stderr or proc.stdout
+        full = tool_error(output, *writes)
+        if full is None and says_no_space(output):
+            full = DiskFull(f"the disk is full: {what}: {last_error_line(output)}", hint=HINT)
+        if full is not None:
+            raise full
+        raise ImageError(f"{what}: {last_error_line(output)}")
     return proc
 
 
@@ -114,7 +124,7 @@ def skopeo_copy(
         argv.append("--src-tls-verify=false")
     tmp = scratch / "skopeo-tmp"
     tmp.mkdir(exist_ok=True)
-    run_tool([*argv, source, dest], what=what, env={"TMPDIR": str(tmp)}, timeout=timeout)
+    run_tool([*argv, source, dest], what=what, env={"TMPDIR": str(tmp)}, timeout=timeout, writes=(scratch,))
 
 
 def umoci_args(subcommand: Sequence[str], *args: str) -> list[str]:

@@ -25,6 +25,7 @@ from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, OVERLAY_FILE, VMSpec, container_vm
 from kvmc.context import HostContext
 from kvmc.guest import GuestArtefacts
+from kvmc.space import check_vm_disk
 
 if TYPE_CHECKING:
     from kvmc.images import Image
@@ -262,7 +263,8 @@ class PoolDirectory(Generic[R]):
             create_overlay(image_disk, warming / OVERLAY_FILE)
             self._boot(record, warming, sock, image_disk)
             with AgentConnection.connect(str(sock), timeout=self.host.config.boot_timeout_s) as conn:
-                conn.wait_ready(self.host.config.boot_timeout_s)
+                conn.wait_ready(self.host.config.boot_timeout_s,
+                                check=lambda: check_vm_disk(self.host.hv, self.domain_for(ident), warming))
             running = self._capture(record, warming, image_disk, **options)
             (warming / self.RECORD_FILE).write_text(record.to_json())  # type: ignore[attr-defined]
             os.rename(warming, self.root / ident)

@@ -11,7 +11,8 @@ import signal as signals
 import time
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 
-from kvmc.errors import UsageError
+from kvmc.space import disk_full_errors
+from kvmc.errors import KvmcError, UsageError
 from kvmc.logs import LOG_FILE, LogEntry, parse_log_time, read_log
 from kvmc.service.filters import check as check_filters
 from kvmc.service.filters import container_matches
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from kvmc.runtime import Console, RunOptions, Runtime, SignalForwarder
 
 WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
+PAUSE_REASONS = {"ioerror": "disk full"}
+"""Why libvirt says a VM is paused, as kvmc shows it, where it is not the user's own pause:
+QEMU stops a VM whose disk write found no space (werror=enospc); its monitor resumes it."""
 POLL_S = 0.1
 
 
@@ -41,6 +45,7 @@ def parse_signal(text: str | int | None, default: int = signals.SIGKILL) -> int:
     return number
 
 
+@disk_full_errors(lambda self: self.engine.config.data_dir)
 class ContainerService:
     """Containers for both front doors."""
 
@@ -70,13 +75,32 @@ class ContainerService:
 
         record = self.get(ref)
         data = asdict(record)
-        data["vm_state"] = self.engine.hv.state(record.domain)
+        data["vm_state"], reason = self.engine.hv.state_reason(record.domain)
+        data["vm_state_reason"] = PAUSE_REASONS.get(reason, reason)
+        data["status"] = self.status(record, (data["vm_state"], reason))
         try:
             config = self.engine.images.get(record.image_id).config
             data["image_config"] = {"exposed_ports": config.exposed_ports, "volumes": config.volumes}
         except Exception:  # noqa: BLE001 - an image removed under a container is not an error here
             data["image_config"] = None
         return data
+
+    def vm_states(self, records: list[ContainerRecord]) -> dict[str, tuple[str | None, str | None]]:
+        """libvirt's (state, reason) of each running container's VM, by id: reads only, and
+        empty when libvirt cannot be reached (the records still say what they know)."""
+        try:
+            return {r.id: self.engine.hv.state_reason(r.domain) for r in records if r.state == State.RUNNING}
+        except KvmcError:
+            return {}
+
+    @staticmethod
+    def status(record: ContainerRecord, vm: tuple[str | None, str | None] | None = None) -> str:
+        """kvmc ps' STATUS: Created, Starting, Running, Paused, Paused (disk full), Exited (N)."""
+        if record.state == State.EXITED:
+            return f"Exited ({record.exit_code})"
+        if record.state == State.RUNNING and vm and vm[0] == "paused":
+            return f"Paused ({PAUSE_REASONS[vm[1]]})" if vm[1] in PAUSE_REASONS else "Paused"
+        return record.state.value.capitalize()
 
     def log_path(self, record: ContainerRecord):  # noqa: ANN201 - Path
         """The newest file of the container's json-file log (older ones end in .1, .2, ...)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvmc.detach import parse_detach_keys
+from kvmc.space import disk_full_errors
 from kvmc.errors import Conflict, ExecNotFound, KvmcError, UsageError
 from kvmc.process import ProcessOptions
 
@@ -47,6 +48,7 @@ class ExecInstance:
     created_at: float = field(default_factory=time.monotonic)
 
 
+@disk_full_errors(lambda self: self.containers.engine.config.data_dir)
 class ExecService:
     """Create, start and inspect exec instances of running containers."""
 

@@ -17,6 +17,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
+from kvmc.space import disk_full_errors
 from kvmc.errors import Conflict, NotFound, UsageError
 from kvmc.process import ProcessOptions
 
@@ -43,6 +44,7 @@ class PathStat:
         return stat_mod.S_ISDIR(self.mode)
 
 
+@disk_full_errors(lambda self: self.containers.engine.config.data_dir)
 class FileService:
     """stat, copy out and copy in, through execs in the running VM."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvmc.space import disk_full_errors
 from kvmc.errors import ImageInUse
 from kvmc.images import Image, RemoveResult
 
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from kvmc.runtime import Runtime
 
 
+@disk_full_errors(lambda self: self.engine.config.data_dir)
 class ImageService:
     """Images for both front doors."""
 

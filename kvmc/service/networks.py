@@ -20,6 +20,7 @@ from kvmc.net.host import host_taps, kvmc_namespaces, owner_mark, tap_owner
 from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, NETNS_PREFIX, Endpoint, tap_name, valid_dns_name
 from kvmc.net.store import BUILTIN, Network
 from kvmc.state import ContainerRecord
+from kvmc.space import disk_full_errors
 
 if TYPE_CHECKING:
     from kvmc.runtime import Runtime
@@ -45,6 +46,7 @@ class NetworkView:
              "aliases": ep.aliases} for r, ep in self.containers]}
 
 
+@disk_full_errors(lambda self: self.engine.config.data_dir)
 class NetworkService:
     """Create, list, inspect, connect, disconnect, remove and prune networks."""
 

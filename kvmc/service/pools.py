@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from kvmc.space import disk_full_errors
 from kvmc.context import HostContext
 from kvmc.errors import UsageError
 from kvmc.network import parse_network
@@ -11,6 +12,7 @@ from kvmc.network import parse_network
 MODES = ("save", "template")
 
 
+@disk_full_errors(lambda self: self.host.config.data_dir)
 class PoolService:
     """kvmc/pool/'s operations with the defaults and checks a front door would otherwise hold."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmc.space import disk_full_errors
+
 if TYPE_CHECKING:
     from kvmc.runtime import Runtime
 
@@ -21,6 +23,7 @@ class HostInfo:
     accel_reason: str
 
 
+@disk_full_errors(lambda self: self.engine.config.data_dir)
 class SystemService:
     """System-wide operations for both front doors."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmc.space import disk_full_errors
 from kvmc.errors import VolumeInUse
 from kvmc.volumes import DEFAULT_SIZE, Volume
 
@@ -24,6 +25,7 @@ class VolumeView:
         return {**self.volume.to_dict(), "used_by": self.used_by}
 
 
+@disk_full_errors(lambda self: self.engine.config.data_dir)
 class VolumeService:
     """Volumes for both front doors."""
 

@@ -668,9 +668,12 @@ class FakeHypervisor:
             if rec["state"] == "paused":
                 self._thaw(rec)
                 rec["state"] = "running"
+                rec.pop("pause_reason", None)
                 self.store.save(rec)
 
-    def pause(self, name: str) -> None:
+    def pause(self, name: str, reason: str = "user") -> None:
+        """libvirt's suspend (reason ``user``); tests pass ``ioerror`` for what QEMU does on
+        a disk write that finds no space (werror=enospc)."""
         with self.store.locked():
             rec = self._require(name)
             if rec["state"] == "shutoff":
@@ -678,7 +681,13 @@ class FakeHypervisor:
             if rec["state"] == "running":
                 self._freeze(rec)
                 rec["state"] = "paused"
+                rec["pause_reason"] = reason
                 self.store.save(rec)
+
+    def state_reason(self, name: str) -> tuple[str | None, str | None]:
+        state = self.state(name)
+        rec = self.store.load(name) if state == "paused" else None
+        return state, (rec or {}).get("pause_reason", "user") if state == "paused" else None
 
     def forget(self, name: str) -> None:
         with self.store.locked():

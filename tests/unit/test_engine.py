@@ -564,3 +564,47 @@ def test_default_log_cap_comes_from_the_config(env: Env) -> None:
     record = env.svc.create(env.opts("true", name="quiet"))
     assert record.log_opts == {"max-size": "20m", "max-file": "5"}
     env.svc.remove("quiet")
+
+
+# ------------------------------------------------------------------ full disk
+ENOSPC_STEPS: dict[str, Callable[[pytest.MonkeyPatch], list[tuple]]] = {
+    "name reservation": lambda mp: inject(mp, Path, "write_text", OSError(28, "No space left on device", "names")),
+    "state.save": lambda mp: inject(mp, StateStore, "save", OSError(28, "No space left on device", "record.json")),
+    "qemu-img": lambda mp: inject(mp, runtime_mod, "create_overlay",
+                                  KvmcError("cannot create the container disk x: No space left on device")),
+}
+
+
+@pytest.mark.parametrize("step", list(ENOSPC_STEPS))
+def test_create_on_a_full_disk_says_so_and_leaves_nothing(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                                          step: str) -> None:
+    from kvmc.errors import DiskFull
+
+    calls = ENOSPC_STEPS[step](monkeypatch)
+    with pytest.raises(DiskFull) as caught:
+        env.svc.create(env.opts("true", name="box"))
+    assert len(calls) == 1, f"{step} was not reached"
+    assert caught.value.kind == "unavailable" and str(caught.value).startswith("the disk is full: no space left")
+    assert "free" in str(caught.value) and "kvmc rm" in str(caught.value)
+    env.nothing_left()
+    assert not [p for p in (env.config.containers_dir / "names").iterdir() if p.name.startswith(".") and p.is_file()]
+
+
+def test_a_vm_paused_on_a_full_disk_is_shown_and_resumed(env: Env) -> None:
+    """QEMU pauses a VM whose disk write found no space (reason ioerror); ps says "Paused (disk
+    full)", and the monitor resumes it once there is room (here: at once, the disk is not full)."""
+    record, _ = env.svc.run(env.opts("sh", "-c", "while true; do echo tick; sleep 0.2; done", name="filler",
+                                     detach=True), None, io.BytesIO(), io.BytesIO())
+    env.hv.pause(record.domain, reason="ioerror")
+    assert env.svc.status(record, env.svc.vm_states([record])[record.id]) == "Paused (disk full)"
+    assert env.svc.inspect("filler")["vm_state_reason"] == "disk full"
+    wait_for(lambda: env.hv.state(record.domain) == "running",
+             why=f"the monitor to resume the VM: {env.monitor_logs()}", timeout=10)
+    assert env.svc.status(record, env.svc.vm_states([record])[record.id]) == "Running"
+    log = (env.state.container_dir(record.id) / "monitor.log").read_text()
+    assert "found no space" in log and "resumed" in log
+    env.hv.pause(record.domain)  # the user's own pause is left alone
+    time.sleep(2.5)
+    assert env.hv.state_reason(record.domain) == ("paused", "user")
+    assert env.svc.status(record, env.svc.vm_states([record])[record.id]) == "Paused"
+    env.svc.remove("filler", force=True)

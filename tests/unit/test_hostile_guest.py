@@ -191,6 +191,9 @@ class StubHypervisor:
     def state(self, name: str) -> str:
         return "shutoff" if self.destroyed.is_set() else "running"
 
+    def state_reason(self, name: str) -> tuple[str, None]:
+        return self.state(name), None
+
     def pause(self, name: str) -> None:
         pass
 
