@@ -10,6 +10,7 @@ Everything here is stdlib only: frame encoding/decoding, a small connection obje
 
 from __future__ import annotations
 
+import io
 import re
 import select
 import signal
@@ -224,6 +225,30 @@ def guest_text(payload: bytes, limit: int = GUEST_TEXT_LIMIT, *, one_line: bool 
     pattern = _CONTROL_OR_NEWLINE if one_line else _CONTROL
     text = pattern.sub(lambda m: repr(m.group())[1:-1], text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class GuestOutput(io.RawIOBase):
+    """A sink for output of a process in the guest that the host reads itself (``stat``, ``ps``,
+    ``tar``'s complaints): keeps the first ``limit`` bytes and only counts the rest, since a
+    guest can write any amount."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        super().__init__()
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: bytes) -> int:  # type: ignore[override]
+        take = max(0, self.limit - len(self.data))
+        self.data += b[:take]
+        self.dropped += max(0, len(b) - take)
+        return len(b)
+
+    def getvalue(self) -> bytes:
+        return bytes(self.data)
 
 
 def labelled(error: str) -> str:

@@ -25,7 +25,6 @@ holds the files open); the persistent definition is the container's, for later s
 
 from __future__ import annotations
 
-import io
 import os
 import secrets
 import sys
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvmc.agent import AgentConnection, ProcessSpec, attach_process
+from kvmc.agent import AgentConnection, GuestOutput, ProcessSpec, attach_process, labelled
 from kvmc.domain import VMSpec, render_domain_xml
 from kvmc.errors import GuestError
 from kvmc.guest import GuestArtefacts
@@ -180,11 +179,11 @@ class SavedMembers(PoolDirectory[Member]):
         timeout = self.host.config.boot_timeout_s
         with AgentConnection.connect(str(self.socket_for(member.id)), timeout=timeout) as conn:
             conn.run(WARM_UP_ID, ProcessSpec(args=["/proc/self/exe", "--version"]))
-            result = attach_process(conn, WARM_UP_ID, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(),
+            result = attach_process(conn, WARM_UP_ID, stdin=None, stdout=GuestOutput(0), stderr=GuestOutput(0),
                                     timeout=timeout)
         if result.exit_code != 0 or result.error:
-            raise GuestError(f"warming up pool member {member.id[:12]} failed: exit {result.exit_code} "
-                             f"{result.error or ''}".strip())
+            raise GuestError(f"warming up pool member {member.id[:12]} failed: exit {result.exit_code}"
+                             + (f": {labelled(result.error)}" if result.error else ""))
         self.host.hv.pause(member.domain)
 
     def _heat(self, path: Path, member: Member, image_disk: Path) -> bool:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
 from kvmc.space import disk_full_errors
-from kvmc.errors import Conflict, NotFound, UsageError
+from kvmc.agent import GuestOutput, guest_text
+from kvmc.errors import Conflict, GuestError, NotFound, UsageError
 from kvmc.process import ProcessOptions
 
 if TYPE_CHECKING:
@@ -52,8 +53,9 @@ class FileService:
         self.containers = containers
 
     def _exec(self, ref: str, args: list[str], stdin: BinaryIO | None, stdout: BinaryIO) -> tuple[int, str]:
-        """Run ``args`` as root in the container: an exec if it runs, else in its VM booted for it."""
-        err = io.BytesIO()
+        """Run ``args`` as root in the container: an exec if it runs, else in its VM booted for it;
+        (exit code, its stderr: the guest's words, escaped and cut short)."""
+        err = GuestOutput(4096)
         record = self.containers.get(ref)
         if not record.is_live:
             engine = self.containers.engine
@@ -61,27 +63,33 @@ class FileService:
                 current = engine.observe(engine.state.load(record.id) or record)
                 if not current.is_live:
                     engine.wait_powered_off(current)  # an exited guest may still be powering off
-                    code = engine.life.run_offline(current, args, stdin, stdout, err)
-                    return code, err.getvalue().decode(errors="replace").strip()
+                    code = engine.life.run_offline(current, args, stdin, stdout, err)  # type: ignore[arg-type]
+                    return code, guest_text(err.getvalue().strip(), 500)
         code = self.containers.exec(record.id, ProcessOptions(command=args, interactive=stdin is not None, user="0"),
-                                    stdin, stdout, err)
-        return code, err.getvalue().decode(errors="replace").strip()
+                                    stdin, stdout, err)  # type: ignore[arg-type]
+        return code, guest_text(err.getvalue().strip(), 500)
 
     def stat(self, ref: str, path: str) -> PathStat:
         """The path's stat inside the container (NotFound when it does not exist)."""
         record = self.containers.get(ref)
-        out = io.BytesIO()
-        code, err = self._exec(record.id, ["stat", "-c", _STAT_FORMAT, "--", path], None, out)
+        out = GuestOutput(64 * 1024)
+        code, err = self._exec(record.id, ["stat", "-c", _STAT_FORMAT, "--", path], None, out)  # type: ignore[arg-type]
         if code != 0:
             if code == 127 or "not found" in err and "No such file" not in err:
-                raise UsageError(f"cannot stat {path} in {record.name}: the image has no stat command ({err})")
+                raise UsageError(f"cannot stat {path} in {record.name}: the image has no stat command (its "
+                                 f"stderr: {err})")
             raise NotFound(f"Could not find the file {path} in container {record.name}")
-        size, mode, mtime, name = out.getvalue().decode(errors="replace").strip().split("|", 3)
-        target = ""
-        if " -> " in name:
-            name, target = name.split(" -> ", 1)
-        return PathStat(posixpath.basename(path.rstrip("/")) or "/", int(size), int(mode, 16), int(mtime),
-                        target.strip("'\"`’‘"))
+        text = out.getvalue().decode(errors="replace").strip()
+        try:  # the guest's stat wrote this: anything may be in it
+            size, mode, mtime, name = text.split("|", 3)
+            target = ""
+            if " -> " in name:
+                name, target = name.split(" -> ", 1)
+            return PathStat(posixpath.basename(path.rstrip("/")) or "/", int(size), int(mode, 16), int(mtime),
+                            target.strip("'\"`’‘"))
+        except ValueError:
+            raise GuestError(f"the stat command of container {record.name} printed what kvmc cannot read: "
+                             f"{guest_text(text.encode(), 200)!r}") from None
 
     def copy_out(self, ref: str, path: str, out: BinaryIO) -> PathStat:
         """Write a tar of ``path`` (named by its base name, as docker does) to ``out``."""
@@ -90,16 +98,16 @@ class FileService:
         args = ["tar", "-C", parent or "/", "-cf", "-", base] if base else ["tar", "-C", "/", "-cf", "-", "."]
         code, err = self._exec(ref, args, None, out)
         if code != 0:
-            raise Conflict(f"cannot copy {path} out of the container: tar exited {code}: {err}")
+            raise Conflict(f"cannot copy {path} out of the container: tar exited {code} (its stderr: {err})")
         return found
 
     def copy_in(self, ref: str, directory: str, tar: BinaryIO) -> None:
         """Extract the tar stream ``tar`` into ``directory`` (which must exist): one ``tar -x``,
         so a stopped container pays one VM boot, not two."""
-        code, err = self._exec(ref, ["tar", "-C", directory, "-xf", "-"], tar, io.BytesIO())
+        code, err = self._exec(ref, ["tar", "-C", directory, "-xf", "-"], tar, GuestOutput(0))  # type: ignore[arg-type]
         if code != 0:
             if "No such file" in err or "can't change directory" in err or "Cannot change" in err:
                 raise NotFound(f"Could not find the file {directory} in container {ref}")
             if "Not a directory" in err:
                 raise UsageError(f"extraction point is not a directory: {directory}")
-            raise Conflict(f"cannot copy into {directory}: tar exited {code}: {err}")
+            raise Conflict(f"cannot copy into {directory}: tar exited {code} (its stderr: {err})")

@@ -597,3 +597,12 @@ def test_answered_signal_keeps_waiting() -> None:
         result = attach_process(conn, 1, stdin=None, stdout=out, stderr=io.BytesIO(), watch=watch)
     assert result.exit_code == 0 and out.getvalue().count(b"still here") == 4
     far_end.close()
+
+
+def test_guest_output_the_host_reads_is_bounded() -> None:
+    from kvmc.agent import GuestOutput
+
+    sink = GuestOutput(10)
+    for _ in range(1000):
+        assert sink.write(b"x" * 1000) == 1000
+    assert sink.getvalue() == b"x" * 10 and sink.dropped == 1000 * 1000 - 10

@@ -21,6 +21,7 @@ from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack
 from kvmc.api.server import Api, PendingAttach, api_of
 from kvmc.api.translate import (ZERO_TIME, create_options, normalize_image_ref, parse_filters,
                                 path_stat_header, run_options)
+from kvmc.agent import GuestOutput
 from kvmc.detach import parse_detach_keys
 from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
 from kvmc.process import ProcessOptions
@@ -341,9 +342,9 @@ async def stats(request: web.Request) -> web.StreamResponse:
 async def top(request: web.Request) -> web.Response:
     """``ps`` inside the guest (the image's own ps: busybox's prints PID USER TIME COMMAND)."""
     api = api_of(request)
-    out = io.BytesIO()
+    out = GuestOutput(1 << 20)  # the guest's ps: at most 1 MiB of it is kept
     code = await api.call(api.services.containers.exec, request.match_info["id"],
-                          ProcessOptions(command=["ps"], user="0"), None, out, io.BytesIO())
+                          ProcessOptions(command=["ps"], user="0"), None, out, GuestOutput(0))
     if code != 0:
         raise ApiError(500, "the container's image has no working ps command")
     lines = out.getvalue().decode(errors="replace").splitlines()
