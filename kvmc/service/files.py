@@ -11,7 +11,6 @@ the container's lock so no start races it. That costs a VM boot per call (~1.5 s
 
 from __future__ import annotations
 
-import io
 import posixpath
 import stat as stat_mod
 from dataclasses import dataclass
