@@ -161,7 +161,7 @@ class Monitor:
             with self.lock:
                 self.execs[frame.proc_id] = client
             try:
-                self.conn.send(frame.type, frame.proc_id, frame.payload)
+                self.conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)  # RUN_TTY kept
             except OSError:
                 self.procs.forget(frame.proc_id)
                 raise

@@ -36,6 +36,7 @@ from kvmc.agent import (
     GUEST_TO_HOST,
     HEADER_SIZE,
     MAX_PAYLOAD,
+    PROTOCOL_VERSION,
     AgentConnection,
     Frame,
     FrameReader,
@@ -174,8 +175,8 @@ def test_process_table_follows_the_lifecycle() -> None:
     with pytest.raises(AgentProtocolError, match="did not start"):
         table.check(Frame(FrameType.EXIT, 777, encode_exit(0)))  # never run
     with pytest.raises(AgentProtocolError, match="READY"):
-        table.check(Frame(FrameType.READY, 5, b"kvmc-agent/1"))
-    table.check(Frame(FrameType.READY, 0, b"kvmc-agent/1 uptime_ms=3"))
+        table.check(Frame(FrameType.READY, 5, f"kvmc-agent/{PROTOCOL_VERSION}".encode()))
+    table.check(Frame(FrameType.READY, 0, f"kvmc-agent/{PROTOCOL_VERSION} uptime_ms=3".encode()))
 
 
 # ------------------------------------------------------------ the monitor
@@ -261,6 +262,9 @@ class ScriptedLife:
         self.host.state.remove(record)
 
     def reap(self, domain: str) -> None:
+        pass
+
+    def leave_networks(self, record: ContainerRecord, update_record: bool = True) -> None:
         pass
 
 
@@ -410,7 +414,7 @@ def test_started_with_a_bad_pid_stops_the_vm_and_the_exec_gets_no_traceback(moni
     raw_frame(FrameType.EXIT, 1, b"\2\0\0\0\0"),              # unknown EXIT kind
     raw_frame(FrameType.EXIT, 1, b"\1\0\0\1\0"),              # signal 256
     raw_frame(FrameType.READY, 0, b"kvmc-agent/9"),           # another protocol
-    raw_frame(FrameType.READY, 3, b"kvmc-agent/1"),           # READY is the VM's
+    raw_frame(FrameType.READY, 3, b"kvmc-agent/2"),           # READY is the VM's
     raw_frame(FrameType.STARTED, 1, b"pid=1"),                # STARTED twice
     raw_frame(FrameType.ERROR, 1, b"started already"),        # ERROR after STARTED
     raw_frame(FrameType.STDERR, 0, b"the VM has no output"),  # frame for id 0
