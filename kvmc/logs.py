@@ -454,17 +454,26 @@ def read_log(path: Path, *, tail: int | None = None, follow: bool = False, since
         # What is there now, newest file first: a whole file for each, or the tail's lines.
         segments: list[Iterator[bytes]] = []
         needed = tail
+        try:  # the newest file is followed from its end, whatever the tail takes (even none)
+            current = path.open("rb")
+            opened.append(current)
+            offset = _complete_end(current)
+        except OSError:
+            current = None  # no log yet
         for file_path in reversed(log_files(path)):
             if needed is not None and needed <= 0:
                 break
-            try:
-                f = file_path.open("rb")
-            except OSError:
-                continue  # rotated away meanwhile, or no log yet
-            opened.append(f)
-            end = _complete_end(f)
             if file_path == path:
-                current, offset = f, end
+                if current is None:
+                    continue
+                f, end = current, offset
+            else:
+                try:
+                    f = file_path.open("rb")
+                except OSError:
+                    continue  # rotated away meanwhile
+                opened.append(f)
+                end = _complete_end(f)
             if needed is None:
                 segments.insert(0, _lines_between(f, 0, end))
             else:

@@ -266,3 +266,18 @@ def test_a_burst_bigger_than_a_file_fills_several(tmp_path: Path) -> None:
     log.write("stdout", b"".join(f"more {i}\n".encode() for i in range(1000)))  # more than all 3 files
     assert all(p.stat().st_size <= 4000 for p in log_files(path))
     assert text_of(path).endswith(b"more 999\n")
+
+
+def test_follow_with_tail_zero_shows_only_what_comes(tmp_path: Path) -> None:
+    path = tmp_path / LOG_FILE
+    log = LogWriter(path, UNCAPPED)
+    log.write("stdout", b"old\n")
+    done = threading.Event()
+
+    def later() -> None:
+        time.sleep(0.3)
+        log.write("stdout", b"new\n")
+        done.set()
+
+    threading.Thread(target=later, daemon=True).start()
+    assert [e.data for e in read_log(path, tail=0, follow=True, still_running=lambda: not done.is_set())] == [b"new\n"]
