@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process, guest_text
+from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process, guest_text, labelled
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, ro_volume_overlay
@@ -225,12 +225,7 @@ class VMLife:
             (directory / CLONE_XML).unlink(missing_ok=True)
             host.state.update(record, clone_from="")
         else:
-            volumes = [m for m in record.mounts if m.kind == "volume"]  # only cold boots have volumes
-            for index, mount in enumerate(volumes, start=1):
-                if mount.readonly:  # a fresh layer: the volume may have changed since the last start
-                    layer = ro_volume_overlay(directory, index)
-                    layer.unlink(missing_ok=True)
-                    create_overlay(Path(host.volumes.get(mount.source).path), layer)
+            self.fresh_ro_layers(record)  # only cold boots have volumes
             host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
             host.hv.start(record.domain)
         host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
@@ -273,6 +268,17 @@ class VMLife:
         host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
 
+    def fresh_ro_layers(self, record: ContainerRecord) -> None:
+        """A new throwaway layer over each read-only volume (kvmc.domain.ro_volume_overlay),
+        before any boot from the container's definition: the volume may have changed since."""
+        directory = self.host.state.container_dir(record.id)
+        volumes = [m for m in record.mounts if m.kind == "volume"]
+        for index, mount in enumerate(volumes, start=1):
+            if mount.readonly:
+                layer = ro_volume_overlay(directory, index)
+                layer.unlink(missing_ok=True)
+                create_overlay(Path(self.host.volumes.get(mount.source).path), layer)
+
     def run_offline(self, record: ContainerRecord, args: list[str], stdin: BinaryIO | None, stdout: BinaryIO,
                     stderr: BinaryIO) -> int:
         """Boot a stopped container's own VM (its disk, its volumes) for one process as root,
@@ -292,6 +298,7 @@ class VMLife:
                 Path(record.restore_from).unlink(missing_ok=True)
             (host.state.container_dir(record.id) / CLONE_XML).unlink(missing_ok=True)
             host.state.update(record, restore_from="", clone_from="", resume_paused=False)
+        self.fresh_ro_layers(record)
         self.create_taps(record)
         try:
             host.hv.define((host.state.container_dir(record.id) / "domain.xml").read_text())
@@ -311,7 +318,7 @@ class VMLife:
                 if endpoint.tap:
                     self.netns.delete_tap(endpoint.tap)
         if result.error:
-            raise KvmcError(f"cannot run {args[0]} in container {record.name}'s VM: {result.error}")
+            raise KvmcError(f"cannot run {args[0]} in container {record.name}'s VM: {labelled(result.error)}")
         return result.exit_code
 
     def _resume_hot(self, record: ContainerRecord) -> bool:
