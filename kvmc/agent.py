@@ -158,6 +158,16 @@ class ProcessSpec:
     netifs: list[str] = field(default_factory=list)
     """``MATCHMAC,NAME,MAC,ADDRESS/PREFIX`` per NIC on a kvmc network (kvmc/net/)."""
     dns: list[str] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    dns_options: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    """Extra /etc/hosts lines, ``IP NAME [NAME...]`` (docker's --add-host)."""
+    stop_signal: int | None = None
+    """What SHUTDOWN sends process 1 (docker's --stop-signal); SIGTERM when None."""
+    # Any process (execs too): docker's --ulimit as ``NAME:SOFT:HARD`` (-1 unlimited) and the
+    # capabilities dropped from the bounding set (numbers), both applied right before the exec.
+    ulimits: list[str] = field(default_factory=list)
+    cap_drop: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
         """Return the RUN payload: NUL-terminated ``key=value`` items."""
@@ -183,6 +193,11 @@ class ProcessSpec:
         if self.net:
             items.append(("net", self.net))
         items += [("dns", d) for d in self.dns]
+        items += [("dns_search", d) for d in self.dns_search] + [("dns_option", o) for o in self.dns_options]
+        items += [("host", h) for h in self.hosts]
+        if self.stop_signal:
+            items.append(("stop_signal", str(self.stop_signal)))
+        items += [("ulimit", u) for u in self.ulimits] + [("cap_drop", str(c)) for c in self.cap_drop]
         out = bytearray()
         for key, value in items:
             raw = value.encode()

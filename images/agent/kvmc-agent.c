@@ -34,6 +34,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -90,6 +91,7 @@ static int64_t port_pause_until;             /* device mode HUP backoff */
 static int main_started, main_exit_sent, main_acked;
 static int64_t end_deadline = -1, shutdown_deadline = -1;
 static int shutdown_requested, shutdown_killed;
+static int main_stop_signal = SIGTERM; /* RUN item stop_signal of process 1: what SHUTDOWN sends it */
 static size_t stdin_queued;
 static pid_t pgids[64]; /* every process group we started: orphans outlive their slot */
 static unsigned npgids;
@@ -460,11 +462,80 @@ struct run_spec {
 	char **argv, **env; /* env has room for 4 more entries */
 	int nenv;
 	const char *cwd, *user, *hostname;
+	char **ulimits, **cap_drops; /* any process: applied in the child before the exec */
+	int nulimits, ncap_drops;
 	char **mounts, **dns, **netifs; /* container setup, process 1 only */
 	int nmounts, ndns, nnetifs, readonly_root;
+	char **hosts, **dns_search, **dns_options; /* container setup too */
+	int nhosts, ndns_search, ndns_options;
 	const char *net;
 	int tty; /* stdin, stdout and stderr are the pty's slave, which becomes the controlling terminal */
 };
+
+/* docker's --ulimit names (go-units), as RLIMIT_* */
+static const struct { const char *name; int resource; } rlimit_names[] = {
+	{ "core", RLIMIT_CORE }, { "cpu", RLIMIT_CPU }, { "data", RLIMIT_DATA }, { "fsize", RLIMIT_FSIZE },
+	{ "locks", RLIMIT_LOCKS }, { "memlock", RLIMIT_MEMLOCK }, { "msgqueue", RLIMIT_MSGQUEUE },
+	{ "nice", RLIMIT_NICE }, { "nofile", RLIMIT_NOFILE }, { "nproc", RLIMIT_NPROC }, { "rss", RLIMIT_RSS },
+	{ "rtprio", RLIMIT_RTPRIO }, { "rttime", RLIMIT_RTTIME }, { "sigpending", RLIMIT_SIGPENDING },
+	{ "stack", RLIMIT_STACK },
+};
+
+/* One limit value: a number, or -1 for unlimited. */
+static int parse_rlim(const char *text, rlim_t *out)
+{
+	char *end;
+	if (!strcmp(text, "-1") || !strcmp(text, "unlimited")) {
+		*out = RLIM_INFINITY;
+		return 0;
+	}
+	if (!*text || *text == '-')
+		return -1;
+	errno = 0;
+	unsigned long long v = strtoull(text, &end, 10);
+	if (errno || *end)
+		return -1;
+	*out = (rlim_t)v;
+	return 0;
+}
+
+/* "NAME:SOFT:HARD" -> setrlimit; as root, before the switch to the container's user, so a
+ * hard limit may also be raised (what docker's runc does before exec). */
+static void apply_ulimit(int efd, const char *item)
+{
+	char name[32];
+	const char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+	size_t i, n = sizeof rlimit_names / sizeof rlimit_names[0];
+	struct rlimit rl;
+	char soft[32], hard[32];
+	if (!c1 || !c2 || (size_t)(c1 - item) >= sizeof name || (size_t)(c2 - c1 - 1) >= sizeof soft ||
+	    strlen(c2 + 1) >= sizeof hard)
+		child_fail(efd, 126, "ulimit \"%s\": want NAME:SOFT:HARD", item);
+	snprintf(name, sizeof name, "%.*s", (int)(c1 - item), item);
+	snprintf(soft, sizeof soft, "%.*s", (int)(c2 - c1 - 1), c1 + 1);
+	snprintf(hard, sizeof hard, "%s", c2 + 1);
+	for (i = 0; i < n && strcmp(name, rlimit_names[i].name); i++)
+		;
+	if (i == n)
+		child_fail(efd, 126, "ulimit \"%s\": unknown limit %s", item, name);
+	if (parse_rlim(soft, &rl.rlim_cur) < 0 || parse_rlim(hard, &rl.rlim_max) < 0)
+		child_fail(efd, 126, "ulimit \"%s\": want NAME:SOFT:HARD (numbers, -1 for unlimited)", item);
+	if (setrlimit(rlimit_names[i].resource, &rl) < 0)
+		child_fail(efd, 126, "ulimit %s=%s:%s: %s", name, soft, hard, strerror(errno));
+}
+
+/* "N": drop capability N from the bounding set. A root process then execs with only what is
+ * left (its permitted set after exec is the bounding set: the agent's inheritable set is
+ * empty); a non-root user has none anyway. */
+static void drop_cap(int efd, const char *item)
+{
+	char *end;
+	long cap = strtol(item, &end, 10);
+	if (!*item || *end || cap < 0 || cap > 63)
+		child_fail(efd, 126, "cap_drop \"%s\": want a capability number", item);
+	if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) /* EINVAL: unknown to this kernel */
+		child_fail(efd, 126, "cap_drop %ld: %s", cap, strerror(errno));
+}
 
 static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int err_w, int efd)
 {
@@ -511,6 +582,10 @@ static _Noreturn void child_main(struct run_spec *s, int in_r, int out_w, int er
 		s->env[s->nenv++] = "TERM=xterm"; /* docker's default for a TTY */
 	s->env[s->nenv] = NULL;
 
+	for (int i = 0; i < s->nulimits; i++)
+		apply_ulimit(efd, s->ulimits[i]);
+	for (int i = 0; i < s->ncap_drops; i++)
+		drop_cap(efd, s->cap_drops[i]);
 	if (setgroups(ngroups, groups) < 0 || setgid(u.gid) < 0 || setuid(u.uid) < 0)
 		child_fail(efd, 126, "cannot switch to user %s: %s", s->user ? s->user : "0", strerror(errno));
 	exec_in_path(efd, s->argv, s->env);
@@ -858,6 +933,17 @@ static void append(char *buf, size_t size, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* One word of resolv.conf or hosts: printable, no blank (a newline would add lines of its own). */
+static int word_ok(const char *w)
+{
+	if (!*w)
+		return 0;
+	for (; *w; w++)
+		if ((unsigned char)*w <= ' ' || *w == 0x7f || *w == '#')
+			return 0;
+	return 1;
+}
+
 static _Noreturn void setup_child(struct run_spec *s, const char *host_addr, int efd)
 {
 	struct mount_item *ms = calloc(s->nmounts + 1, sizeof *ms);
@@ -883,17 +969,44 @@ static _Noreturn void setup_child(struct run_spec *s, const char *host_addr, int
 		do_mount(efd, &ms[i]);
 
 	char text[4096] = "";
+	unsigned char a[16];
 	for (int i = 0; i < s->ndns; i++) {
-		unsigned char a[16];
 		if (inet_pton(AF_INET, s->dns[i], a) != 1 && inet_pton(AF_INET6, s->dns[i], a) != 1)
 			child_fail(efd, 126, "dns: bad address \"%s\"", s->dns[i]);
 		append(text, sizeof text, "nameserver %s\n", s->dns[i]);
 	}
-	if (s->ndns)
+	if (s->ndns_search)
+		append(text, sizeof text, "search");
+	for (int i = 0; i < s->ndns_search; i++) {
+		if (!word_ok(s->dns_search[i]))
+			child_fail(efd, 126, "dns_search: bad domain \"%s\"", s->dns_search[i]);
+		append(text, sizeof text, " %s%s", s->dns_search[i], i + 1 == s->ndns_search ? "\n" : "");
+	}
+	if (s->ndns_options)
+		append(text, sizeof text, "options");
+	for (int i = 0; i < s->ndns_options; i++) {
+		if (!word_ok(s->dns_options[i]))
+			child_fail(efd, 126, "dns_option: bad option \"%s\"", s->dns_options[i]);
+		append(text, sizeof text, " %s%s", s->dns_options[i], i + 1 == s->ndns_options ? "\n" : "");
+	}
+	if (s->ndns || s->ndns_search || s->ndns_options)
 		write_etc(efd, "resolv.conf", text);
-	if (host_addr) {
+	if (host_addr || s->nhosts) {
 		snprintf(text, sizeof text, "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n");
-		if (s->hostname && *s->hostname)
+		for (int i = 0; i < s->nhosts; i++) {
+			/* "IP NAME [NAME...]": one line of /etc/hosts, checked word by word */
+			char line[600], *save = NULL, *ip;
+			snprintf(line, sizeof line, "%s", s->hosts[i]);
+			ip = strtok_r(line, " ", &save);
+			char *name = ip ? strtok_r(NULL, " ", &save) : NULL;
+			if (!ip || !name || (inet_pton(AF_INET, ip, a) != 1 && inet_pton(AF_INET6, ip, a) != 1))
+				child_fail(efd, 126, "host \"%s\": want IP NAME [NAME...]", s->hosts[i]);
+			for (; name; name = strtok_r(NULL, " ", &save))
+				if (!word_ok(name))
+					child_fail(efd, 126, "host \"%s\": bad name \"%s\"", s->hosts[i], name);
+			append(text, sizeof text, "%s\n", s->hosts[i]);
+		}
+		if (host_addr && s->hostname && *s->hostname)
 			append(text, sizeof text, "%s %s\n", host_addr, s->hostname);
 		write_etc(efd, "hosts", text);
 	}
@@ -929,7 +1042,8 @@ static int setup_container(struct run_spec *s, char *err, size_t errlen)
 	}
 	if (s->net && (parse_net(s->net, &net, err, errlen) < 0 || config_net(&net, err, errlen) < 0))
 		return -1;
-	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net && !s->nnetifs)
+	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net && !s->nnetifs && !s->nhosts && !s->ndns_search &&
+	    !s->ndns_options)
 		return 0;
 	/* /etc/hosts names the container by its address on its (first) kvmc network, as docker's */
 	const char *host_addr = s->nnetifs ? first.addr_text : s->net ? net.addr_text : NULL;
@@ -1080,8 +1194,15 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 			      .env = calloc(nitems + 5, sizeof(char *)),
 			      .mounts = calloc(nitems + 1, sizeof(char *)),
 			      .dns = calloc(nitems + 1, sizeof(char *)),
-			      .netifs = calloc(nitems + 1, sizeof(char *)) };
-	int argc = 0, want_stdin = 0, allocated = s.argv && s.env && s.mounts && s.dns && s.netifs;
+			      .netifs = calloc(nitems + 1, sizeof(char *)),
+			      .ulimits = calloc(nitems + 1, sizeof(char *)),
+			      .cap_drops = calloc(nitems + 1, sizeof(char *)),
+			      .hosts = calloc(nitems + 1, sizeof(char *)),
+			      .dns_search = calloc(nitems + 1, sizeof(char *)),
+			      .dns_options = calloc(nitems + 1, sizeof(char *)) };
+	int argc = 0, want_stdin = 0, stop_signal = 0;
+	int allocated = s.argv && s.env && s.mounts && s.dns && s.netifs && s.ulimits && s.cap_drops && s.hosts &&
+			s.dns_search && s.dns_options;
 	long proto = 1; /* protocol 1 hosts sent no proto item */
 	const char *winsize = NULL;
 	s.tty = flags & RUN_TTY;
@@ -1105,6 +1226,12 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 		else if (!strcmp(it, "netif")) s.netifs[s.nnetifs++] = val;
 		else if (!strcmp(it, "proto")) proto = atol(val);
 		else if (!strcmp(it, "winsize")) winsize = val;
+		else if (!strcmp(it, "dns_search")) s.dns_search[s.ndns_search++] = val;
+		else if (!strcmp(it, "dns_option")) s.dns_options[s.ndns_options++] = val;
+		else if (!strcmp(it, "host")) s.hosts[s.nhosts++] = val;
+		else if (!strcmp(it, "ulimit")) s.ulimits[s.nulimits++] = val;
+		else if (!strcmp(it, "cap_drop")) s.cap_drops[s.ncap_drops++] = val;
+		else if (!strcmp(it, "stop_signal")) stop_signal = atoi(val);
 		else if (!strcmp(it, "time_ns")) {
 			long long ns = atoll(val);
 			struct timespec ts = { ns / 1000000000, ns % 1000000000 };
@@ -1128,8 +1255,9 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 	}
 	if (s.hostname && sethostname(s.hostname, strlen(s.hostname)) < 0)
 		logmsg("sethostname: %s", strerror(errno));
-	int setup = s.nmounts || s.ndns || s.net || s.nnetifs || s.readonly_root;
-	if (setup && id != 1) {
+	int setup = s.nmounts || s.ndns || s.net || s.nnetifs || s.readonly_root || s.nhosts || s.ndns_search ||
+		    s.ndns_options;
+	if ((setup || stop_signal) && id != 1) {
 		logmsg("RUN %u: mount, readonly_root, net and dns apply to process 1 only: ignored", id);
 	} else if (setup) {
 		char why[600];
@@ -1196,16 +1324,23 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 	if (in[1] >= 0)
 		set_nonblock(in[1]);
 	pgids[npgids++ % 64] = pid; /* setsid() in the child makes pid its group id */
-	if (id == 1)
+	if (id == 1) {
 		main_started = 1;
+		main_stop_signal = stop_signal > 0 && stop_signal < NSIG ? stop_signal : SIGTERM;
+	}
 	if (shutdown_requested) /* a RUN racing a SHUTDOWN loses */
-		kill_proc(p, SIGTERM);
+		kill_proc(p, id == 1 ? main_stop_signal : SIGTERM);
 done:
 	free(s.argv);
 	free(s.env);
 	free(s.mounts);
 	free(s.dns);
 	free(s.netifs);
+	free(s.ulimits);
+	free(s.cap_drops);
+	free(s.hosts);
+	free(s.dns_search);
+	free(s.dns_options);
 	free(buf);
 }
 
@@ -1278,9 +1413,9 @@ static void begin_shutdown(uint32_t timeout_s)
 {
 	shutdown_requested = 1;
 	shutdown_deadline = uptime_ms() + (int64_t)timeout_s * 1000;
-	for (int i = 0; i < MAX_PROCS; i++)
+	for (int i = 0; i < MAX_PROCS; i++) /* the main process gets its stop signal (docker's --stop-signal) */
 		if (procs[i].used)
-			kill_proc(&procs[i], SIGTERM);
+			kill_proc(&procs[i], procs[i].id == 1 ? main_stop_signal : SIGTERM);
 }
 
 static void dispatch(int type, int flags, uint16_t id, const unsigned char *payload, size_t len)

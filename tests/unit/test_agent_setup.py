@@ -255,3 +255,85 @@ def test_setup_items_ignored_for_exec(agent_bin: Path, root: Path) -> None:
         log = agent_log(a)
     assert "RUN 2: mount, readonly_root, net and dns apply to process 1 only: ignored" in log
     assert (root / "written").exists() and not (root / "etc/resolv.conf").exists()
+
+
+# ---------- issue 16: ulimits, capabilities, hosts and resolv.conf options, stop signal ----------
+
+
+def test_ulimits_apply_to_main_and_exec(agent_bin: Path, root: Path) -> None:
+    """docker's --ulimit: set before the exec, for process 1 and for execs alike."""
+    # Lowered only: this sandbox may lack CAP_SYS_RESOURCE, which raising a hard limit needs.
+    limits = ["nofile:100:100", "nproc:500:1000", "core:0:1024"]
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, out, err = a.run(["sh", "-c", "ulimit -n; ulimit -Hn; ulimit -u; ulimit -Hu; ulimit -c; ulimit -Hc"],
+                              proc_id=2, ulimits=limits)
+        assert (res.exit_code, res.error, err) == (0, None, b"")
+        assert out.decode().split() == ["100", "100", "500", "1000", "0", "2"]  # -c counts 512-byte blocks
+        res, out, _ = a.run(["sh", "-c", "ulimit -n"])
+        assert out.decode().strip() != "100"  # limits are per RUN: none given, none set
+
+
+@pytest.mark.parametrize(("item", "error"), [
+    ("nofile:200:100", "ulimit nofile=200:100: Invalid argument"),
+    ("bogus:1:1", 'ulimit "bogus:1:1": unknown limit bogus'),
+    ("nofile:x:1", 'ulimit "nofile:x:1": want NAME:SOFT:HARD (numbers, -1 for unlimited)'),
+    ("nofile", 'ulimit "nofile": want NAME:SOFT:HARD'),
+])
+def test_bad_ulimit_fails_the_start(agent_bin: Path, root: Path, item: str, error: str) -> None:
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, out, _ = a.run(["echo", "never"], ulimits=[item])
+    assert (res.exit_code, res.error, out) == (126, error, b"")
+
+
+def test_cap_drop_leaves_the_bounding_set(agent_bin: Path, root: Path) -> None:
+    net_admin, net_raw = 12, 13
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, out, _ = a.run(["grep", "-E", "^Cap(Eff|Bnd)", "/proc/self/status"], cap_drop=[net_admin, net_raw])
+    assert (res.exit_code, res.error) == (0, None)
+    caps = {line.split(":")[0]: int(line.split()[1], 16) for line in out.decode().splitlines()}
+    for name in ("CapEff", "CapBnd"):
+        assert not caps[name] & (1 << net_admin | 1 << net_raw), (name, hex(caps[name]))
+        assert caps[name] & 1  # CAP_CHOWN kept
+
+
+def test_hosts_search_and_options_without_net(agent_bin: Path, root: Path) -> None:
+    """--add-host, --dns-search and --dns-option: /etc/hosts is written even with --network none."""
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, out, _ = a.run(["cat", "/etc/hosts", "/etc/resolv.conf"], hostname="box1",
+                            hosts=["10.0.2.2 host.docker.internal", "192.0.2.7 db db.local"],
+                            dns=["192.0.2.53"], dns_search=["example.com", "corp"], dns_options=["ndots:2", "edns0"])
+    assert (res.exit_code, res.error) == (0, None)
+    assert out.decode() == (
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+        "10.0.2.2 host.docker.internal\n192.0.2.7 db db.local\n"
+        "nameserver 192.0.2.53\nsearch example.com corp\noptions ndots:2 edns0\n")
+
+
+@pytest.mark.parametrize(("items", "error"), [
+    ({"hosts": ["not-an-ip db"]}, 'host "not-an-ip db": want IP NAME [NAME...]'),
+    ({"hosts": ["192.0.2.1"]}, 'host "192.0.2.1": want IP NAME [NAME...]'),
+    ({"hosts": ["192.0.2.1 a\nb"]}, 'host "192.0.2.1 a\nb": bad name "a\nb"'),
+    ({"dns_search": ["a b"]}, 'dns_search: bad domain "a b"'),
+    ({"dns_options": ["x\nnameserver 1.2.3.4"]}, 'dns_option: bad option "x\nnameserver 1.2.3.4"'),
+])
+def test_bad_hosts_and_resolver_items_fail(agent_bin: Path, root: Path, items: dict, error: str) -> None:
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, _, _ = a.run(["true"], **items)
+    assert (res.exit_code, res.error) == (126, error)
+
+
+def test_stop_signal_is_what_shutdown_sends_the_main_process(agent_bin: Path, root: Path) -> None:
+    import io
+    import signal
+
+    from kvmc.agent import FrameType, ProcessSpec, attach_process
+
+    script = "trap 'echo got-usr1; exit 5' USR1; trap 'echo got-term' TERM; echo ready; while :; do sleep 0.1; done"
+    with agent_in_namespaces(agent_bin, root) as a:
+        a.conn.run(1, ProcessSpec(args=["sh", "-c", script], stop_signal=int(signal.SIGUSR1)))
+        while (f := a.conn.read_frame(5)) is not None and f.type != FrameType.STDOUT:
+            pass  # "ready": the traps are set
+        a.conn.shutdown(10)
+        out = io.BytesIO()
+        res = attach_process(a.conn, 1, stdin=None, stdout=out, stderr=io.BytesIO(), timeout=5)
+    assert (res.exit_code, out.getvalue()) == (5, b"got-usr1\n")
