@@ -12,11 +12,14 @@ ended, and removes it if asked to (``--rm``, or a failed ``run``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +41,16 @@ from kvmc.agent import (
     parse_exit,
     parse_started,
 )
+from kvmc import health as healthcheck
+from kvmc.agent import ProcessSpec
 from kvmc.config import load_config
 from kvmc.context import HostContext
 from kvmc.errors import AgentProtocolError, DiskFull, KvmcError
 from kvmc.logs import LOG_FILE, LogOptions, LogWriter, log_options, resolve_log_opts
+from kvmc.options import restart_delay, signal_number
 from kvmc.space import free_bytes, mount_point, resume_threshold, to_disk_full
 from kvmc.state import ContainerRecord, State, now_iso
-from kvmc.vmlife import VMLife
+from kvmc.vmlife import VMLife, process_limits
 
 ATTACH_WAIT_S = 30.0
 DISK_CHECK_S = 2.0
@@ -52,6 +58,38 @@ DISK_CHECK_S = 2.0
 SHUTOFF_WAIT_S = 15.0
 """How long a guest may take to power off after its process ended before it is destroyed."""
 _RELAYED_TO_ATTACHED = {FrameType.STARTED, FrameType.STDOUT, FrameType.STDERR, FrameType.ERROR, FrameType.EXIT}
+EXEC_ID_MAX = 0xFEFF
+"""Clients choose exec ids in 2..EXEC_ID_MAX; the ids above are the monitor's health probes."""
+PROBE_IDS = range(EXEC_ID_MAX + 1, 0x10000)
+PROBE_START_TIMEOUT_S = 30.0
+"""How long a health probe may take to start (docker's separate timeout for starting the exec)."""
+
+
+class ProbeClient:
+    """Where a health probe's frames go (in place of a client): its output, its exit."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.started = threading.Event()
+        self.done = threading.Event()
+        self.exit_code = -1
+        self.error = ""
+
+    def send(self, frame_type: FrameType, proc_id: int, payload: bytes = b"") -> bool:
+        if frame_type in (FrameType.STDOUT, FrameType.STDERR):
+            if len(self.output) < healthcheck.MAX_OUTPUT:
+                self.output += payload
+        elif frame_type == FrameType.STARTED:
+            self.started.set()
+        elif frame_type == FrameType.ERROR:
+            self.error = payload.decode(errors="replace")
+        elif frame_type == FrameType.EXIT:
+            self.exit_code, _ = parse_exit(payload)
+            self.started.set()
+            self.done.set()
+        return True
+
+
 
 
 @dataclass(eq=False)
@@ -104,7 +142,17 @@ class Monitor:
         self.log = open_log(self.host, record)
         self.pending_exit: Frame | None = None
         self.ended = threading.Event()
-        """Set once the relay has ended (the VM is being stopped): the disk watch stops."""
+        """Set once the current run's relay has ended (the VM is being stopped): that run's disk
+        watch and health checks stop. A new one for each run of a restart policy."""
+        self.running = False
+        """The container's process runs in a VM whose agent ``conn`` reaches (not while it boots or
+        between the runs of a restart policy)."""
+        self.stop_requested = threading.Event()
+        """A user stopped or killed it: no restart (docker's HasBeenManuallyStopped + ExitOnNext)."""
+        self.started_at = 0.0
+        self.next_probe_id = PROBE_IDS.start
+        self.hostile = False
+        """Its guest broke the protocol: kvmc stopped the VM, and its restart policy does not apply."""
 
     # ---------------------------------------------------------------- clients
     def _broadcast(self, frame: Frame) -> None:
@@ -149,11 +197,21 @@ class Monitor:
             return
         if frame.type == FrameType.EXIT_ACK:
             return  # the monitor acknowledges EXIT itself
+        if frame.type == FrameType.SHUTDOWN or (frame.type == FrameType.SIGNAL and frame.proc_id == MAIN_PROCESS_ID
+                                                and self._ends_restarts(frame.payload)):
+            self._stopped_by_user()
         self.conn_ready.wait()
-        assert self.conn is not None
+        with self.lock:
+            conn, procs = (self.conn, self.procs) if self.running else (None, None)
+        if conn is None or procs is None:  # between two runs of a restart policy (or it just ended)
+            if frame.type == FrameType.RUN:
+                client.send(FrameType.ERROR, frame.proc_id, b"the container is restarting: wait until it runs")
+                client.send(FrameType.EXIT, frame.proc_id, encode_exit(126))
+            return
         if frame.type == FrameType.RUN:
             # Registered before it is sent: the guest's first frame about it may come at once.
-            taken = frame.proc_id <= MAIN_PROCESS_ID or not self.procs.requested(frame.proc_id)
+            # Ids above EXEC_ID_MAX are the health probes'.
+            taken = not MAIN_PROCESS_ID < frame.proc_id <= EXEC_ID_MAX or not procs.requested(frame.proc_id)
             if taken:
                 client.send(FrameType.ERROR, frame.proc_id, f"process id {frame.proc_id} is in use".encode())
                 client.send(FrameType.EXIT, frame.proc_id, encode_exit(126))
@@ -161,9 +219,9 @@ class Monitor:
             with self.lock:
                 self.execs[frame.proc_id] = client
             try:
-                self.conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)  # RUN_TTY kept
+                conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)  # RUN_TTY kept
             except OSError:
-                self.procs.forget(frame.proc_id)
+                procs.forget(frame.proc_id)
                 raise
             return
         elif frame.type in (FrameType.STDIN, FrameType.SIGNAL):
@@ -173,7 +231,30 @@ class Monitor:
                 return
         # RESIZE comes from any client (the API resizes an exec on a request of its own); the
         # agent ignores it for a process without a terminal.
-        self.conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)
+        conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)
+
+    def _ends_restarts(self, payload: bytes) -> bool:
+        """docker's kill: SIGKILL or the container's stop signal ends the restart policy until the
+        next start; another signal (SIGUSR1, ...) leaves it in place."""
+        if len(payload) != 4:
+            return False
+        signum = struct.unpack(">I", payload)[0]
+        try:
+            stop = signal_number(self.record.stop_signal) if self.record.stop_signal else signal.SIGTERM
+        except KvmcError:
+            stop = signal.SIGTERM
+        return signum in (signal.SIGKILL, stop)
+
+    def _stopped_by_user(self) -> None:
+        if self.stop_requested.is_set():
+            return
+        self.stop_requested.set()
+        if self.record.options.restart.enabled:
+            try:  # unless-stopped containers stay down at the next `system boot` (docker's daemon start)
+                self.host.state.update(dataclasses.replace(self.record), manually_stopped=True)
+            except OSError:
+                pass
+
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -215,10 +296,17 @@ class Monitor:
                 _pid, result.started_uptime_ms = parse_started(frame.payload)
                 # Started now, not when the VM booted: a start that fails to exec the command
                 # (ERROR, then EXIT 126/127) is a failed start for wait_started and docker's API.
-                self.host.state.update(self.record, started_at=now_iso())
+                self.started_at = time.monotonic()
+                check = self.record.options.healthcheck
+                if check is not None and not check.disabled:
+                    self.host.state.update(self.record, started_at=now_iso(),
+                                           health=healthcheck.restarted(self.record.health))
+                    threading.Thread(target=self._health_loop, args=(check, conn, self.ended), daemon=True).start()
+                else:
+                    self.host.state.update(self.record, started_at=now_iso())
             elif frame.type == FrameType.ERROR:
                 result.error = labelled(frame.payload.decode())
-                self.log.note("stderr", f"kvmc: {result.error}")
+                self.log.say("stderr", f"kvmc: {result.error}")
             if frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
                 self.log.flush()  # its last line, if it did not end with a newline
@@ -240,13 +328,13 @@ class Monitor:
                 pass
         return paths
 
-    def _watch_disk(self) -> None:
+    def _watch_disk(self, ended: threading.Event) -> None:
         """A VM whose disk write found no space is paused by QEMU (werror=enospc) and shows as
         paused (kvmc ps: "Paused (disk full)"). Say so once in the monitor's log, and resume it
         once every file system its disks are on has room again (space.resume_threshold); if it
         fills up again, QEMU pauses it again. A VM paused by the user is left alone."""
         domain, noted = self.record.domain, False
-        while not self.ended.wait(DISK_CHECK_S):
+        while not ended.wait(DISK_CHECK_S):
             try:
                 if self.host.hv.state_reason(domain) != ("paused", "ioerror"):
                     noted = False
@@ -271,34 +359,14 @@ class Monitor:
         ctl = Path(record.control_socket)
         listener = listener or listen_control(ctl)
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-        failure: str | None = None
-        result: ProcessResult | None = None
-        try:
-            if self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
-                raise KvmcError("no client attached to the container within 30 s")
-            self.conn = self.life.boot(record)
-            self.procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
-            self.conn_ready.set()
-            threading.Thread(target=self._watch_disk, daemon=True).start()
-            result = self._relay(self.conn)
-        except AgentProtocolError as exc:
-            # The guest is not trusted: one frame outside the protocol and its VM is stopped
-            # (by _finish), with the reason recorded. Nothing it sent is relayed any more.
-            failure = f"kvmc stopped the VM: its guest agent broke the protocol: {exc.message}"
-            say(failure)
-        except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
-            if not isinstance(exc, (KvmcError, OSError)):
-                traceback.print_exc()
-            full = to_disk_full(exc, self.host.state.container_dir(record.id))
-            if full is not None or isinstance(exc, DiskFull):
-                failure = str(full or exc)
-            else:
-                failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
-                if self.conn is not None and record.started_at:
-                    failure = self.life.vm_lost_reason(record, failure)
-        finally:
-            self.conn_ready.set()
-            self.ended.set()
+        delay = 0.0
+        restarting = False
+        while True:
+            result, failure = self._run_once(restarting)
+            delay = self._restart_delay(result, failure, delay)
+            if delay is None or not self._restart(result, failure, delay):
+                break
+            restarting = True
         self.log.close()
         deferred = self._finish(result, failure)
         listener.close()
@@ -319,6 +387,190 @@ class Monitor:
         except (KvmcError, OSError) as exc:
             print(f"kvmc-monitor: leaving networks: {exc}", file=sys.stderr)
         return 0
+
+    def _run_once(self, restarting: bool) -> tuple[ProcessResult | None, str | None]:
+        """Boot the VM, hand the agent process 1 and relay until it ends: (result, None), or
+        (None, why) if the VM failed, could not start or broke the protocol."""
+        record = self.record
+        failure: str | None = None
+        result: ProcessResult | None = None
+        ended = self.ended = threading.Event()
+        procs = ProcessTable()  # a new VM: nothing it may speak for yet
+        try:
+            if not restarting and self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
+                raise KvmcError("no client attached to the container within 30 s")
+            conn = self.life.boot(record, keep_last_exit=restarting)
+            procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
+            with self.lock:
+                self.conn, self.procs, self.running = conn, procs, True
+            self.conn_ready.set()
+            threading.Thread(target=self._watch_disk, args=(ended,), daemon=True).start()
+            result = self._relay(conn)
+        except AgentProtocolError as exc:
+            # The guest is not trusted: one frame outside the protocol and its VM is stopped
+            # (by _finish), with the reason recorded. Nothing it sent is relayed any more.
+            failure = f"kvmc stopped the VM: its guest agent broke the protocol: {exc.message}"
+            say(failure)
+            self.hostile = True  # not restarted: kvmc ended it on purpose
+        except Exception as exc:  # noqa: BLE001 - whatever happens, the VM must end and be recorded
+            if not isinstance(exc, (KvmcError, OSError)):
+                traceback.print_exc()
+            full = to_disk_full(exc, self.host.state.container_dir(record.id))
+            if full is not None or isinstance(exc, DiskFull):
+                failure = str(full or exc)
+            else:
+                failure = exc.message if isinstance(exc, KvmcError) else f"{type(exc).__name__}: {exc}"
+                if self.conn is not None and record.started_at:
+                    failure = self.life.vm_lost_reason(record, failure)
+        finally:
+            with self.lock:
+                self.running = False
+            ended.set()
+            self.conn_ready.set()
+        return result, failure
+
+    # ---------------------------------------------------------------- restarts
+    def _restart_delay(self, result: ProcessResult | None, failure: str | None, previous: float) -> float | None:
+        """Seconds to wait before starting the container again, or None to let it end: its
+        restart policy (kvmc/options.py) allows it, no user stopped it, and it had started (a
+        process that could not be executed, or a VM that never booted, is a failed start)."""
+        record = self.record
+        policy = record.options.restart
+        if not policy.enabled or self.stop_requested.is_set() or self.hostile or not record.started_at:
+            return None
+        if result is not None and result.error:
+            return None
+        code = result.exit_code if result is not None else 137
+        if not policy.should_restart(code, manually_stopped=False, restart_count=record.restart_count):
+            return None
+        return restart_delay(previous, time.monotonic() - self.started_at)
+
+    def _restart(self, result: ProcessResult | None, failure: str | None, delay: float) -> bool:
+        """Between two runs: record ``restarting`` (the exit, one more restart), tell attached
+        clients the exit and let them go (a foreground run ends at the first exit, as docker's),
+        power the VM off, wait ``delay``. False if a user stopped it meanwhile."""
+        record = self.record
+        code, error = (result.exit_code, result.error) if result is not None else (137, failure)
+        try:
+            self.host.state.update(record, state=State.RESTARTING, finished_at=now_iso(), exit_code=code, error=error,
+                                   restart_count=record.restart_count + 1,
+                                   guest_uptime_ms=result.started_uptime_ms if result else None)
+        except OSError:
+            return False  # removed under us
+        if result is None:
+            self._broadcast(Frame(FrameType.ERROR, MAIN_PROCESS_ID, (failure or "the VM failed").encode()))
+            self._broadcast(Frame(FrameType.EXIT, MAIN_PROCESS_ID, encode_exit(code)))
+        elif self.pending_exit is not None:
+            self._broadcast(self.pending_exit)
+        self.pending_exit = None
+        self.discard_on_failure = False  # it ran: a failed restart keeps it, recorded exited
+        self.conn_ready.clear()
+        self._let_clients_go()
+        if self.conn is not None:
+            self.conn.close()
+        try:
+            if result is None:
+                self.host.hv.destroy(record.domain)
+            else:
+                self._power_off(record.domain)
+        except KvmcError as exc:
+            say(str(exc))
+        try:  # its taps and DNS names go with the VM; the next boot joins its networks again
+            self.life.leave_networks(record)
+        except (KvmcError, OSError) as exc:
+            say(f"leaving networks: {exc}")
+        say(f"exit code {code}: restart {record.restart_count} ({record.options.restart}) in {delay:.1f}s")
+        return not self.stop_requested.wait(delay)
+
+    def _let_clients_go(self) -> None:
+        """Close every client's connection (attached ones have heard the exit; execs died with
+        the VM): they see EOF, as at the end of a container."""
+        with self.lock:
+            clients = list(self.clients)
+        for client in clients:
+            try:
+                client.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._drop(client)
+
+    # ------------------------------------------------------------------ health
+    def _health_loop(self, check: healthcheck.Healthcheck, conn: AgentConnection, ended: threading.Event) -> None:
+        """Probe the container as its health check says until this run ends (moby's monitor)."""
+        record = self.record
+        started = self.started_at
+        current = healthcheck.restarted(record.health)
+        while not ended.wait(healthcheck.next_probe_in(check, current, time.monotonic() - started)):
+            if self.host.hv.state(record.domain) == "paused":
+                continue  # docker does not probe a paused container
+            since_start = time.monotonic() - started
+            probe = self._probe(check, conn, ended)
+            if probe is None:
+                return
+            current = healthcheck.record_result(current, probe, check, since_start)
+            try:
+                self.host.state.update(dataclasses.replace(record), health=current)
+            except OSError:
+                return
+
+    def _probe(self, check: healthcheck.Healthcheck, conn: AgentConnection,
+               ended: threading.Event) -> healthcheck.HealthResult | None:
+        """Run the check once as an exec of the container's user, env and workdir; None when
+        the run ended meanwhile."""
+        record = self.record
+        proc = record.process
+        client = ProbeClient()
+        with self.lock:
+            if not self.running or self.conn is not conn:
+                return None
+            procs = self.procs
+            proc_id = self._next_probe_id()
+            if proc_id is None or not procs.requested(proc_id):  # the guest may speak for it now
+                return None
+            self.execs[proc_id] = client  # type: ignore[assignment]
+        start = now_iso()
+        try:
+            conn.run(proc_id, ProcessSpec(args=check.command, env=proc.env, cwd=proc.cwd, user=proc.user,
+                                          **process_limits(record)))
+        except (OSError, ValueError) as exc:
+            procs.forget(proc_id)
+            with self.lock:
+                self.execs.pop(proc_id, None)
+            return healthcheck.HealthResult(start, now_iso(), -1, f"cannot start the health check: {exc}")
+        if not self._wait(client.started, PROBE_START_TIMEOUT_S, ended):
+            return None if ended.is_set() else healthcheck.HealthResult(
+                start, now_iso(), -1, "timed out starting the health check")
+        if not self._wait(client.done, check.timeout, ended):
+            if ended.is_set():
+                return None
+            try:
+                conn.signal(proc_id, signal.SIGKILL)
+            except OSError:
+                pass
+            self._wait(client.done, 5.0, ended)
+            output = healthcheck.truncate_output(bytes(client.output))
+            text = f"Health check exceeded timeout ({check.timeout:g}s)"
+            return healthcheck.HealthResult(start, now_iso(), -1, f"{text}: {output}" if output else text)
+        output = client.error or healthcheck.truncate_output(bytes(client.output))
+        return healthcheck.HealthResult(start, now_iso(), client.exit_code, output)
+
+    def _next_probe_id(self) -> int | None:
+        """A free probe id (self.lock held), in turn: an id the agent just freed is not reused at once."""
+        for _ in PROBE_IDS:
+            proc_id = self.next_probe_id
+            self.next_probe_id = proc_id + 1 if proc_id + 1 < PROBE_IDS.stop else PROBE_IDS.start
+            if proc_id not in self.execs:
+                return proc_id
+        return None
+
+    @staticmethod
+    def _wait(event: threading.Event, timeout: float, ended: threading.Event) -> bool:
+        """Wait for ``event`` at most ``timeout`` s; give up early once the run ``ended``."""
+        deadline = time.monotonic() + timeout
+        while not event.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if ended.is_set() or time.monotonic() >= deadline:
+                return event.is_set()
+        return True
 
     def _finish(self, result: ProcessResult | None, failure: str | None) -> Callable[[], None] | None:
         """Stop the VM, record the end, tell the clients, remove the container if asked to.

@@ -36,15 +36,17 @@ from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, Contain
                          GaveUpWaiting, GuestError,
                          ImageError, KvmcError, UsageError, VolumeInUse)
 from kvmc.logs import resolve_log_opts
-from kvmc.monitor import SHUTOFF_WAIT_S, MonitorProcess
+from kvmc.monitor import EXEC_ID_MAX, SHUTOFF_WAIT_S, MonitorProcess
 from kvmc.monitor import spawn as spawn_monitor
 from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_tag
+from kvmc.health import Healthcheck, merge as merge_healthcheck
 from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, tap_name, valid_dns_name
 from kvmc.network import NETWORK_MODES, PortMapping, allocate_ports, parse_network, parse_publish
+from kvmc.options import ContainerOptions, signal_number
 from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
 from kvmc.process import ProcessOptions, build_process, merge_env, terminal_env
 from kvmc.state import ContainerRecord, State
-from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive
+from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive, process_limits
 
 HOST_ARCH = "amd64"
 ACTIVE_VM_STATES = ("running", "paused", "blocked")
@@ -119,6 +121,11 @@ class RunOptions:
     """Where ``-e NAME`` (no value) takes NAME's value from: the CLI's environment; none for
     the API (the docker client has resolved those already)."""
     docker: DockerFields = field(default_factory=DockerFields)
+    options: ContainerOptions = field(default_factory=ContainerOptions)
+    """Restart policy, health check, DNS, hosts, ulimits, capabilities, /dev/shm (kvmc/options.py)."""
+    pull: str | None = None
+    """docker's --pull (missing | always | never), for the service layer; None: never pull."""
+    platform: str | None = None
 
 
 def raise_for(result: ProcessResult) -> int:
@@ -166,8 +173,9 @@ class Runtime:
         if opts.docker.tty:
             process["env"] = terminal_env(process["env"], opts.host_env)
         log_opts = resolve_log_opts(opts.log_opts, self.config.log_max_size, self.config.log_max_file)
-        if opts.publish_all:
-            opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports])
+        options = self._container_options(opts, image.config)
+        if options.publish_all:
+            opts = dataclasses.replace(opts, publish=[*opts.publish, *image.config.exposed_ports, *options.expose])
         network, ports, mounts, endpoints = self._network_and_mounts(opts)
         cold_reason = next((
             f"host directory {m.source} is shared through virtiofs, and QEMU cannot save a VM with virtiofs"
@@ -229,6 +237,7 @@ class Runtime:
             stdin_once=docker.stdin_once, entrypoint=docker.entrypoint, cmd=docker.cmd,
             stop_signal=docker.stop_signal or image.config.stop_signal, stop_timeout=docker.stop_timeout,
             log_opts=log_opts,
+            options=options,
         )
         try:
             self.state.save(record)
@@ -268,6 +277,26 @@ class Runtime:
             raise
         return record
 
+
+    @staticmethod
+    def _container_options(opts: RunOptions, image_config) -> ContainerOptions:  # noqa: ANN001 - ImageConfig
+        """The options a container is made with, checked, with what the image adds: its health
+        check under the one asked for (docker's merge), the publish-all flag, a valid stop signal."""
+        options = dataclasses.replace(opts.options, dns=list(opts.options.dns)).check()
+        if options.restart.enabled and opts.auto_remove:
+            raise UsageError("conflicting options: --restart and --rm: a container removed when it exits cannot "
+                             "be restarted")
+        asked = options.healthcheck
+        merged = merge_healthcheck(asked, Healthcheck.from_docker(image_config.healthcheck))
+        # --no-healthcheck (a NONE test) stays recorded as such: docker shows it in Config.
+        options.healthcheck = merged if merged is not None or asked is None else Healthcheck(test=["NONE"])
+        options.publish_all = options.publish_all or opts.publish_all
+        stop_signal = opts.docker.stop_signal or image_config.stop_signal
+        if stop_signal:
+            signal_number(stop_signal)
+        if opts.docker.stop_timeout is not None and opts.docker.stop_timeout < -1:
+            raise UsageError("--stop-timeout must be -1 (wait for ever) or more")
+        return options
 
     def _network_and_mounts(self, opts: RunOptions) -> tuple[str, list[PortMapping], list[Mount], list[Endpoint]]:
         """Parse and check --network, -p, -v and --tmpfs before anything is created.
@@ -418,8 +447,10 @@ class Runtime:
                 raise ContainerRunning(f"container {record.name} is already running")
             self.wait_powered_off(current)
             self.check_host_resources(current)
+            # A start by hand: the restart policy starts over (docker resets RestartCount) and
+            # an unless-stopped container is no longer "stopped by a user".
             self.state.update(record, state=State.STARTING, started_at=None, finished_at=None, exit_code=None,
-                              error=None, monitor_pid=None)
+                              error=None, monitor_pid=None, restart_count=0, manually_stopped=False)
             return spawn_monitor(self.host, record.id, Path(record.control_socket),
                                  self.state.container_dir(record.id) / "monitor.log",
                                  wait_attach=wait_attach, discard_on_failure=discard_on_failure)
@@ -456,7 +487,7 @@ class Runtime:
                 if ended is not None:  # removed on failure (run -d, --rm)
                     raise_for(ProcessResult(exit_code=ended[0] if ended[0] in (126, 127) else 125, error=ended[1]))
                 raise KvmcError(f"container {record.name} failed to start and was removed")
-            if current.started_at or current.state == State.EXITED:
+            if current.started_at or current.state in (State.EXITED, State.RESTARTING):
                 break
             if monitor is not None and monitor.poll() is not None:
                 raise KvmcError(f"the monitor of container {record.name} died: see "
@@ -591,10 +622,11 @@ class Runtime:
     def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
              signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
              console: Console | None = None, detach_keys: str | None = None, winsize: tuple[int, int] | None = None,
-             proc_id: int | None = None) -> int | None:
+             proc_id: int | None = None, privileged: bool = False) -> int | None:
         """docker exec: a second process in the running VM, with its own stdio and exit code
         (None if the caller detached from a TTY exec, which goes on). ``winsize``: the TTY's
-        size at start when there is no ``console`` to ask (the API's ConsoleSize)."""
+        size at start when there is no ``console`` to ask (the API's ConsoleSize). It gets the
+        container's ulimits and dropped capabilities (all of them if ``privileged``)."""
         record = self.require_running(ref)
         proc = record.process
         env = merge_env(proc.env, opts.env, host_env or {})
@@ -603,10 +635,11 @@ class Runtime:
             winsize = (console.size() if console is not None else None) or winsize
         spec = ProcessSpec(
             args=opts.command, env=env, cwd=opts.workdir or proc.cwd, user=opts.user or proc.user,
-            stdin=opts.interactive, tty=opts.tty, winsize=winsize,
+            stdin=opts.interactive, tty=opts.tty, winsize=winsize, **process_limits(record, privileged),
         )
-        # Random, so that a guest cannot guess which id to forge an EXIT for (ProcessTable).
-        proc_id = proc_id or 2 + secrets.randbelow(0xFFFF - 1)
+        # Random, so that a guest cannot guess which id to forge an EXIT for (ProcessTable); below
+        # the ids of the monitor's health probes.
+        proc_id = proc_id or 2 + secrets.randbelow(EXEC_ID_MAX - 1)
         stdin = stdin if opts.interactive else None
         keys = parse_detach_keys(detach_keys) if opts.tty and stdin is not None else None
         conn = self.connect_monitor(record)
@@ -656,7 +689,7 @@ class Runtime:
     def kill(self, ref: str, signum: int = signal.SIGKILL) -> ContainerRecord:
         """Send a signal to the container's main process."""
         record = self.observe(self.state.resolve(ref))
-        if record.state != State.RUNNING:
+        if record.state not in (State.RUNNING, State.RESTARTING):  # restarting: the kill ends the restarts
             raise ContainerNotRunning(f"container {record.name} is not running")
         try:
             with self.connect_monitor(record) as conn:
@@ -671,14 +704,15 @@ class Runtime:
         record = self.repair(self.state.resolve(ref))
         timeout = record.stop_timeout if timeout_s is None and record.stop_timeout is not None else timeout_s
         timeout = self.config.stop_timeout_s if timeout is None else timeout
+        forever = timeout < 0  # docker's -1: no SIGKILL, wait as long as it takes
         was_running = record.is_live
         if was_running:
             try:
                 with self.connect_monitor(record) as conn:
-                    conn.shutdown(timeout)
+                    conn.shutdown(0xFFFFFFFF if forever else timeout)
             except (KvmcError, OSError):
                 pass  # monitor gone: destroy below
-            if not self.wait_exited(record, timeout + SHUTOFF_WAIT_S):
+            if not self.wait_exited(record, None if forever else timeout + SHUTOFF_WAIT_S):
                 self.hv.destroy(record.domain)
                 self.wait_exited(record, 10)
         return self.repair(self.state.load(record.id) or record), was_running
@@ -705,10 +739,13 @@ class Runtime:
         for ``ps``, ``inspect``, ``logs`` and every API GET."""
         if not self._monitor_lost(record):
             return record
+        # Between the runs of a restart policy the record holds the last run's exit, which is
+        # how it ended; a running container whose monitor died was killed with its VM (137).
+        between_runs = record.state == State.RESTARTING and record.exit_code is not None
         return dataclasses.replace(  # finished_at: the time the monitor died is not known
             record, state=State.EXITED, finished_at=record.finished_at or record.started_at or record.created,
-            exit_code=record.exit_code if record.exit_code is not None else 137,
-            error=record.error or MONITOR_DIED, monitor_pid=None)
+            exit_code=record.exit_code if between_runs else 137,
+            error=(record.error if between_runs else None) or MONITOR_DIED, monitor_pid=None)
 
     def repair(self, record: ContainerRecord) -> ContainerRecord:
         """Make the record and libvirt tell the truth: a VM whose monitor is gone is destroyed

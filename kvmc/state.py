@@ -23,10 +23,12 @@ from enum import Enum
 from typing import Any, Iterator
 
 from kvmc.errors import ContainerNotFound, NameInUse, UsageError
+from kvmc.health import Health
 from kvmc.mounts import Mount
 from kvmc.names import generate_name, valid_name
 from kvmc.net.plan import Endpoint
 from kvmc.network import PortMapping
+from kvmc.options import ContainerOptions
 
 ID_PREFIX_MIN = 1
 TOMBSTONE_TTL_S = 600.0
@@ -49,13 +51,15 @@ class State(str, Enum):
     STARTING = "starting"
     """start() reset the record and is spawning the monitor, which boots the VM."""
     RUNNING = "running"
+    RESTARTING = "restarting"
+    """Its process ended and its monitor will start it again (restart policy, back-off)."""
     EXITED = "exited"
 
     def __str__(self) -> str:
         return self.value
 
 
-LIVE_STATES = (State.RUNNING, State.STARTING)
+LIVE_STATES = (State.RUNNING, State.STARTING, State.RESTARTING)
 STOPPED_STATES = (State.CREATED, State.EXITED)
 
 
@@ -137,6 +141,14 @@ class ContainerRecord:
     log_opts: dict[str, str] = field(default_factory=dict)
     """docker's LogConfig.Config as resolved at create (max-size, max-file; kvmc/logs.py);
     empty in records from before logs were capped: the configured defaults apply."""
+    options: ContainerOptions = field(default_factory=ContainerOptions)
+    """docker's settings beyond the process: restart policy, health check, DNS, ulimits, ..."""
+    restart_count: int = 0
+    """Restarts by the restart policy since the last start by hand (docker's RestartCount)."""
+    manually_stopped: bool = False
+    """Stopped (or killed) by a user: unless-stopped containers stay down at ``system boot``."""
+    health: Health | None = None
+    """State.Health while a health check runs (kvmc/health.py), kept after the container ends."""
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -147,6 +159,10 @@ class ContainerRecord:
         self.ports = [p if isinstance(p, PortMapping) else PortMapping(**p) for p in self.ports]
         self.mounts = [m if isinstance(m, Mount) else Mount(**m) for m in self.mounts]
         self.networks = [n if isinstance(n, Endpoint) else Endpoint.from_dict(n) for n in self.networks]
+        if not isinstance(self.options, ContainerOptions):
+            self.options = ContainerOptions.from_dict(self.options)
+        if isinstance(self.health, dict):
+            self.health = Health.from_dict(self.health)
 
     @property
     def short_id(self) -> str:

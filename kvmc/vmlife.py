@@ -22,7 +22,8 @@ from kvmc.errors import DiskFull, GuestError, KvmcError, PortInUse
 from kvmc.mounts import agent_mount_items
 from kvmc.net.host import NetnsHost, create_tap
 from kvmc.net.plan import DnsEntry, Endpoint, defined_mac, dns_names, guest_ifname, mac_for, pick_address
-from kvmc.network import DNS_SERVER, guest_net_config
+from kvmc.network import DNS_SERVER, GATEWAY, guest_net_config
+from kvmc.options import hosts_lines, signal_number
 from kvmc.space import check_vm_disk
 from kvmc.state import LIVE_STATES, ContainerRecord, State
 
@@ -58,6 +59,37 @@ def is_monitor(pid: int | None) -> bool:
         return b"kvmc" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+SHM_OPTIONS = "nosuid,nodev,noexec,mode=1777"
+"""docker's /dev/shm mount options (its size is --shm-size)."""
+
+
+def process_limits(record: ContainerRecord, privileged: bool = False) -> dict:
+    """The RUN items every process of the container gets (its execs and health probes too):
+    docker's --ulimit, and the capabilities --cap-drop takes away (none for a privileged exec)."""
+    options = record.options
+    return {"ulimits": [u.agent_item for u in options.ulimits],
+            "cap_drop": [] if privileged else options.dropped_caps}
+
+
+def container_setup(record: ContainerRecord, nameservers: list[str]) -> dict:
+    """Process 1's RUN items beyond the process (ProcessSpec keyword arguments): mounts (with
+    --shm-size's /dev/shm), the read-only root, DNS (--dns, else ``nameservers``: the networks'
+    and slirp's), --dns-search, --dns-option, /etc/hosts lines (--add-host), the stop signal,
+    and the process limits."""
+    options = record.options
+    mounts = agent_mount_items(record.mounts)
+    if options.shm_size and not any(m.target == "/dev/shm" for m in record.mounts):
+        mounts.append(f"tmpfs:shm:{SHM_OPTIONS},size={options.shm_size}:/dev/shm")
+    return {
+        "mounts": mounts, "readonly_root": record.read_only,
+        "dns": list(options.dns) or list(nameservers),
+        "dns_search": list(options.dns_search), "dns_options": list(options.dns_options),
+        "hosts": hosts_lines(options.extra_hosts, GATEWAY),
+        "stop_signal": signal_number(record.stop_signal) if record.stop_signal else None,
+        **process_limits(record),
+    }
 
 
 class VMLife:
@@ -203,8 +235,10 @@ class VMLife:
                 f"last lines of {GUEST_OUTPUT_LABEL}:\n{self.console_tail(record)}")
 
     # ------------------------------------------------------------------ boot
-    def boot(self, record: ContainerRecord) -> AgentConnection:
-        """Start the domain, connect to its agent and hand it the main process (monitor side)."""
+    def boot(self, record: ContainerRecord, keep_last_exit: bool = False) -> AgentConnection:
+        """Start the domain, connect to its agent and hand it the main process (monitor side).
+        ``keep_last_exit``: a restart by the restart policy, whose record keeps the last run's
+        end (docker's FinishedAt and exit code stay until the next exit)."""
         from kvmc.pool import Pool  # the clone path only
 
         host = self.host
@@ -228,8 +262,11 @@ class VMLife:
             self.fresh_ro_layers(record)  # only cold boots have volumes
             host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
             host.hv.start(record.domain)
-        host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
-                          error=None)
+        if keep_last_exit:
+            host.state.update(record, state=State.RUNNING, started_at=None, error=None)
+        else:
+            host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
+                              error=None)
         self.publish_ports(record)
         netifs = self.join_networks(record)
         conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
@@ -247,8 +284,7 @@ class VMLife:
             args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
             hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
             tty=record.tty, winsize=tuple(record.console_size) if record.console_size else None,
-            mounts=agent_mount_items(record.mounts), readonly_root=record.read_only,
-            net=guest_net_config() if networked else None, netifs=netifs, dns=nameservers,
+            net=guest_net_config() if networked else None, netifs=netifs, **container_setup(record, nameservers),
         ))
         # started_at is recorded by the monitor when the agent reports the process STARTED
         # (Monitor._relay): a command that cannot be executed never counts as started.

@@ -33,6 +33,8 @@ class ImageConfig:
     volumes: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     stop_signal: str | None = None
+    healthcheck: dict[str, Any] | None = None
+    """The image's HEALTHCHECK as docker writes it (Test, Interval in ns, ...; kvmc/health.py)."""
 
     @classmethod
     def from_oci(cls, config_blob: dict[str, Any]) -> ImageConfig:
@@ -51,6 +53,7 @@ class ImageConfig:
             volumes=sorted(str(k) for k in (c.get("Volumes") or {})),
             labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
             stop_signal=str(c["StopSignal"]) if c.get("StopSignal") else None,
+            healthcheck=dict(c["Healthcheck"]) if isinstance(c.get("Healthcheck"), dict) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

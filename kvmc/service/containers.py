@@ -174,11 +174,12 @@ class ContainerService:
     def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
              signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
              console: Console | None = None, detach_keys: str | None = None,
-             winsize: tuple[int, int] | None = None, proc_id: int | None = None) -> int | None:
+             winsize: tuple[int, int] | None = None, proc_id: int | None = None,
+             privileged: bool = False) -> int | None:
         if not opts.command:
             raise UsageError("exec needs a command")
         return self.engine.exec(ref, opts, stdin, stdout, stderr, signals, host_env, console=console,
-                                detach_keys=detach_keys, winsize=winsize, proc_id=proc_id)
+                                detach_keys=detach_keys, winsize=winsize, proc_id=proc_id, privileged=privileged)
 
     def pause(self, ref: str) -> ContainerRecord:
         return self.engine.pause(ref)
@@ -227,7 +228,7 @@ class ContainerService:
         if condition not in WAIT_CONDITIONS:
             raise UsageError(f'invalid condition "{condition}": use one of {", ".join(WAIT_CONDITIONS)}')
         first = self.state.resolve(ref)
-        baseline = first.finished_at
+        baseline = (first.finished_at, first.restart_count)
         while not cancelled():
             current = self.state.load(first.id)
             if current is None:  # removed: every condition holds; its exit code outlives it
@@ -235,7 +236,9 @@ class ContainerService:
             seen = self.engine.observe(current)
             if condition == "not-running" and not seen.is_live:
                 return seen.exit_code or 0
-            if condition == "next-exit" and seen.state == State.EXITED and seen.finished_at != baseline:
+            # next-exit: an exit after this call, also one the restart policy follows with a restart
+            ended = seen.state in (State.EXITED, State.RESTARTING) or seen.restart_count != baseline[1]
+            if condition == "next-exit" and ended and seen.finished_at and (seen.finished_at, seen.restart_count) != baseline:
                 return seen.exit_code or 0
             time.sleep(POLL_S)
         return None

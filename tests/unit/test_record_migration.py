@@ -18,6 +18,7 @@ import pytest
 
 from kvmc.mounts import Mount
 from kvmc.network import PortMapping
+from kvmc.options import ContainerOptions
 from kvmc.state import SCHEMA_VERSION, ContainerProcess, ContainerRecord, State, StateStore, migrate
 
 FIXTURE = Path(__file__).parent / "fixtures" / "record-v1.json"
@@ -26,6 +27,10 @@ NEW_KEYS = {"labels": {}, "tty": False, "open_stdin": False, "stdin_once": False
             "log_opts": {}}
 """What schema 2 added (and typed fields added since, with defaults: ``networks``,
 ``console_size``, ``log_opts``), with the value a migrated record gets (docker's defaults)."""
+NEW_KEYS.update({"restart_count": 0, "manually_stopped": False, "health": None})
+TYPED_NEW_KEYS = {"options": ContainerOptions()}
+"""Typed fields added since (issue 16: restart policy, health check, DNS, ulimits... as one
+object), with defaults: a record without them loads with none of those settings."""
 
 
 @pytest.fixture
@@ -48,7 +53,7 @@ def test_fixture_is_schema_1(v1: dict) -> None:
     assert SCHEMA_VERSION == 2
     assert "schema" not in v1
     assert isinstance(v1["process"], dict) and all(isinstance(p, dict) for p in v1["ports"] + v1["mounts"])
-    assert not set(NEW_KEYS) & set(v1)
+    assert not (set(NEW_KEYS) | set(TYPED_NEW_KEYS)) & set(v1)
 
 
 def test_load_types_a_schema_1_record(store: StateStore, v1: dict) -> None:
@@ -72,7 +77,7 @@ def test_load_types_a_schema_1_record(store: StateStore, v1: dict) -> None:
     for key, value in v1.items():
         if key not in ("process", "ports", "mounts", "state"):
             assert getattr(record, key) == value, key
-    for key, value in NEW_KEYS.items():
+    for key, value in {**NEW_KEYS, **TYPED_NEW_KEYS}.items():
         assert getattr(record, key) == value, key
 
 
@@ -93,8 +98,9 @@ def test_round_trip_through_save_writes_schema_2(store: StateStore, v1: dict) ->
     written = json.loads((store.container_dir(v1["id"]) / "record.json").read_text())
     assert written["schema"] == 2
     # Nothing of the old record is lost or changed; the new keys are added.
-    assert {k: v for k, v in written.items() if k != "schema" and k not in NEW_KEYS} == v1
+    assert {k: v for k, v in written.items() if k != "schema" and k not in {**NEW_KEYS, **TYPED_NEW_KEYS}} == v1
     assert {k: written[k] for k in NEW_KEYS} == NEW_KEYS
+    assert {k: written[k] for k in TYPED_NEW_KEYS} == {k: asdict(v) for k, v in TYPED_NEW_KEYS.items()}
     again = store.load(v1["id"])
     assert again == record
     assert asdict(again) == asdict(record)
