@@ -824,6 +824,42 @@ class Runtime:
                                               for r in records if not r.is_live)},
         }
 
+    def start_by_policy(self) -> list[tuple[ContainerRecord, KvmcError | None]]:
+        """What docker's daemon does when it starts: start again every container whose restart
+        policy says so (always; unless-stopped unless a user stopped it; on-failure after a
+        failure with retries left) and that is not running: its VM went down with the host, or
+        with libvirtd, or its monitor was killed. ``kvmc serve`` calls this as it starts, and
+        ``kvmc system boot`` for hosts without the server. Returns each start's outcome."""
+        wanted = []
+        for record in self.state.list():
+            try:
+                record = self.repair(record)  # a lost monitor: its VM destroyed, recorded exited
+            except KvmcError as exc:
+                wanted.append((record, exc))
+                continue
+            policy = record.options.restart
+            if (not record.is_live and record.started_at and policy.enabled
+                    and policy.should_restart(record.exit_code or 0, record.manually_stopped, record.restart_count)):
+                wanted.append((record, None))
+        started: list[tuple[ContainerRecord, MonitorProcess | None, KvmcError | None]] = []
+        for record, error in wanted:  # all monitors first, then wait: the VMs boot side by side
+            if error is not None:
+                started.append((record, None, error))
+                continue
+            try:
+                started.append((record, self.start(record), None))
+            except KvmcError as exc:
+                started.append((record, None, exc))
+        outcome: list[tuple[ContainerRecord, KvmcError | None]] = []
+        for record, monitor, error in started:
+            if error is None:
+                try:
+                    self.wait_started(record, monitor)
+                except KvmcError as exc:
+                    error = exc
+            outcome.append((record, error))
+        return outcome
+
     def prune_containers(self) -> list[ContainerRecord]:
         """Remove every stopped container (docker container prune)."""
         removed = []

@@ -46,6 +46,7 @@ class Api:
         self.subscribers: set[asyncio.Queue[Event]] = set()
         self.pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="kvmc-api")
         self._watcher: asyncio.Task | None = None
+        self._boot: asyncio.Task | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking service call in a worker thread."""
@@ -86,10 +87,25 @@ class Api:
 
     async def on_startup(self, app: web.Application) -> None:
         self._watcher = asyncio.create_task(self._watch())
+        self._boot = asyncio.create_task(self._start_by_policy())
+
+    async def _start_by_policy(self) -> None:
+        """As dockerd does when it starts: containers whose restart policy wants them running
+        are started again (their VMs went down with the host or libvirtd). In the background:
+        the API answers meanwhile."""
+        try:
+            reports = await self.call(self.services.system.boot)
+        except Exception as exc:  # noqa: BLE001 - the server must serve even if this fails
+            self.log(f"restart policies: {exc}")
+            return
+        for report in reports:
+            self.log(f"restart policy: started {report.ref}" if report.ok
+                     else f"restart policy: cannot start {report.ref}: {report.error}")
 
     async def on_cleanup(self, app: web.Application) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._boot):
+            if task is not None:
+                task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -55,3 +55,11 @@ class SystemService:
 
         found = self.engine.gc(force)
         return found + NetworkService(self.engine).leftovers(force)
+
+    def boot(self) -> list:  # noqa: ANN201 - list[ItemReport[ContainerRecord]]
+        """Start the containers whose restart policy wants them running (after a host or libvirtd
+        restart): what ``kvmc serve`` does as it starts, and ``kvmc system boot`` without it."""
+        from kvmc.service.reports import ItemReport
+
+        return [ItemReport(record.name, result=record if error is None else None, error=error)
+                for record, error in self.engine.start_by_policy()]

@@ -217,3 +217,35 @@ def _docker(**kw: Any):  # noqa: ANN202
     from kvmc.runtime import DockerFields
 
     return DockerFields(**kw)
+
+
+def test_start_by_policy_after_the_host_went_down(env: Env) -> None:
+    """``kvmc system boot`` (and kvmc serve as it starts): after the VMs and monitors died with
+    the host, the containers whose policy says so run again; the others stay down."""
+    import os
+
+    from kvmc.service.system import SystemService
+
+    def policy(name: str) -> ContainerOptions:
+        return ContainerOptions(restart=RestartPolicy.parse(name))
+
+    records = {name: run_detached(env, "sleep", "100", name=name, options=policy(pol))
+               for name, pol in (("a", "always"), ("u", "unless-stopped"), ("n", "no"), ("s", "unless-stopped"),
+                                 ("f", "on-failure"))}
+    monitors = {name: env.monitor_of(record) for name, record in records.items()}
+    env.svc.stop("s", 1)  # stopped by a user: unless-stopped keeps it down
+    wait_for(lambda: monitors["s"].poll() is not None, WAIT_S, "s's monitor to end")
+    for name in ("a", "u", "n", "f"):  # the host goes down: monitors and VMs with it
+        os.kill(monitors[name].pid, signal.SIGKILL)
+        os.waitpid(monitors[name].pid, 0)
+        env.hv.destroy(records[name].domain)
+    env.monitors.clear()
+    reports = SystemService(env.engine).boot()
+    assert sorted((r.ref, r.ok) for r in reports) == [("a", True), ("f", True), ("u", True)]
+    states = {name: current(env, record) for name, record in records.items()}
+    assert {n: str(r.state) for n, r in states.items()} == {"a": "running", "u": "running", "f": "running",
+                                                            "n": "exited", "s": "exited"}
+    assert states["n"].exit_code == 137  # died with the host; no policy to bring it back
+    assert SystemService(env.engine).boot() == []  # running ones are left alone
+    for name in records:
+        env.svc.remove(name, force=True)
