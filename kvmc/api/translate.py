@@ -18,13 +18,16 @@ import re
 import signal
 import stat
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from kvmc.errors import ImageError, UsageError
+from kvmc.health import Healthcheck
 from kvmc.images.refs import DEFAULT_TAG, parse_reference
+from kvmc.options import ContainerOptions, RestartPolicy, Ulimit
 from kvmc.process import ProcessOptions
 from kvmc.runtime import DockerFields, RunOptions
+# Docker's time words live with the views both doors render; imported from here by the routes.
+from kvmc.views import ZERO_TIME, format_time, human_duration, human_status, parse_time  # noqa: F401
 
 
 class InvalidRequest(UsageError, ValueError):
@@ -148,6 +151,8 @@ class CreateRequest:
     """HostConfig.LogConfig.Type; None for the default."""
     log_opts: dict[str, str] = field(default_factory=dict)
     """HostConfig.LogConfig.Config: json-file's max-size and max-file (checked by the engine)."""
+    options: ContainerOptions = field(default_factory=ContainerOptions)
+    """Restart policy, health check, DNS, hosts, ulimits, capabilities, /dev/shm, exposed ports."""
 
 
 def _log_opts(value: Any) -> dict[str, str]:
@@ -408,6 +413,52 @@ def _network_request(mode: Any, networking: Any) -> tuple[str, list[str], list[t
     return network, aliases, more
 
 
+def _ulimits(value: Any) -> list[Ulimit]:
+    """HostConfig.Ulimits: ``[{"Name": "nofile", "Soft": 1024, "Hard": 2048}]``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidRequest("invalid HostConfig.Ulimits: expected a list")
+    limits = []
+    for item in value:
+        item = _obj(item, "HostConfig.Ulimits")
+        soft, hard = item.get("Soft", 0), item.get("Hard", 0)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (soft, hard)):
+            raise InvalidRequest("invalid HostConfig.Ulimits: Soft and Hard are integers")
+        limits.append(Ulimit.make(str(item.get("Name") or ""), soft, hard))
+    return limits
+
+
+def _restart(value: Any) -> RestartPolicy:
+    policy = _obj(value, "HostConfig.RestartPolicy")
+    retries = policy.get("MaximumRetryCount") or 0
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise InvalidRequest("invalid HostConfig.RestartPolicy.MaximumRetryCount: expected an integer")
+    return RestartPolicy.make(str(policy.get("Name") or "no"), retries)
+
+
+def container_options(body: dict[str, Any], host: dict[str, Any]) -> ContainerOptions:
+    """The settings of kvmc/options.py from docker's Config and HostConfig."""
+    init = host.get("Init")
+    shm = _nonneg_int(host.get("ShmSize"), "HostConfig.ShmSize")
+    return ContainerOptions(
+        restart=_restart(host.get("RestartPolicy")),
+        healthcheck=Healthcheck.from_docker(_obj(body.get("Healthcheck"), "Healthcheck")),
+        init=init if isinstance(init, bool) else None,
+        dns=_str_list(host.get("Dns"), "HostConfig.Dns"),
+        dns_search=_str_list(host.get("DnsSearch"), "HostConfig.DnsSearch"),
+        dns_options=_str_list(host.get("DnsOptions"), "HostConfig.DnsOptions"),
+        extra_hosts=_str_list(host.get("ExtraHosts"), "HostConfig.ExtraHosts"),
+        ulimits=_ulimits(host.get("Ulimits")),
+        cap_add=_str_list(host.get("CapAdd"), "HostConfig.CapAdd"),
+        cap_drop=_str_list(host.get("CapDrop"), "HostConfig.CapDrop"),
+        privileged=bool(host.get("Privileged")),
+        shm_size=shm or None,
+        expose=sorted(_obj(body.get("ExposedPorts"), "ExposedPorts")),
+        publish_all=bool(host.get("PublishAllPorts")),
+    )
+
+
 def create_options(body: Any, name: str | None) -> CreateRequest:
     """``POST /containers/create[?name=]`` body as a :class:`CreateRequest`."""
     if not isinstance(body, dict):
@@ -459,6 +510,7 @@ def create_options(body: Any, name: str | None) -> CreateRequest:
         restart_policy=str(restart.get("Name") or "no"),
         log_driver=_opt_str(log_config.get("Type")),
         log_opts=_log_opts(log_config.get("Config")),
+        options=container_options(body, host),
     )
 
 
@@ -512,88 +564,6 @@ def parse_signal(text: str | int | None, default: int | None = None) -> int:
         return int(signal.Signals[name])
     except KeyError:
         raise InvalidRequest(f"invalid signal: {value}") from None
-
-
-# ---------------------------------------------------------------------------------- time
-
-ZERO_TIME = "0001-01-01T00:00:00Z"
-"""Go's zero time.Time in JSON: what docker reports for "never" (StartedAt of a new container)."""
-
-
-def parse_time(text: str | None) -> float | None:
-    """An RFC 3339 timestamp (kvmc writes ``...T12:00:00.123Z``) as epoch seconds."""
-    if not text or text == ZERO_TIME:
-        return None
-    value = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
-    # Go writes up to nanoseconds; Python parses up to microseconds.
-    value = re.sub(r"(\.\d{6})\d+", r"\1", value)
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
-
-
-def format_time(epoch: float | None) -> str:
-    """Epoch seconds as Go's RFC3339Nano in UTC (trailing zeros of the fraction dropped)."""
-    if epoch is None:
-        return ZERO_TIME
-    moment = datetime.fromtimestamp(epoch, timezone.utc)
-    fraction = f"{moment.microsecond:06d}".rstrip("0")
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{fraction}" if fraction else "") + "Z"
-
-
-def human_duration(seconds: float) -> str:
-    """go-units HumanDuration, the wording of ``docker ps``' STATUS column."""
-    secs = int(seconds)
-    if secs < 1:
-        return "Less than a second"
-    if secs == 1:
-        return "1 second"
-    if secs < 60:
-        return f"{secs} seconds"
-    minutes = int(seconds / 60)
-    if minutes == 1:
-        return "About a minute"
-    if minutes < 60:
-        return f"{minutes} minutes"
-    hours = int(seconds / 3600 + 0.5)
-    if hours == 1:
-        return "About an hour"
-    if hours < 48:
-        return f"{hours} hours"
-    if hours < 24 * 7 * 2:
-        return f"{hours // 24} days"
-    if hours < 24 * 30 * 2:
-        return f"{hours // 24 // 7} weeks"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24 // 30} months"
-    return f"{int(seconds / 3600) // 24 // 365} years"
-
-
-def human_status(state: str, exit_code: int | None, started_at: str | None, finished_at: str | None,
-                 now: float, paused: bool = False) -> str:
-    """``docker ps``' STATUS, following moby's State.String().
-
-    A container that never started is ``Created`` whatever its state (a failed start
-    included, as in docker); ``state`` may be ``paused`` or ``paused`` passed separately.
-    """
-    started = parse_time(started_at)
-    if state in ("running", "starting", "paused"):
-        up = human_duration(max(0.0, now - started)) if started is not None else "Less than a second"
-        return f"Up {up} (Paused)" if paused or state == "paused" else f"Up {up}"
-    if state == "removing":
-        return "Removal In Progress"
-    if state == "dead":
-        return "Dead"
-    if started is None:
-        return "Created"
-    finished = parse_time(finished_at)
-    if finished is None:
-        return ""
-    return f"Exited ({exit_code or 0}) {human_duration(max(0.0, now - finished))} ago"
 
 
 # ---------------------------------------------------------------------------------- archive
@@ -661,4 +631,5 @@ def run_options(req: CreateRequest) -> RunOptions:
                             open_stdin=req.open_stdin,
                             stdin_once=req.stdin_once, entrypoint=req.entrypoint, cmd=req.cmd,
                             stop_signal=req.stop_signal, stop_timeout=req.stop_timeout),
+        options=req.options,
     )

@@ -70,20 +70,26 @@ class ContainerService:
         return [r for r in records if container_matches(r, filters, self.is_paused(r) if r.is_live else False)]
 
     def inspect(self, ref: str) -> dict:
-        """kvmc's own JSON view of a container: its record plus what libvirt and the image say."""
-        from dataclasses import asdict
+        """docker's inspect of a container (kvmc/views.py), kvmc's own facts under ``Kvmc``: one
+        shape for ``kvmc inspect`` and the API's ``/containers/{id}/json``."""
+        return self.inspect_record(self.get(ref))
 
-        record = self.get(ref)
-        data = asdict(record)
-        data["vm_state"], reason = self.engine.hv.state_reason(record.domain)
-        data["vm_state_reason"] = PAUSE_REASONS.get(reason, reason)
-        data["status"] = self.status(record, (data["vm_state"], reason))
+    def inspect_record(self, record: ContainerRecord) -> dict:
+        """:meth:`inspect` of a record already read, with what libvirt and the image say."""
+        from kvmc.errors import KvmcError
+        from kvmc.views import container_inspect
+
+        vm_state, reason = self.engine.hv.state_reason(record.domain)
         try:
-            config = self.engine.images.get(record.image_id).config
-            data["image_config"] = {"exposed_ports": config.exposed_ports, "volumes": config.volumes}
-        except Exception:  # noqa: BLE001 - an image removed under a container is not an error here
-            data["image_config"] = None
-        return data
+            image_config = self.engine.images.get(record.image_id).config
+        except KvmcError:  # an image removed under a container is not an error here
+            image_config = None
+        return container_inspect(
+            record, vm_state=vm_state, log_path=str(self.log_path(record)),
+            volume_paths={v: str(self.engine.volumes._dir(v)) for v in record.volume_names},
+            image_config=image_config, pid=record.monitor_pid or 0,
+            kvmc={"Status": self.status(record, (vm_state, reason)),
+                  "VmStateReason": PAUSE_REASONS.get(reason, reason) if reason else reason})
 
     def vm_states(self, records: list[ContainerRecord]) -> dict[str, tuple[str | None, str | None]]:
         """libvirt's (state, reason) of each running container's VM, by id: reads only, and
@@ -98,6 +104,8 @@ class ContainerService:
         """kvmc ps' STATUS: Created, Starting, Running, Paused, Paused (disk full), Exited (N)."""
         if record.state == State.EXITED:
             return f"Exited ({record.exit_code})"
+        if record.state == State.RESTARTING:
+            return f"Restarting ({record.exit_code})"
         if record.state == State.RUNNING and vm and vm[0] == "paused":
             return f"Paused ({PAUSE_REASONS[vm[1]]})" if vm[1] in PAUSE_REASONS else "Paused"
         return record.state.value.capitalize()

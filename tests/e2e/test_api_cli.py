@@ -87,7 +87,7 @@ def _no_domain_within(kvmc: Kvmc, domain: str, timeout: float = 5.0) -> None:
 
 def _domain_of(srv: KvmcServe, name: str) -> str:
     """The libvirt domain of a container, from kvmc's own record (``kvmc inspect``)."""
-    return json.loads(srv.kvmc("inspect", name, check=True).stdout)[0]["domain"]
+    return json.loads(srv.kvmc("inspect", name, check=True).stdout)[0]["Kvmc"]["Domain"]
 
 
 # --------------------------------------------------------------------------------- run

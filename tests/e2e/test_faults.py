@@ -23,7 +23,7 @@ def _wait_exited(kvmc: Kvmc, ref: str, timeout: float = 90) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = _inspect(kvmc, ref)
-        if info["state"] == "exited":
+        if info["Kvmc"]["State"] == "exited":
             return info
         time.sleep(0.3)
     raise AssertionError(f"{ref} did not exit")
@@ -33,10 +33,10 @@ def test_guest_kernel_panic_is_reported(kvmc: Kvmc) -> None:
     kvmc("run", "-d", "--name", "panicky", DEFAULT_IMAGE, "sh", "-c",
          "echo c > /proc/sysrq-trigger; sleep 100", check=True)
     info = _wait_exited(kvmc, "panicky")
-    assert info["exit_code"] == 137
-    assert "kernel panicked" in info["error"]
+    assert info["State"]["ExitCode"] == 137
+    assert "kernel panicked" in info["State"]["Error"]
     kvmc("rm", "panicky", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
 
 def test_gc_finds_and_removes_orphan_domains(kvmc: Kvmc) -> None:
@@ -88,13 +88,13 @@ def test_containers_survive_a_libvirtd_restart(kvmc: Kvmc) -> None:
             break
         time.sleep(0.1)
     info = _inspect(kvmc, "steady")
-    assert info["state"] == "running" and info["vm_state"] == "running"
+    assert info["Kvmc"]["State"] == "running" and info["Kvmc"]["VmState"] == "running"
     assert kvmc("exec", "steady", "echo", "still-here").stdout == b"still-here\n"
     kvmc("stop", "-t", "5", "steady", check=True)
     info = _wait_exited(kvmc, "steady")
-    assert info["exit_code"] == 3
+    assert info["State"]["ExitCode"] == 3
     kvmc("rm", "steady", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
 
 def test_gc_reclaims_half_created_containers(kvmc: Kvmc) -> None:

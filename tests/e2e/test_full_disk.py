@@ -152,7 +152,7 @@ def wait_for(what, timeout: float = 60, why: str = "") -> object:  # noqa: ANN00
 
 
 def status(small: Kvmc, name: str) -> str:
-    return json.loads(small("inspect", name, check=True).stdout)[0]["status"]
+    return json.loads(small("inspect", name, check=True).stdout)[0]["Kvmc"]["Status"]
 
 
 def test_reads_and_rm_on_a_full_disk_and_a_vm_paused_on_it(small: Kvmc) -> None:
@@ -165,7 +165,8 @@ def test_reads_and_rm_on_a_full_disk_and_a_vm_paused_on_it(small: Kvmc) -> None:
     wait_for(lambda: status(small, "ticker") == "Paused (disk full)", why="the VM to pause on the full disk")
     assert b"Paused (disk full)" in small("ps", check=True).stdout
     info = json.loads(small("inspect", "ticker", check=True).stdout)[0]
-    assert info["vm_state"] == "paused" and info["vm_state_reason"] == "disk full" and info["state"] == "running"
+    assert (info["Kvmc"]["VmState"] == "paused" and info["Kvmc"]["VmStateReason"] == "disk full"
+            and info["Kvmc"]["State"] == "running")
     ticks = small("logs", "--tail", "2", "ticker", check=True).stdout
     assert ticks.count(b"tick") == 2
     # Room again: the monitor resumes the VM, and the container goes on where it was.

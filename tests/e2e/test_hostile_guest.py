@@ -45,7 +45,7 @@ def test_an_attached_cli_can_always_be_ended(kvmc: Kvmc) -> None:
         assert cli.returncode == 130, err
         assert 4 <= time.monotonic() - began < 15
         assert b"gave up waiting for container deaf after SIGINT" in err and b"kvmc rm -f deaf" in err
-        assert state(kvmc, "deaf")["state"] == "running"
+        assert state(kvmc, "deaf")["Kvmc"]["State"] == "running"
         # A second SIGTERM ends it at once: 143.
         cli = attach(kvmc, "deaf")
         began = time.monotonic()
@@ -56,7 +56,7 @@ def test_an_attached_cli_can_always_be_ended(kvmc: Kvmc) -> None:
         assert cli.returncode == 143, err
         assert time.monotonic() - began < 3
         # A guest that does not answer at all (its VM frozen): the same way out.
-        subprocess.run(["virsh", "-c", "qemu:///system", "suspend", state(kvmc, "deaf")["domain"]],
+        subprocess.run(["virsh", "-c", "qemu:///system", "suspend", state(kvmc, "deaf")["Kvmc"]["Domain"]],
                        check=True, capture_output=True)
         cli = attach(kvmc, "deaf")
         cli.send_signal(signal.SIGINT)

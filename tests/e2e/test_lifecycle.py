@@ -45,9 +45,9 @@ def test_detached_logs_follow_then_stop_within_timeout(kvmc: Kvmc) -> None:
     rest, _ = follower.communicate(timeout=30)
     assert rest == b"got-term\n" and follower.returncode == 0
     info = _inspect(kvmc, "ticker")
-    assert info["state"] == "exited" and info["exit_code"] == 0
+    assert info["Kvmc"]["State"] == "exited" and info["State"]["ExitCode"] == 0
     assert kvmc("ps", "-q", check=True).stdout == b""
-    assert info["id"][:12].encode() in kvmc("ps", "-a", "-q", check=True).stdout
+    assert info["Id"][:12].encode() in kvmc("ps", "-a", "-q", check=True).stdout
     full = kvmc("logs", "ticker", check=True)
     tail = kvmc("logs", "--tail", "2", "ticker", check=True)
     assert len((tail.stdout + tail.stderr).splitlines()) == 2
@@ -67,7 +67,7 @@ def test_exec_while_main_process_runs(kvmc: Kvmc) -> None:
     proc = kvmc("exec", "-i", "execme", "cat", input=b"piped\n")
     assert proc.stdout == b"piped\n"
     assert kvmc("exec", "execme", "no-such-cmd").returncode == 127
-    assert _inspect(kvmc, "execme")["state"] == "running"
+    assert _inspect(kvmc, "execme")["Kvmc"]["State"] == "running"
     kvmc("kill", "-s", "TERM", "execme", check=True)
     assert kvmc("wait", "execme", check=True).stdout == b"0\n"
     kvmc("rm", "execme", check=True)
@@ -76,7 +76,7 @@ def test_exec_while_main_process_runs(kvmc: Kvmc) -> None:
 def test_files_survive_stop_and_start(kvmc: Kvmc) -> None:
     container_id = kvmc("create", "--name", "keeper", DEFAULT_IMAGE, "sh", "-c",
                         "date >> /root/boots; cat /root/boots | wc -l", check=True).stdout.decode().strip()
-    assert _inspect(kvmc, "keeper")["state"] == "created"
+    assert _inspect(kvmc, "keeper")["Kvmc"]["State"] == "created"
     assert kvmc("start", "-a", container_id[:8]).stdout.strip() == b"1"
     assert kvmc("start", "-a", "keeper").stdout.strip() == b"2"
     kvmc("rm", "keeper", check=True)
@@ -89,13 +89,13 @@ def test_run_answers_while_the_guest_powers_off_and_start_waits_for_it(kvmc: Kvm
     first = kvmc("run", "--name", "early", DEFAULT_IMAGE, "sh", "-c", script)
     assert first.returncode == 4 and first.stdout.strip() == b"1"
     info = _inspect(kvmc, "early")
-    assert info["state"] == "exited" and info["exit_code"] == 4
+    assert info["Kvmc"]["State"] == "exited" and info["State"]["ExitCode"] == 4
     again = kvmc("start", "-a", "early")
     assert again.returncode == 4 and again.stdout.strip() == b"2"
     kvmc("rm", "early", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
     kvmc("run", "--name", "early2", DEFAULT_IMAGE, "true", check=True)
-    domain = _inspect(kvmc, "early2")["domain"]
+    domain = _inspect(kvmc, "early2")["Kvmc"]["Domain"]
     kvmc("rm", "early2", check=True)  # its monitor may still wait for the power-off: ended
     names = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
                            capture_output=True, text=True, check=True).stdout.split()
@@ -107,9 +107,9 @@ def test_signal_exit_code_and_restart(kvmc: Kvmc) -> None:
     kvmc("kill", "sleeper", check=True)  # SIGKILL by default
     assert kvmc("wait", "sleeper", check=True).stdout == b"137\n"
     kvmc("restart", "sleeper", check=True)
-    assert _inspect(kvmc, "sleeper")["state"] == "running"
+    assert _inspect(kvmc, "sleeper")["Kvmc"]["State"] == "running"
     assert kvmc("rm", "sleeper").returncode != 0  # running: needs -f
-    domain = _inspect(kvmc, "sleeper")["domain"]
+    domain = _inspect(kvmc, "sleeper")["Kvmc"]["Domain"]
     kvmc("rm", "-f", "sleeper", check=True)
     assert kvmc("inspect", "sleeper").returncode != 0
     assert domain not in kvmc.domains()
@@ -122,23 +122,23 @@ def test_kill_9_of_foreground_run_is_recorded_and_reclaimed(kvmc: Kvmc) -> None:
     assert cli.stdout.readline() == b"up\n"
     cli.send_signal(signal.SIGKILL)
     cli.wait()
-    _wait_for(lambda: _inspect(kvmc, "orphan")["state"] == "exited")
+    _wait_for(lambda: _inspect(kvmc, "orphan")["Kvmc"]["State"] == "exited")
     info = _inspect(kvmc, "orphan")
-    assert info["exit_code"] == 9
+    assert info["State"]["ExitCode"] == 9
     assert b"after-cli-died" in kvmc("logs", "orphan", check=True).stdout
     kvmc("rm", "orphan", check=True)
-    assert info["domain"] not in kvmc.domains()
-    assert not os.path.exists(info["agent_socket"]) and not os.path.exists(info["control_socket"])
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
+    assert not os.path.exists(info["Kvmc"]["AgentSocket"]) and not os.path.exists(info["Kvmc"]["ControlSocket"])
 
 
 def test_vm_destroyed_from_outside_shows_exited(kvmc: Kvmc) -> None:
     kvmc("run", "-d", "--name", "victim", DEFAULT_IMAGE, "sleep", "300", check=True)
-    domain = _inspect(kvmc, "victim")["domain"]
+    domain = _inspect(kvmc, "victim")["Kvmc"]["Domain"]
     subprocess.run(["virsh", "-c", "qemu:///system", "destroy", domain], check=True, capture_output=True)
-    _wait_for(lambda: _inspect(kvmc, "victim")["state"] == "exited")
+    _wait_for(lambda: _inspect(kvmc, "victim")["Kvmc"]["State"] == "exited")
     info = _inspect(kvmc, "victim")
-    assert info["exit_code"] == 137
-    assert "stopped unexpectedly" in info["error"]
+    assert info["State"]["ExitCode"] == 137
+    assert "stopped unexpectedly" in info["State"]["Error"]
     kvmc("rm", "victim", check=True)
 
 
@@ -164,11 +164,11 @@ def test_six_containers_created_and_removed_in_parallel(kvmc: Kvmc) -> None:
         results = list(pool.map(one, range(6)))
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     infos = [_inspect(kvmc, f"par{i}") for i in range(6)]
-    assert len({i["domain"] for i in infos}) == 6
+    assert len({i["Kvmc"]["Domain"] for i in infos}) == 6
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         removed = list(pool.map(lambda i: kvmc("rm", "-f", f"par{i}"), range(6)))
     assert all(r.returncode == 0 for r in removed), [r.stderr for r in removed]
-    assert not {i["domain"] for i in infos} & kvmc.domains()
+    assert not {i["Kvmc"]["Domain"] for i in infos} & kvmc.domains()
     for info in infos:
-        assert not os.path.exists(info["agent_socket"]) and not os.path.exists(info["control_socket"])
-        assert not (kvmc.data_dir / "containers" / info["id"]).exists()
+        assert not os.path.exists(info["Kvmc"]["AgentSocket"]) and not os.path.exists(info["Kvmc"]["ControlSocket"])
+        assert not (kvmc.data_dir / "containers" / info["Id"]).exists()

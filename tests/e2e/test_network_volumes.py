@@ -58,7 +58,7 @@ def test_published_port_answers_and_a_taken_port_is_refused(kvmc: Kvmc) -> None:
         assert _fetch(18080).startswith(b"hello-from-")
         ps = kvmc("ps", check=True).stdout.decode()
         assert "127.0.0.1:18080->8080/tcp" in ps
-        assert _inspect(kvmc, "web")["ports"] == [
+        assert _inspect(kvmc, "web")["Kvmc"]["Ports"] == [
             {"host_ip": "127.0.0.1", "host_port": 18080, "guest_port": 8080, "protocol": "tcp"}]
         before = kvmc.domains()
         second = kvmc("run", "--rm", "--name", "web2", "-p", "127.0.0.1:18080:8080", DEFAULT_IMAGE, "true")
@@ -190,7 +190,7 @@ def test_inspect_shows_the_images_exposed_ports_and_volumes(kvmc: Kvmc, config_i
     kvmc("create", "--name", "exposed", config_image, check=True)
     try:
         info = _inspect(kvmc, "exposed")
-        assert info["image_config"] == {"exposed_ports": ["8080/tcp"], "volumes": ["/var/data"]}
+        assert info["Kvmc"]["ImageConfig"] == {"ExposedPorts": ["8080/tcp"], "Volumes": ["/var/data"]}
     finally:
         kvmc("rm", "exposed", check=True)
 
@@ -201,7 +201,7 @@ def test_pooled_vm_publishes_ports_added_at_claim(kvmc: Kvmc) -> None:
     kvmc("-v", "run", "-d", "--name", "pooledweb", "-m", "240m", "-p", f"127.0.0.1:{port}:8080",
          DEFAULT_IMAGE, "sh", "-c", SERVE_8080, check=True)
     try:
-        assert _inspect(kvmc, "pooledweb")["boot"] == "pool"
+        assert _inspect(kvmc, "pooledweb")["Kvmc"]["Boot"] == "pool"
         assert _fetch(port).startswith(b"hello-from-")
     finally:
         kvmc("rm", "-f", "pooledweb", check=True)

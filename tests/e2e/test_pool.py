@@ -51,10 +51,10 @@ def test_pooled_run_behaves_like_a_cold_one(kvmc: Kvmc) -> None:
     assert host_before - 2 <= guest_clock <= host_after + 2  # the save's stale clock was reset
     assert pooled.stderr.endswith(b"err\n")
     info = json.loads(kvmc("inspect", "pooled", check=True).stdout)[0]
-    assert info["boot"] == "pool" and info["exit_code"] == 3
+    assert info["Kvmc"]["Boot"] == "pool" and info["State"]["ExitCode"] == 3
     assert _ready(kvmc, 160) == 0
     kvmc("rm", "pooled", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
 
 def _virsh(*args: str) -> str:
@@ -88,16 +88,16 @@ def test_hot_members_wait_paused_and_a_claim_resumes_one(kvmc: Kvmc) -> None:
     assert lines[0] == "1 app /tmp" and host_before - 2 <= int(lines[1]) <= host_after + 2
     assert hot.stderr.endswith(b"err\n")
     info = json.loads(kvmc("inspect", "hot", check=True).stdout)[0]
-    assert info["boot"] == "pool" and not info["resume_paused"] and not info["restore_from"]
-    assert not sockets[info["domain"]].exists()  # moved to the container, removed with its VM
+    assert info["Kvmc"]["Boot"] == "pool" and not info["Kvmc"]["ResumePaused"] and not info["Kvmc"]["RestoreFrom"]
+    assert not sockets[info["Kvmc"]["Domain"]].exists()  # moved to the container, removed with its VM
     # Its persistent definition is the container's own: a restart boots cold from its disk.
     again = kvmc("start", "-a", "hot")
     assert again.returncode == 3 and again.stdout.decode().splitlines()[0] == "1 app /tmp"
     kvmc("rm", "hot", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
     # A hot member whose QEMU went away (libvirtd or host restart) is restored from its save file.
-    rest = [m for m in members if m["domain"] != info["domain"]]
+    rest = [m for m in members if m["domain"] != info["Kvmc"]["Domain"]]
     for member in rest:
         _virsh("destroy", member["domain"])
     assert [p["hot"] for p in _pools(kvmc) if p["memory_mib"] == 352] == [0]
@@ -137,9 +137,9 @@ def test_four_concurrent_runs_against_a_pool_of_two(kvmc: Kvmc) -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as workers:
         results = list(workers.map(one, range(4)))
     assert [r.stdout for r in results] == [f"pc-{i}\n".encode() for i in range(4)], [r.stderr for r in results]
-    boots = sorted(json.loads(kvmc("inspect", f"pc{i}", check=True).stdout)[0]["boot"] for i in range(4))
+    boots = sorted(json.loads(kvmc("inspect", f"pc{i}", check=True).stdout)[0]["Kvmc"]["Boot"] for i in range(4))
     assert boots == ["cold", "cold", "pool", "pool"]
-    domains = {json.loads(kvmc("inspect", f"pc{i}", check=True).stdout)[0]["domain"] for i in range(4)}
+    domains = {json.loads(kvmc("inspect", f"pc{i}", check=True).stdout)[0]["Kvmc"]["Domain"] for i in range(4)}
     assert len(domains) == 4
     for i in range(4):
         kvmc("rm", f"pc{i}", check=True)
@@ -211,11 +211,11 @@ def test_template_run_behaves_like_a_cold_one(kvmc: Kvmc) -> None:
     assert host_before - 2 <= int(cloned_lines[1]) <= host_after + 2  # the template's clock was reset
     assert cloned.stderr.endswith(b"err\n")
     info = json.loads(kvmc("inspect", "cloned", check=True).stdout)[0]
-    assert info["boot"] == "template" and info["exit_code"] == 3
+    assert info["Kvmc"]["Boot"] == "template" and info["State"]["ExitCode"] == 3
     assert _templates(kvmc, 272)[0]["ready"] == 1  # a template is not consumed
     assert not kvmc("gc", check=True).stdout  # no orphans: the template VM itself is gone
     kvmc("rm", "cloned", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
     assert b"--size does not apply" in kvmc("pool", "warm", DEFAULT_IMAGE, "--template", "--size", "2").stderr
 
 
@@ -231,9 +231,9 @@ def test_concurrent_template_clones_get_their_own_randomness_and_the_hosts_clock
             results = list(workers.map(one, range(2)))
         assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
         infos = [json.loads(kvmc("inspect", f"tc{i}", check=True).stdout)[0] for i in range(2)]
-        assert [i["boot"] for i in infos] == ["template", "template"]
-        assert [i["vm_state"] for i in infos] == ["running", "running"]  # both clones at once
-        assert infos[0]["domain"] != infos[1]["domain"]
+        assert [i["Kvmc"]["Boot"] for i in infos] == ["template", "template"]
+        assert [i["Kvmc"]["VmState"] for i in infos] == ["running", "running"]  # both clones at once
+        assert infos[0]["Kvmc"]["Domain"] != infos[1]["Kvmc"]["Domain"]
         randoms = []
         for i in range(2):
             deadline = time.monotonic() + 30
@@ -257,19 +257,19 @@ def test_cloned_container_publishes_ports_and_restarts_cold_from_its_own_disk(kv
          DEFAULT_IMAGE, "sh", "-c", SERVE_8080, check=True)
     try:
         info = json.loads(kvmc("inspect", "tweb", check=True).stdout)[0]
-        assert info["boot"] == "template"
+        assert info["Kvmc"]["Boot"] == "template"
         assert _fetch(port).startswith(b"hello-from-")
         kvmc("exec", "tweb", "sh", "-c", "echo kept > /root/kept; sync", check=True)
         kvmc("stop", "-t", "2", "tweb", check=True)
         # the persistent definition is the plain one: the next start is a cold boot
-        inactive = os.popen(f"virsh -c qemu:///system dumpxml --inactive {info['domain']}").read()
+        inactive = os.popen(f"virsh -c qemu:///system dumpxml --inactive {info['Kvmc']['Domain']}").read()
         assert "memory-backend-file" not in inactive and "incoming" not in inactive
         kvmc("start", "tweb", check=True)
         assert kvmc("exec", "tweb", "cat", "/root/kept", check=True).stdout == b"kept\n"
         assert _fetch(port).startswith(b"hello-from-")
     finally:
         kvmc("rm", "-f", "tweb", check=True)
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
 
 def test_pool_rm_removes_the_template_and_its_ram_file(kvmc: Kvmc) -> None:

@@ -97,14 +97,14 @@ def test_kept_container_is_inspectable_then_removed(kvmc: Kvmc) -> None:
     proc = kvmc("run", "--name", "kept", DEFAULT_IMAGE, "sh", "-c", "echo data > /root/file; exit 5")
     assert proc.returncode == 5
     info = json.loads(kvmc("inspect", "kept", check=True).stdout)[0]
-    assert info["state"] == "exited" and info["exit_code"] == 5
-    assert info["accel"] in ("kvm", "tcg") and info["memory_mib"] == 256
-    directory = kvmc.data_dir / "containers" / info["id"]
+    assert info["Kvmc"]["State"] == "exited" and info["State"]["ExitCode"] == 5
+    assert info["Kvmc"]["Accel"] in ("kvm", "tcg") and info["Kvmc"]["MemoryMiB"] == 256
+    directory = kvmc.data_dir / "containers" / info["Id"]
     assert (directory / "rootfs.qcow2").exists()
-    assert info["domain"] in kvmc.domains()
+    assert info["Kvmc"]["Domain"] in kvmc.domains()
     assert kvmc("rm", "kept").returncode == 0
     assert not directory.exists()
-    assert info["domain"] not in kvmc.domains()
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()
 
 
 def test_detached_run_and_logs(kvmc: Kvmc) -> None:
@@ -114,9 +114,9 @@ def test_detached_run_and_logs(kvmc: Kvmc) -> None:
     assert len(container_id) == 64
     for _ in range(600):
         info = json.loads(kvmc("inspect", "bg", check=True).stdout)[0]
-        if info["state"] == "exited":
+        if info["Kvmc"]["State"] == "exited":
             break
-    assert info["exit_code"] == 0
+    assert info["State"]["ExitCode"] == 0
     logs = kvmc("logs", "bg", check=True)
     assert logs.stdout == b"to-out\n" and logs.stderr == b"to-err\n"
     kvmc("rm", "bg", check=True)

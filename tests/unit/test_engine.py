@@ -290,7 +290,8 @@ def test_observe_reads_and_repair_writes(env: Env, monkeypatch: pytest.MonkeyPat
     assert env.svc.get("orphan").state == State.EXITED
     assert [(r.name, r.exit_code) for r in env.svc.list(all_=True)] == [("orphan", 137)]
     assert env.svc.list() == []
-    assert env.svc.inspect("orphan")["exit_code"] == 137 and env.svc.inspect("orphan")["vm_state"] == "running"
+    info = env.svc.inspect("orphan")
+    assert info["State"]["ExitCode"] == 137 and info["Kvmc"]["VmState"] == "running"
     assert env.svc.wait("orphan") == 137
     assert env.engine.published_ports() == {}
 
@@ -597,7 +598,7 @@ def test_a_vm_paused_on_a_full_disk_is_shown_and_resumed(env: Env) -> None:
                                      detach=True), None, io.BytesIO(), io.BytesIO())
     env.hv.pause(record.domain, reason="ioerror")
     assert env.svc.status(record, env.svc.vm_states([record])[record.id]) == "Paused (disk full)"
-    assert env.svc.inspect("filler")["vm_state_reason"] == "disk full"
+    assert env.svc.inspect("filler")["Kvmc"]["VmStateReason"] == "disk full"
     wait_for(lambda: env.hv.state(record.domain) == "running",
              why=f"the monitor to resume the VM: {env.monitor_logs()}", timeout=10)
     assert env.svc.status(record, env.svc.vm_states([record])[record.id]) == "Running"

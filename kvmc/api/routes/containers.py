@@ -32,16 +32,7 @@ STREAM_TYPES = {"stdout": STDOUT, "stderr": STDERR}
 
 # ----------------------------------------------------------------- helpers
 def _inspect_json(api: Api, record: ContainerRecord) -> dict:
-    services = api.services
-    vm_state = services.engine.hv.state(record.domain) if record.is_live else None
-    try:
-        image_config = services.images.get(record.image_id).config
-    except KvmcError:
-        image_config = None
-    return shapes.container_inspect(
-        record, vm_state=vm_state, log_path=str(services.containers.log_path(record)),
-        volume_paths={v: str(services.engine.volumes._dir(v)) for v in record.volume_names},
-        image_config=image_config, pid=record.monitor_pid or 0)
+    return api.services.containers.inspect_record(record)
 
 
 async def _record(request: web.Request) -> ContainerRecord:
