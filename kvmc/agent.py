@@ -60,11 +60,13 @@ class FrameType(IntEnum):
     ERROR = 0x15
     ATTACH = 0x20
     """Client to kvmc's monitor only (never reaches the guest): relay process 1's output to me."""
+    STOP = 0x21
+    """Client to kvmc's monitor only: docker's ``stop --signal``, u32 timeout and u32 signal."""
 
 
 HOST_TO_GUEST = frozenset(t for t in FrameType if t < 0x10)
 GUEST_TO_HOST = frozenset(t for t in FrameType if 0x10 <= t < 0x20)
-CLIENT_TO_MONITOR = HOST_TO_GUEST | {FrameType.ATTACH}
+CLIENT_TO_MONITOR = HOST_TO_GUEST | {FrameType.ATTACH, FrameType.STOP}
 
 
 @dataclass(frozen=True)

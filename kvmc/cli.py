@@ -8,13 +8,16 @@ into docker's exit codes: the container command's own code; 125 when kvmc itself
 
 from __future__ import annotations
 
+import functools
+import inspect as pyinspect
 import json
 import os
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 
@@ -195,7 +198,191 @@ _LOG_OPT = typer.Option(None, "--log-opt", help="Log option KEY=VALUE, repeatabl
                         "config, 20m and 5.")
 
 
+# ------------------------------------------------- docker's container options (issue 16)
+@dataclass
+class ContainerFlags:
+    """The run/create flags beyond the process: kvmc/options.py parses them for both doors."""
+
+    label: Optional[List[str]] = None
+    label_file: Optional[List[Path]] = None
+    restart: str = "no"
+    health_cmd: Optional[str] = None
+    health_interval: Optional[str] = None
+    health_timeout: Optional[str] = None
+    health_retries: Optional[int] = None
+    health_start_period: Optional[str] = None
+    health_start_interval: Optional[str] = None
+    no_healthcheck: bool = False
+    init: bool = False
+    add_host: Optional[List[str]] = None
+    dns: Optional[List[str]] = None
+    dns_search: Optional[List[str]] = None
+    dns_option: Optional[List[str]] = None
+    ulimit: Optional[List[str]] = None
+    stop_signal: Optional[str] = None
+    stop_timeout: Optional[int] = None
+    publish_all: bool = False
+    expose: Optional[List[str]] = None
+    mount: Optional[List[str]] = None
+    shm_size: Optional[str] = None
+    privileged: bool = False
+    cap_add: Optional[List[str]] = None
+    cap_drop: Optional[List[str]] = None
+    pull: str = "missing"
+    platform: Optional[str] = None
+    cidfile: Optional[Path] = None
+
+
+_CONTAINER_FLAGS: list[tuple[str, Any, Any]] = [
+    ("label", Optional[List[str]], typer.Option(None, "-l", "--label", help="Set a label KEY=VALUE (repeatable).")),
+    ("label_file", Optional[List[Path]], typer.Option(None, "--label-file", help="Read KEY=VALUE labels from a file.")),
+    ("restart", str, typer.Option("no", "--restart", help="Restart policy: no, on-failure[:N], always or "
+                                  "unless-stopped. The container's monitor boots it again after its process "
+                                  "exits, with docker's back-off; always and unless-stopped ones also come back "
+                                  "when 'kvmc serve' (or 'kvmc system boot') starts.")),
+    ("health_cmd", Optional[str], typer.Option(None, "--health-cmd", help="Command to run to check health "
+                                               "(with /bin/sh -c, as an exec in the container).")),
+    ("health_interval", Optional[str], typer.Option(None, "--health-interval", help="Time between checks (30s).")),
+    ("health_timeout", Optional[str], typer.Option(None, "--health-timeout", help="Longest a check may run (30s).")),
+    ("health_retries", Optional[int], typer.Option(None, "--health-retries", help="Failures in a row to be "
+                                                   "unhealthy (3).")),
+    ("health_start_period", Optional[str], typer.Option(None, "--health-start-period", help="Time to start "
+                                                        "before failures count (0s).")),
+    ("health_start_interval", Optional[str], typer.Option(None, "--health-start-interval", help="Time between "
+                                                          "checks during the start period (5s).")),
+    ("no_healthcheck", bool, typer.Option(False, "--no-healthcheck", help="Disable any health check, the "
+                                          "image's too.")),
+    ("init", bool, typer.Option(False, "--init", help="Accepted: kvmc's agent is already PID 1 of the VM and "
+                                "reaps every zombie.")),
+    ("add_host", Optional[List[str]], typer.Option(None, "--add-host", help="Add NAME:IP to /etc/hosts "
+                                                   "(IP may be host-gateway: the host, 10.0.2.2).")),
+    ("dns", Optional[List[str]], typer.Option(None, "--dns", help="Nameserver for /etc/resolv.conf.")),
+    ("dns_search", Optional[List[str]], typer.Option(None, "--dns-search", help="Search domain for resolv.conf.")),
+    ("dns_option", Optional[List[str]], typer.Option(None, "--dns-option", help="Resolver option for resolv.conf.")),
+    ("ulimit", Optional[List[str]], typer.Option(None, "--ulimit", help="NAME=SOFT[:HARD], e.g. nofile=1024:2048.")),
+    ("stop_signal", Optional[str], typer.Option(None, "--stop-signal", help="Signal that stops the container "
+                                                "(default: the image's STOPSIGNAL, else SIGTERM).")),
+    ("stop_timeout", Optional[int], typer.Option(None, "--stop-timeout", help="Seconds to wait before killing "
+                                                 "it on stop (-1: wait).")),
+    ("publish_all", bool, typer.Option(False, "-P", "--publish-all", help="Publish every exposed port on a "
+                                       "free host port.")),
+    ("expose", Optional[List[str]], typer.Option(None, "--expose", help="Expose PORT[/proto] (published by -P).")),
+    ("mount", Optional[List[str]], typer.Option(None, "--mount", help="type=volume|bind|tmpfs,source=...,"
+                                                "target=...[,readonly][,tmpfs-size=...]")),
+    ("shm_size", Optional[str], typer.Option(None, "--shm-size", help="Size of /dev/shm, e.g. 64m.")),
+    ("privileged", bool, typer.Option(False, "--privileged", help="Accepted: a container's processes have every "
+                                      "capability inside their own VM (makes --cap-drop a no-op).")),
+    ("cap_add", Optional[List[str]], typer.Option(None, "--cap-add", help="Accepted: nothing is missing to add "
+                                                  "(undoes a --cap-drop).")),
+    ("cap_drop", Optional[List[str]], typer.Option(None, "--cap-drop", help="Drop a capability (or ALL) from "
+                                                   "every process of the container.")),
+    ("pull", str, typer.Option("missing", "--pull", help="missing (pull an image that is not here), always "
+                               "or never.")),
+    ("platform", Optional[str], typer.Option(None, "--platform", help="Only linux/amd64, the host's "
+                                             "architecture.")),
+    ("cidfile", Optional[Path], typer.Option(None, "--cidfile", help="Write the container id to this file.")),
+]
+
+
+def _with_container_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command (run, create) the container flags as one ``flags: ContainerFlags``."""
+    names = [name for name, _, _ in _CONTAINER_FLAGS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        flags = ContainerFlags(**{name: kwargs.pop(name) for name in names})
+        return command(**kwargs, flags=flags)
+
+    signature = pyinspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.name != "flags"]
+    params += [pyinspect.Parameter(name, pyinspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+               for name, annotation, option in _CONTAINER_FLAGS]
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must read __signature__, not the wrapped function's
+    return wrapper
+
+
+def _read_labels(files: list[Path]) -> dict[str, str]:
+    """docker's --label-file: KEY=VALUE lines, # comments and blank lines skipped."""
+    labels: dict[str, str] = {}
+    for path in files:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise UsageError(f"cannot read label file {path}: {exc.strerror}") from exc
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, _, value = line.strip().partition("=")
+                labels[key] = value
+    return labels
+
+
+def _apply_container_flags(opts, flags: ContainerFlags):  # noqa: ANN001, ANN202 - RunOptions
+    """Put the flags into RunOptions, parsed by kvmc/options.py (what the API's JSON becomes too)."""
+    from kvmc.health import Healthcheck
+    from kvmc.options import ContainerOptions, RestartPolicy, Ulimit, parse_bytes, parse_duration, parse_mount
+
+    labels = _read_labels(list(flags.label_file or []))
+    for item in flags.label or []:
+        key, _, value = item.partition("=")
+        labels[key] = value
+    check = None
+    if flags.no_healthcheck:
+        if flags.health_cmd:
+            raise UsageError("--no-healthcheck conflicts with --health-* options")
+        check = Healthcheck(test=["NONE"])
+    elif any(v is not None for v in (flags.health_cmd, flags.health_interval, flags.health_timeout,
+                                     flags.health_retries, flags.health_start_period, flags.health_start_interval)):
+        check = Healthcheck(
+            test=["CMD-SHELL", flags.health_cmd] if flags.health_cmd else [],
+            interval_s=parse_duration(flags.health_interval or "0", "--health-interval"),
+            timeout_s=parse_duration(flags.health_timeout or "0", "--health-timeout"),
+            start_period_s=parse_duration(flags.health_start_period or "0", "--health-start-period"),
+            start_interval_s=parse_duration(flags.health_start_interval or "0", "--health-start-interval"),
+            retries=flags.health_retries or 0)
+    for spec in flags.mount or []:
+        mount = parse_mount(spec)
+        if mount.volume:
+            opts.volumes.append(mount.volume)
+        elif mount.tmpfs:
+            opts.tmpfs.append(mount.tmpfs)
+        # an anonymous volume: the path stays part of the container's disk (docs/api.md)
+    opts.options = ContainerOptions(
+        restart=RestartPolicy.parse(flags.restart), healthcheck=check, init=True if flags.init else None,
+        dns=list(flags.dns or []), dns_search=list(flags.dns_search or []), dns_options=list(flags.dns_option or []),
+        extra_hosts=list(flags.add_host or []), ulimits=[Ulimit.parse(u) for u in flags.ulimit or []],
+        cap_add=list(flags.cap_add or []), cap_drop=list(flags.cap_drop or []), privileged=flags.privileged,
+        shm_size=parse_bytes(flags.shm_size, "--shm-size") if flags.shm_size else None,
+        expose=[e if "/" in e else f"{e}/tcp" for e in flags.expose or []], publish_all=flags.publish_all)
+    opts.publish_all = flags.publish_all
+    opts.docker.labels = labels
+    opts.docker.stop_signal = flags.stop_signal
+    opts.docker.stop_timeout = flags.stop_timeout
+    opts.pull = flags.pull
+    opts.platform = flags.platform
+    if flags.cidfile is not None and flags.cidfile.exists():
+        raise UsageError(f"container ID file found, make sure the other container isn't running or delete "
+                         f"{flags.cidfile}")
+    return opts
+
+
+def _cidfile_writer(path: Optional[Path]) -> Optional[Callable[[Any], None]]:
+    if path is None:
+        return None
+
+    def write(record: Any) -> None:
+        try:
+            with open(path, "x") as f:
+                f.write(record.id)
+        except OSError as exc:
+            raise UsageError(f"cannot write the container ID file {path}: {exc.strerror}") from exc
+
+    return write
+
+
 @app.command(context_settings={"allow_interspersed_args": False})
+@_with_container_flags
 def run(
     image: str = _IMAGE, command: Optional[List[str]] = _COMMAND, name: Optional[str] = _NAME,
     rm: bool = _RM, env: Optional[List[str]] = _ENV, env_file: Optional[List[Path]] = _ENV_FILE,
@@ -207,7 +394,7 @@ def run(
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
     tty: bool = _TTY, detach_keys: Optional[str] = _DETACH_KEYS, sig_proxy: str = _SIG_PROXY,
-    log_opt: Optional[List[str]] = _LOG_OPT,
+    log_opt: Optional[List[str]] = _LOG_OPT, flags: ContainerFlags = ContainerFlags(),
 ) -> None:
     """Run a command in a new container: boot a microVM whose root filesystem is the image.
 
@@ -220,14 +407,17 @@ def run(
                         interactive, detach, hostname, accel, network, publish, volume, tmpfs, read_only,
                         network_alias, tty, stdin_once=interactive and not detach, log_opt=log_opt)
     opts.use_pool = not no_pool
+    _apply_container_flags(opts, flags)
     record, code = _services().containers.run(opts, *_stdio(), signals=_forward_signals if proxy else None,
-                                              console=_console() if tty else None, detach_keys=detach_keys)
+                                              console=_console() if tty else None, detach_keys=detach_keys,
+                                              created=_cidfile_writer(flags.cidfile))
     if detach:
         typer.echo(record.id)
     raise typer.Exit(code or 0)  # None: detached from the TTY (detach keys), the container runs on
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
+@_with_container_flags
 def create(
     image: str = _IMAGE, command: Optional[List[str]] = _COMMAND, name: Optional[str] = _NAME,
     env: Optional[List[str]] = _ENV, env_file: Optional[List[Path]] = _ENV_FILE,
@@ -236,13 +426,18 @@ def create(
     hostname: Optional[str] = _HOSTNAME, accel: Optional[str] = _ACCEL,
     network: str = _NETWORK, publish: Optional[List[str]] = _PUBLISH, volume: Optional[List[str]] = _VOLUME,
     tmpfs: Optional[List[str]] = _TMPFS, read_only: bool = _READ_ONLY, network_alias: Optional[List[str]] = _NETWORK_ALIAS,
-    tty: bool = _TTY, log_opt: Optional[List[str]] = _LOG_OPT,
+    tty: bool = _TTY, log_opt: Optional[List[str]] = _LOG_OPT, flags: ContainerFlags = ContainerFlags(),
 ) -> None:
     """Create a container (record, disk, defined VM) without starting it; print its id."""
     opts = _run_options(image, command, name, False, env, env_file, workdir, user, entrypoint, memory, cpus,
                         interactive, True, hostname, accel, network, publish, volume, tmpfs, read_only, network_alias,
                         tty, stdin_once=interactive, log_opt=log_opt)
-    typer.echo(_services().containers.create(opts).id)
+    _apply_container_flags(opts, flags)
+    record = _services().containers.create(opts)
+    writer = _cidfile_writer(flags.cidfile)
+    if writer is not None:
+        writer(record)
+    typer.echo(record.id)
 
 
 @app.command()
@@ -270,10 +465,13 @@ def start(
 def stop(
     containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
     time_: Optional[int] = typer.Option(None, "-t", "--time", help="Seconds to wait after SIGTERM before SIGKILL (default 10)."),
+    signal_: Optional[str] = typer.Option(None, "-s", "--signal", help="Signal to send instead of the container's "
+                                          "stop signal (SIGTERM unless --stop-signal or the image says otherwise)."),
 ) -> None:
-    """Stop running containers: SIGTERM, SIGKILL after the timeout, then the VM powers off."""
+    """Stop running containers: the stop signal, SIGKILL after the timeout, then the VM powers off.
+    A stopped container is not restarted by its restart policy (until it is started again)."""
     service = _services().containers
-    _report_each(for_each(containers, lambda ref: service.stop(ref, time_)), exit_code=None)
+    _report_each(for_each(containers, lambda ref: service.stop(ref, time_, signal_)), exit_code=None)
 
 
 @app.command()
@@ -314,16 +512,22 @@ def exec_(
     interactive: bool = _INTERACTIVE, env: Optional[List[str]] = _ENV,
     workdir: Optional[str] = _WORKDIR, user: Optional[str] = _USER, tty: bool = _TTY,
     detach_keys: Optional[str] = _DETACH_KEYS,
+    detach: bool = typer.Option(False, "-d", "--detach", help="Leave the process running in the background."),
+    privileged: bool = typer.Option(False, "--privileged", help="Every capability, whatever the container's "
+                                    "--cap-drop."),
 ) -> None:
     """Run a second process in a running container, with its own output and exit code."""
     args = list(command)
     if args and args[0] == "--":
         args = args[1:]
+    if detach and interactive:
+        raise UsageError("-d and -i cannot be combined: a detached process has no stdin")
     _check_terminal_flags(tty, interactive, detach_keys, "true")
     opts = ProcessOptions(command=args, env=list(env or []), workdir=workdir, user=user, interactive=interactive,
                           tty=tty)
     code = _services().containers.exec(container, opts, *_stdio(), signals=_forward_signals, host_env=os.environ,
-                                       console=_console() if tty else None, detach_keys=detach_keys)
+                                       console=_console() if tty and not detach else None, detach_keys=detach_keys,
+                                       privileged=privileged, detach=detach)
     raise typer.Exit(code or 0)  # None: detached from the TTY, the process runs on
 
 
@@ -349,42 +553,49 @@ def attach(
 def ps(
     all_: bool = typer.Option(False, "-a", "--all", help="Show all containers (default: running only)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids."),
-    format_: Optional[str] = typer.Option(None, "--format", help="'json' for one JSON object per line."),
+    format_: Optional[str] = typer.Option(None, "--format", help="docker's format: a Go template ({{.ID}}, "
+                                          "{{.Names}}, {{.Status}}, {{.Label \"k\"}}, {{json .}}, table ...) or json."),
     filter_: Optional[List[str]] = typer.Option(
         None, "--filter", "-f", help="KEY=VALUE, repeatable: label, name, id, status, ancestor, exited, volume, "
-        "network (as docker's)."),
+        "network, health (as docker's)."),
+    last: Optional[int] = typer.Option(None, "-n", "--last", help="Show the N last created containers (all states)."),
+    latest: bool = typer.Option(False, "-l", "--latest", help="Show the last created container (all states)."),
+    size: bool = typer.Option(False, "-s", "--size", help="Show what each container wrote (and with its image)."),
+    no_trunc: bool = typer.Option(False, "--no-trunc", help="Do not truncate ids and commands."),
 ) -> None:
     """List containers."""
+    import time
+
+    from kvmc.formatting import PS_HEADERS, PS_TABLE, PS_TABLE_SIZE, ContainerRow, render_rows
     from kvmc.service.filters import parse_filter_flags
+    from kvmc.service.containers import PAUSE_REASONS
+    from kvmc.views import container_summary
 
     service = _services().containers
-    records = service.list(all_, parse_filter_flags(list(filter_ or [])))
+    limit = 1 if latest else last if last is not None and last > 0 else None
+    records = service.list(all_ or limit is not None, parse_filter_flags(list(filter_ or [])))
+    if limit is not None:
+        records = records[:limit]
     if quiet:
         for r in records:
-            typer.echo(r.short_id)
+            typer.echo(r.id if no_trunc else r.short_id)
         return
-    if format_ == "json":
-        for r in records:
-            typer.echo(json.dumps(service.inspect(r.id)))
-        return
-    from kvmc.network import format_ports
-
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "NAMES")]
-    vms = service.vm_states(records)
-    for r in records:
-        cmd = " ".join(r.process.args)
-        cmd = f'"{cmd[:20]}…"' if len(cmd) > 21 else f'"{cmd}"'
-        status = service.status(r, vms.get(r.id))
-        rows.append((r.short_id, r.image[:22], cmd, status, format_ports(r.ports), r.name))
-    widths = [max(len(row[i]) for row in rows) + 3 for i in range(5)]
-    for row in rows:
-        typer.echo("".join(f"{cell:<{w}}" for cell, w in zip(row, widths)) + row[5])
+    now = time.time()
+    vms = service.vm_states(records)  # a VM paused by QEMU on a full disk says so: "Paused (disk full)"
+    rows = [ContainerRow(container_summary(r, now=now, vm_state=vms.get(r.id, (None, None))[0],
+                                           pause_reason=PAUSE_REASONS.get(vms.get(r.id, (None, None))[1] or "")),
+                         trunc=not no_trunc, now=now, size=service.size(r) if size else None) for r in records]
+    table = PS_TABLE_SIZE if size else PS_TABLE
+    for line in render_rows(format_, rows, table, PS_HEADERS):
+        typer.echo(line)
 
 
 @app.command()
 def rm(
     containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
     force: bool = typer.Option(False, "-f", "--force", help="Kill a running container first."),
+    volumes: bool = typer.Option(False, "-v", "--volumes", help="Accepted: docker removes anonymous volumes, "
+                                 "which kvmc does not make; named volumes are kept, as in docker."),
 ) -> None:
     """Remove containers: their VM, disk, sockets and logs."""
     service = _services().containers
@@ -392,10 +603,48 @@ def rm(
 
 
 @app.command()
-def inspect(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
-    """Show containers' records as JSON."""
-    service = _services().containers
-    typer.echo(json.dumps([service.inspect(ref) for ref in containers], indent=2))
+def inspect(
+    names: List[str] = typer.Argument(..., help="Container (or image) names or ids."),
+    format_: Optional[str] = typer.Option(None, "-f", "--format", help="A Go template ({{.State.Status}}, "
+                                          "{{json .Config.Labels}}, ...) or json."),
+    type_: Optional[str] = typer.Option(None, "--type", help="container or image (default: a container, else "
+                                        "an image)."),
+    size: bool = typer.Option(False, "-s", "--size", help="Add SizeRw and SizeRootFs to containers."),
+) -> None:
+    """Show containers (or images) as docker's inspect JSON; kvmc's own facts are under Kvmc."""
+    from kvmc.errors import ContainerNotFound
+    from kvmc.gotemplate import parse
+    from kvmc.views import image_inspect
+
+    if type_ not in (None, "container", "image"):
+        raise UsageError(f'"{type_}" is not a valid value for --type: use container or image')
+    services = _services()
+    found = []
+    for name in names:
+        obj = None
+        if type_ in (None, "container"):
+            try:
+                record = services.containers.get(name)
+                obj = services.containers.inspect_record(record)
+                if size:
+                    obj["SizeRw"], obj["SizeRootFs"] = services.containers.size(record)
+            except ContainerNotFound:
+                if type_ == "container":
+                    raise
+        if obj is None:
+            try:
+                obj = image_inspect(services.images.get(name))
+            except KvmcError:
+                if type_ == "image":
+                    raise
+                raise ContainerNotFound(f"no such container or image: {name}") from None
+        found.append(obj)
+    if format_ is None:
+        typer.echo(json.dumps(found, indent=4))
+        return
+    template = parse("{{json .}}" if format_ == "json" else format_.replace("\\t", "\t").replace("\\n", "\n"))
+    for obj in found:
+        typer.echo(template.render(obj))
 
 
 @app.command()
@@ -420,17 +669,41 @@ def logs(
 
 
 @app.command()
-def images(quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids.")) -> None:
+def images(
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only show ids."),
+    all_: bool = typer.Option(False, "-a", "--all", help="Show all images (kvmc has no intermediate images: "
+                              "the same list)."),
+    filter_: Optional[List[str]] = typer.Option(None, "--filter", "-f", help="dangling=true|false, "
+                                                "reference=PATTERN, label=KEY[=VALUE]."),
+    format_: Optional[str] = typer.Option(None, "--format", help="A Go template ({{.Repository}}, {{.Tag}}, "
+                                          "{{.ID}}, {{.Size}}, ...), table ... or json."),
+    no_trunc: bool = typer.Option(False, "--no-trunc", help="Full image ids."),
+    digests: bool = typer.Option(False, "--digests", help="Show digests."),
+) -> None:
     """List images in the local store."""
-    found = _services().images.list()
+    import time
+
+    from kvmc.formatting import IMAGES_HEADERS, IMAGES_TABLE, IMAGES_TABLE_DIGESTS, ImageRow, image_filter, render_rows
+    from kvmc.service.filters import parse_filter_flags
+    from kvmc.views import image_summary
+
+    services = _services()
+    filters = parse_filter_flags(list(filter_ or []))
+    now = time.time()
+    used: dict[str, int] = {}
+    for record in services.containers.list(all_=True):
+        used[record.image_id] = used.get(record.image_id, 0) + 1
+    rows = []
+    for img in services.images.list():
+        summary = image_summary(img)
+        for tag in image_filter(summary, list(img.tags), filters):
+            rows.append(ImageRow(summary, tag, trunc=not no_trunc, now=now, containers=used.get(img.id, 0)))
     if quiet:
-        for img in found:
-            typer.echo(img.short_id)
+        for ident in dict.fromkeys(row.ID for row in rows):
+            typer.echo(ident)
         return
-    typer.echo(f"{'REPOSITORY:TAG':<36}{'IMAGE ID':<14}{'SIZE':>10}")
-    for img in found:
-        for tag in img.tags or ["<none>"]:
-            typer.echo(f"{tag:<36}{img.short_id:<14}{img.size / 1e6:>8.1f}MB")
+    for line in render_rows(format_, rows, IMAGES_TABLE_DIGESTS if digests else IMAGES_TABLE, IMAGES_HEADERS):
+        typer.echo(line)
 
 
 @app.command()
@@ -474,9 +747,10 @@ def image_build_default(name: str = typer.Option("kvmc/busybox:latest", "--name"
 
 
 @image_app.command("ls")
-def image_ls(quiet: bool = typer.Option(False, "-q", "--quiet")) -> None:
+def image_ls(quiet: bool = typer.Option(False, "-q", "--quiet"),
+             format_: Optional[str] = typer.Option(None, "--format", help="As 'kvmc images --format'.")) -> None:
     """List images (same as 'kvmc images')."""
-    images(quiet)
+    images(quiet=quiet, all_=False, filter_=None, format_=format_, no_trunc=False, digests=False)
 
 
 @image_app.command("rm")
@@ -692,6 +966,21 @@ def system_df() -> None:
                               ("Volumes", "volumes", "active")):
         u = usage[key]
         typer.echo(f"{kind:<12}{u['count']:>7}{u[active]:>8}{u['bytes'] / 1e6:>10.1f}MB{u['reclaimable'] / 1e6:>12.1f}MB")
+
+
+@system_app.command("boot")
+def system_boot() -> None:
+    """Start again the containers whose restart policy wants them running (always; unless-stopped
+    unless stopped by a user; on-failure after a failure), as docker's daemon does when it starts:
+    for hosts that run no 'kvmc serve' (which does this itself), e.g. from a boot-time unit."""
+    reports = _services().system.boot()
+    for report in reports:
+        if report.ok:
+            typer.echo(f"started {report.ref}")
+        else:
+            typer.echo(f"kvmc: cannot start {report.ref}: {report.error}", err=True)
+    if any(not r.ok for r in reports):
+        raise typer.Exit(1)
 
 
 @system_app.command("prune")

@@ -197,8 +197,8 @@ class Monitor:
             return
         if frame.type == FrameType.EXIT_ACK:
             return  # the monitor acknowledges EXIT itself
-        if frame.type == FrameType.SHUTDOWN or (frame.type == FrameType.SIGNAL and frame.proc_id == MAIN_PROCESS_ID
-                                                and self._ends_restarts(frame.payload)):
+        if frame.type in (FrameType.SHUTDOWN, FrameType.STOP) or (
+                frame.type == FrameType.SIGNAL and frame.proc_id == MAIN_PROCESS_ID and self._ends_restarts(frame.payload)):
             self._stopped_by_user()
         self.conn_ready.wait()
         with self.lock:
@@ -207,6 +207,9 @@ class Monitor:
             if frame.type == FrameType.RUN:
                 client.send(FrameType.ERROR, frame.proc_id, b"the container is restarting: wait until it runs")
                 client.send(FrameType.EXIT, frame.proc_id, encode_exit(126))
+            return
+        if frame.type == FrameType.STOP:
+            self._stop_with(conn, frame.payload)
             return
         if frame.type == FrameType.RUN:
             # Registered before it is sent: the guest's first frame about it may come at once.
@@ -232,6 +235,24 @@ class Monitor:
         # RESIZE comes from any client (the API resizes an exec on a request of its own); the
         # agent ignores it for a process without a terminal.
         conn.send(frame.type, frame.proc_id, frame.payload, frame.flags)
+
+    def _stop_with(self, conn: AgentConnection, payload: bytes) -> None:
+        """docker's ``stop --signal S -t T``: S to process 1, and if it still runs after T
+        seconds, the agent's SHUTDOWN 0 (SIGKILL to everything)."""
+        if len(payload) != 8:
+            return
+        timeout, signum = struct.unpack(">II", payload)
+        conn.signal(MAIN_PROCESS_ID, signum)
+        ended = self.run_ended
+
+        def kill_later() -> None:
+            if not ended.wait(timeout) and self.conn is conn:
+                try:
+                    conn.shutdown(0)
+                except OSError:
+                    pass
+
+        threading.Thread(target=kill_later, daemon=True).start()
 
     def _ends_restarts(self, payload: bytes) -> bool:
         """docker's kill: SIGKILL or the container's stop signal ends the restart policy until the

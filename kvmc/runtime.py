@@ -19,6 +19,7 @@ import secrets
 import re
 import shutil
 import signal
+import struct
 import time
 import uuid
 from contextlib import AbstractContextManager, nullcontext
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
 
 from kvmc.agent import (MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, SignalWatch,
-                        attach_process, labelled)
+                        attach_process, labelled, parse_exit)
 from kvmc.detach import parse_detach_keys
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
@@ -604,10 +605,18 @@ class Runtime:
     # -------------------------------------------------------------------- run
     def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
             signals: SignalForwarder | None = None, console: Console | None = None,
-            detach_keys: str | None = None) -> tuple[ContainerRecord, int | None]:
+            detach_keys: str | None = None,
+            created: Callable[[ContainerRecord], None] | None = None) -> tuple[ContainerRecord, int | None]:
         """docker run: the record and, in the foreground, the command's exit code (raises
-        KvmcError for 125/126/127). Detached (``-d``, or detach keys later): code None."""
+        KvmcError for 125/126/127). Detached (``-d``, or detach keys later): code None.
+        ``created`` is told the record before the start (docker's --cidfile)."""
         record = self.create(opts)
+        if created is not None:
+            try:
+                created(record)
+            except BaseException:
+                self.life.discard(record)
+                raise
         try:
             monitor = self.start(record, wait_attach=not opts.detach, discard_on_failure=True)
         except BaseException:
@@ -622,11 +631,12 @@ class Runtime:
     def exec(self, ref: str, opts: ProcessOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
              signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
              console: Console | None = None, detach_keys: str | None = None, winsize: tuple[int, int] | None = None,
-             proc_id: int | None = None, privileged: bool = False) -> int | None:
+             proc_id: int | None = None, privileged: bool = False, detach: bool = False) -> int | None:
         """docker exec: a second process in the running VM, with its own stdio and exit code
         (None if the caller detached from a TTY exec, which goes on). ``winsize``: the TTY's
         size at start when there is no ``console`` to ask (the API's ConsoleSize). It gets the
-        container's ulimits and dropped capabilities (all of them if ``privileged``)."""
+        container's ulimits and dropped capabilities (all of them if ``privileged``).
+        ``detach``: return 0 once it runs (its output is dropped, as docker's exec -d)."""
         record = self.require_running(ref)
         proc = record.process
         env = merge_env(proc.env, opts.env, host_env or {})
@@ -644,6 +654,8 @@ class Runtime:
         keys = parse_detach_keys(detach_keys) if opts.tty and stdin is not None else None
         conn = self.connect_monitor(record)
         with conn:
+            if detach:
+                return self._exec_detached(record, conn, proc_id, spec)
             forwarding, watch = self._forwarding(None if opts.tty else signals, conn, proc_id, record)
             with forwarding, self._terminal(console if opts.tty else None, conn, proc_id, raw=stdin is not None):
                 try:
@@ -653,6 +665,26 @@ class Runtime:
                 except (GuestError, OSError) as exc:
                     raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
         return None if result.detached else raise_for(result)
+
+    def _exec_detached(self, record: ContainerRecord, conn: AgentConnection, proc_id: int, spec: ProcessSpec) -> int:
+        """Start an exec and leave it running: 0 once the agent reports it STARTED, docker's
+        126/127 if it could not be (the monitor drops its output when this client is gone)."""
+        spec.stdin = False
+        error = None
+        try:
+            conn.run(proc_id, spec)
+            while (frame := conn.read_frame(self.config.boot_timeout_s)) is not None:
+                if frame.proc_id != proc_id:
+                    continue
+                if frame.type == FrameType.STARTED:
+                    return 0
+                if frame.type == FrameType.ERROR:
+                    error = frame.payload.decode(errors="replace")
+                if frame.type == FrameType.EXIT:
+                    return raise_for(ProcessResult(exit_code=parse_exit(frame.payload)[0], error=error))
+        except (GuestError, OSError) as exc:
+            raise KvmcError(f"container {record.name} ended during exec: {exc}") from exc
+        raise KvmcError(f"exec in container {record.name} did not start")
 
     def require_running(self, ref: str) -> ContainerRecord:
         """The container ``ref`` names, which must be running (exec, attach, kill)."""
@@ -698,9 +730,10 @@ class Runtime:
             raise ContainerNotRunning(f"container {record.name} is not running") from exc
         return record
 
-    def stop(self, ref: str, timeout_s: int | None = None) -> tuple[ContainerRecord, bool]:
-        """SIGTERM, SIGKILL after the timeout (both by the agent), then the VM powers off.
-        Returns the record and whether it was running (docker answers 304 when not)."""
+    def stop(self, ref: str, timeout_s: int | None = None, signum: int | None = None) -> tuple[ContainerRecord, bool]:
+        """The stop signal (SIGTERM, or the container's --stop-signal; ``signum`` if given), SIGKILL
+        after the timeout, then the VM powers off. Returns the record and whether it was running
+        (docker answers 304 when not)."""
         record = self.repair(self.state.resolve(ref))
         timeout = record.stop_timeout if timeout_s is None and record.stop_timeout is not None else timeout_s
         timeout = self.config.stop_timeout_s if timeout is None else timeout
@@ -709,7 +742,10 @@ class Runtime:
         if was_running:
             try:
                 with self.connect_monitor(record) as conn:
-                    conn.shutdown(0xFFFFFFFF if forever else timeout)
+                    if signum is None:
+                        conn.shutdown(0xFFFFFFFF if forever else timeout)
+                    else:  # the monitor signals and, after the timeout, has the agent kill all
+                        conn.send(FrameType.STOP, 0, struct.pack(">II", 0xFFFFFFFF if forever else timeout, signum))
             except (KvmcError, OSError):
                 pass  # monitor gone: destroy below
             if not self.wait_exited(record, None if forever else timeout + SHUTOFF_WAIT_S):

@@ -221,7 +221,8 @@ def _command_parts(record: Any, image_config: Any = None) -> tuple[list[str] | N
 
 
 def container_summary(record: Any, image_id: str | None = None, now: float = 0.0,
-                      volume_paths: Mapping[str, str] | None = None, vm_state: str | None = None) -> dict[str, Any]:
+                      volume_paths: Mapping[str, str] | None = None, vm_state: str | None = None,
+                      pause_reason: str | None = None) -> dict[str, Any]:
     """One item of ``GET /containers/json`` (names start with "/": the CLI strips one char)."""
     running = _state_name(record) in RUNNING_STATES
     args = _args(record)
@@ -237,7 +238,8 @@ def container_summary(record: Any, image_id: str | None = None, now: float = 0.0
         "State": docker_state(record, vm_state),
         "Status": human_status(_state_name(record), getattr(record, "exit_code", None),
                                getattr(record, "started_at", None), getattr(record, "finished_at", None),
-                               now, paused=is_paused(record, vm_state), health=health_words(record)),
+                               now, paused=is_paused(record, vm_state), health=health_words(record),
+                               pause_reason=pause_reason),
         "HostConfig": {"NetworkMode": network_name(record)},
         "NetworkSettings": {"Networks": _networks(record, running)},
         "Mounts": _mounts(record, volume_paths),
@@ -430,6 +432,74 @@ def container_inspect(record: Any, image_id: str | None = None, vm_state: str | 
     }
 
 
+# ------------------------------------------------------------------------------ images
+
+def _set(keys: list[str]) -> dict[str, dict] | None:
+    return {k: {} for k in keys} or None
+
+
+def _image_created(image: Any) -> int:
+    return int(parse_time(getattr(image, "created", None)) or 0)
+
+
+def image_summary(image: Any) -> dict[str, Any]:
+    """One item of ``GET /images/json``."""
+    return {
+        "Id": sha256_id(image.id),
+        "ParentId": "",
+        "RepoTags": list(image.tags),
+        "RepoDigests": list(_attr(image, "repo_digests", [])),
+        "Created": _image_created(image),
+        "Size": int(image.size),
+        "SharedSize": -1,
+        "Containers": -1,
+        "Labels": dict(image.config.labels or {}),
+    }
+
+
+def _image_config(image: Any) -> dict[str, Any]:
+    """The image's Config; from API 1.50 without the container-only fields."""
+    c = image.config
+    config: dict[str, Any] = {
+        "Cmd": c.cmd,
+        "Entrypoint": c.entrypoint,
+        "Env": list(c.env or []),
+        "WorkingDir": c.working_dir or "",
+        "User": c.user or "",
+        "ExposedPorts": _set(list(c.exposed_ports or [])),
+        "Labels": dict(c.labels) if c.labels else None,
+        "Volumes": _set(list(c.volumes or [])),
+        "OnBuild": None,
+    }
+    if c.stop_signal:
+        config["StopSignal"] = c.stop_signal
+    if getattr(c, "healthcheck", None):
+        config["Healthcheck"] = dict(c.healthcheck)
+    return config
+
+
+def image_inspect(image: Any) -> dict[str, Any]:
+    """``GET /images/{name}/json`` (compose copies ``Id`` into a label, notes §10)."""
+    return {
+        "Id": sha256_id(image.id),
+        "RepoTags": list(image.tags),
+        "RepoDigests": list(_attr(image, "repo_digests", [])),
+        "Parent": "",
+        "Comment": "",
+        "Created": image.created or ZERO_TIME,
+        "DockerVersion": "",
+        "Author": "",
+        "Config": _image_config(image),
+        "Architecture": image.architecture or "amd64",
+        "Os": image.os or "linux",
+        "Size": int(image.size),
+        "GraphDriver": {"Name": DRIVER, "Data": None},
+        "RootFS": {"Type": "layers", "Layers": list(image.layers or [])},
+        "Metadata": {"LastTagTime": ZERO_TIME},
+        "Kvmc": {"DiskPath": str(image.disk_path), "DiskSize": image.disk_size},
+    }
+
+
 # -------------------------------------------------------------------------------- time
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
@@ -490,7 +560,7 @@ def human_duration(seconds: float) -> str:
 
 
 def human_status(state: str, exit_code: int | None, started_at: str | None, finished_at: str | None,
-                 now: float, paused: bool = False, health: str | None = None) -> str:
+                 now: float, paused: bool = False, health: str | None = None, pause_reason: str | None = None) -> str:
     """``docker ps``' STATUS, following moby's State.String().
 
     A container that never started is ``Created`` whatever its state (a failed start
@@ -500,8 +570,8 @@ def human_status(state: str, exit_code: int | None, started_at: str | None, fini
     started = parse_time(started_at)
     if state in ("running", "starting", "paused"):
         up = human_duration(max(0.0, now - started)) if started is not None else "Less than a second"
-        if paused or state == "paused":
-            return f"Up {up} (Paused)"
+        if paused or state == "paused":  # kvmc says why when QEMU paused it (a full disk)
+            return f"Up {up} (Paused ({pause_reason}))" if pause_reason else f"Up {up} (Paused)"
         return f"Up {up} ({health})" if health else f"Up {up}"
     if state == "restarting":
         finished = parse_time(finished_at)

@@ -21,81 +21,15 @@ from typing import Any, Mapping
 
 from kvmc import __version__ as KVMC_VERSION
 from kvmc.api import API_VERSION, ENGINE_VERSION, MIN_API_VERSION
-from kvmc.api.translate import ZERO_TIME, parse_time
-
+from kvmc.api.translate import ZERO_TIME
 from kvmc.views import (DRIVER, LOG_DRIVER, RUNNING_STATES, container_inspect, container_summary,  # noqa: F401
-                        docker_state, is_paused, network_name, sha256_id)
-from kvmc.views import _attr  # noqa: E402
+                        docker_state, image_inspect, image_summary, is_paused, network_name, sha256_id)
+from kvmc.views import _attr
+
 
 def wait_json(status_code: int, error: str | None = None) -> dict[str, Any]:
     """The body ``/wait`` ends with; a set ``Error`` makes the CLI exit 125."""
     return {"StatusCode": status_code, "Error": {"Message": error} if error else None}
-
-
-# ---------------------------------------------------------------------------------- images
-
-def _set(keys: list[str]) -> dict[str, dict] | None:
-    return {k: {} for k in keys} or None
-
-
-def _image_created(image: Any) -> int:
-    return int(parse_time(getattr(image, "created", None)) or 0)
-
-
-def image_summary(image: Any) -> dict[str, Any]:
-    """One item of ``GET /images/json``."""
-    return {
-        "Id": sha256_id(image.id),
-        "ParentId": "",
-        "RepoTags": list(image.tags),
-        "RepoDigests": list(_attr(image, "repo_digests", [])),
-        "Created": _image_created(image),
-        "Size": int(image.size),
-        "SharedSize": -1,
-        "Containers": -1,
-        "Labels": dict(image.config.labels or {}),
-    }
-
-
-def _image_config(image: Any) -> dict[str, Any]:
-    """The image's Config; from API 1.50 without the container-only fields."""
-    c = image.config
-    config: dict[str, Any] = {
-        "Cmd": c.cmd,
-        "Entrypoint": c.entrypoint,
-        "Env": list(c.env or []),
-        "WorkingDir": c.working_dir or "",
-        "User": c.user or "",
-        "ExposedPorts": _set(list(c.exposed_ports or [])),
-        "Labels": dict(c.labels) if c.labels else None,
-        "Volumes": _set(list(c.volumes or [])),
-        "OnBuild": None,
-    }
-    if c.stop_signal:
-        config["StopSignal"] = c.stop_signal
-    return config
-
-
-def image_inspect(image: Any) -> dict[str, Any]:
-    """``GET /images/{name}/json`` (compose copies ``Id`` into a label, notes §10)."""
-    return {
-        "Id": sha256_id(image.id),
-        "RepoTags": list(image.tags),
-        "RepoDigests": list(_attr(image, "repo_digests", [])),
-        "Parent": "",
-        "Comment": "",
-        "Created": image.created or ZERO_TIME,
-        "DockerVersion": "",
-        "Author": "",
-        "Config": _image_config(image),
-        "Architecture": image.architecture or "amd64",
-        "Os": image.os or "linux",
-        "Size": int(image.size),
-        "GraphDriver": {"Name": DRIVER, "Data": None},
-        "RootFS": {"Type": "layers", "Layers": list(image.layers or [])},
-        "Metadata": {"LastTagTime": ZERO_TIME},
-        "Kvmc": {"DiskPath": str(image.disk_path), "DiskSize": image.disk_size},
-    }
 
 
 # ---------------------------------------------------------------------------------- volumes

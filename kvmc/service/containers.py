@@ -12,8 +12,9 @@ import time
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 
 from kvmc.space import disk_full_errors
-from kvmc.errors import KvmcError, UsageError
+from kvmc.errors import ImageNotFound, KvmcError, UsageError
 from kvmc.logs import LOG_FILE, LogEntry, parse_log_time, read_log
+from kvmc.options import PULL_POLICIES, check_platform
 from kvmc.service.filters import check as check_filters
 from kvmc.service.filters import container_matches
 from kvmc.process import ProcessOptions
@@ -132,16 +133,53 @@ class ContainerService:
         return read_log(self.log_path(record), tail=tail if tail is None or tail >= 0 else None, follow=follow,
                         since=since_ns, until=until_ns, still_running=running)
 
+    def size(self, record: ContainerRecord) -> tuple[int, int]:
+        """docker's SizeRw and SizeRootFs: what the container wrote (its overlay's allocated
+        bytes) and that plus its image."""
+        from kvmc.domain import OVERLAY_FILE
+
+        try:
+            st = (self.state.container_dir(record.id) / OVERLAY_FILE).stat()
+            written = st.st_blocks * 512
+        except OSError:
+            written = 0
+        try:
+            image = self.engine.images.get(record.image_id).size
+        except KvmcError:
+            image = 0
+        return written, written + image
+
     # --------------------------------------------------------------- changes
+    def _image_for(self, opts: RunOptions) -> None:
+        """docker's --platform (the host's architecture only) and --pull (missing: pull an image
+        that is not here; always: pull first; never: only what is here). None: no pulls."""
+        check_platform(opts.platform)
+        if opts.pull is None:
+            return
+        if opts.pull not in PULL_POLICIES:
+            raise UsageError(f'invalid --pull "{opts.pull}": use missing, always or never')
+        if opts.pull == "always":
+            self.engine.images.pull(opts.image)
+        elif opts.pull == "missing":
+            try:
+                self.engine.images.get(opts.image)
+            except ImageNotFound:
+                self.engine.host.notice(f"Unable to find image '{opts.image}' locally")
+                self.engine.images.pull(opts.image)
+
     def create(self, opts: RunOptions) -> ContainerRecord:
+        self._image_for(opts)
         return self.engine.create(opts)
 
     def run(self, opts: RunOptions, stdin: BinaryIO | None, stdout: BinaryIO, stderr: BinaryIO,
             signals: SignalForwarder | None = None, console: Console | None = None,
-            detach_keys: str | None = None) -> tuple[ContainerRecord, int | None]:
+            detach_keys: str | None = None,
+            created: Callable[[ContainerRecord], None] | None = None) -> tuple[ContainerRecord, int | None]:
         """docker run: (record, exit code); (record, None) once the process runs when detached
-        (``-d``), or when the caller detached from its TTY (detach keys)."""
-        return self.engine.run(opts, stdin, stdout, stderr, signals, console, detach_keys)
+        (``-d``), or when the caller detached from its TTY (detach keys). ``created`` hears of the
+        container before it starts."""
+        self._image_for(opts)
+        return self.engine.run(opts, stdin, stdout, stderr, signals, console, detach_keys, created)
 
     def start(self, ref: str, *, wait_attach: bool = False) -> ContainerRecord:
         """Start a created or stopped container. Without ``wait_attach`` this returns once
@@ -183,11 +221,12 @@ class ContainerService:
              signals: SignalForwarder | None = None, host_env: Mapping[str, str] | None = None, *,
              console: Console | None = None, detach_keys: str | None = None,
              winsize: tuple[int, int] | None = None, proc_id: int | None = None,
-             privileged: bool = False) -> int | None:
+             privileged: bool = False, detach: bool = False) -> int | None:
         if not opts.command:
             raise UsageError("exec needs a command")
         return self.engine.exec(ref, opts, stdin, stdout, stderr, signals, host_env, console=console,
-                                detach_keys=detach_keys, winsize=winsize, proc_id=proc_id, privileged=privileged)
+                                detach_keys=detach_keys, winsize=winsize, proc_id=proc_id, privileged=privileged,
+                                detach=detach)
 
     def pause(self, ref: str) -> ContainerRecord:
         return self.engine.pause(ref)
@@ -201,9 +240,10 @@ class ContainerService:
     def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, int]]:
         return self.engine.stats(ref)
 
-    def stop(self, ref: str, timeout_s: int | None = None) -> tuple[ContainerRecord, bool]:
-        """(record, whether it was running): docker answers 304 when it was not."""
-        return self.engine.stop(ref, timeout_s)
+    def stop(self, ref: str, timeout_s: int | None = None, signal: str | int | None = None) -> tuple[ContainerRecord, bool]:
+        """(record, whether it was running): docker answers 304 when it was not. ``signal``:
+        docker's ``stop --signal`` instead of the container's stop signal."""
+        return self.engine.stop(ref, timeout_s, None if signal in (None, "") else parse_signal(signal))
 
     def restart(self, ref: str, timeout_s: int | None = None) -> ContainerRecord:
         record, _ = self.engine.stop(ref, timeout_s)

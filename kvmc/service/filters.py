@@ -1,5 +1,5 @@
 """docker's ``--filter`` for containers, one implementation for ``kvmc ps`` and ``GET
-/containers/json``: label, name, id, status, ancestor, exited, volume."""
+/containers/json``: label, name, id, status, ancestor, exited, volume, network, health."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from kvmc.errors import ImageError, UsageError
 from kvmc.images.refs import normalize_name
 from kvmc.state import ContainerRecord, State
 
-CONTAINER_FILTERS = ("label", "name", "id", "status", "ancestor", "exited", "volume", "network")
+CONTAINER_FILTERS = ("label", "name", "id", "status", "ancestor", "exited", "volume", "network", "health")
+HEALTH_VALUES = ("starting", "healthy", "unhealthy", "none")
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 
 
@@ -34,6 +35,8 @@ def match_labels(labels: dict[str, str], wanted: list[str]) -> bool:
 def docker_status(record: ContainerRecord, paused: bool = False) -> str:
     """docker's State.Status word: created | running | paused | exited (``starting`` is
     running: the start call has returned to its caller)."""
+    if record.state == State.RESTARTING:
+        return "restarting"
     if record.is_live:
         return "paused" if paused else "running"
     return str(record.state)
@@ -56,6 +59,9 @@ def check(filters: dict[str, list[str]]) -> None:
     for status in filters.get("status", []):
         if status not in STATUSES:
             raise UsageError(f"invalid filter 'status={status}'")
+    for health in filters.get("health", []):
+        if health not in HEALTH_VALUES:
+            raise UsageError(f"invalid filter 'health={health}': use one of {', '.join(HEALTH_VALUES)}")
 
 
 def container_matches(record: ContainerRecord, filters: dict[str, list[str]], paused: bool = False) -> bool:
@@ -81,4 +87,6 @@ def container_matches(record: ContainerRecord, filters: dict[str, list[str]], pa
             names |= {ep.network for ep in record.networks} | {ep.network_id for ep in record.networks}
             if not any(v in names for v in values):
                 return False
+        if key == "health" and (record.health.status if record.health else "none") not in values:
+            return False
     return True

@@ -38,7 +38,7 @@ def test_detached_logs_follow_then_stop_within_timeout(kvmc: Kvmc) -> None:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert follower.stdout.readline() == b"started\n"
     ps = kvmc("ps", "--format", "json", check=True).stdout.decode().splitlines()
-    assert any(json.loads(line)["name"] == "ticker" for line in ps)
+    assert any(json.loads(line)["Names"] == "ticker" for line in ps)
     start = time.monotonic()
     kvmc("stop", "-t", "5", "ticker", check=True)
     assert time.monotonic() - start < 5 + 15
