@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from kvmc.detach import parse_detach_keys
 from kvmc.space import disk_full_errors
 from kvmc.errors import Conflict, ExecNotFound, KvmcError, UsageError
+from kvmc.monitor import EXEC_ID_MAX
 from kvmc.process import ProcessOptions
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ class ExecService:
             if instance.started:
                 raise Conflict(f"exec {exec_id[:12]} has already started")
             instance.started = instance.running = True
-            instance.proc_id = 2 + secrets.randbelow(0xFFFF - 1)  # unguessable by the guest (ProcessTable)
+            # unguessable by the guest (ProcessTable); the ids above EXEC_ID_MAX are health probes
+            instance.proc_id = 2 + secrets.randbelow(EXEC_ID_MAX - 1)
         try:
             instance.exit_code = self.containers.exec(
                 instance.container_id, instance.options, stdin, stdout, stderr,
