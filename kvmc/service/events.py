@@ -67,8 +67,10 @@ def diff(before: dict[str, Seen], after: dict[str, Seen],
             events.append(Event("start", cid, attrs))
         if died and not restarted_unseen:
             events.append(Event("die", cid, {**attrs, "exitCode": str(now.exit_code or 0)}))
-        if now.health and (was is None or was.health != now.health) and now.state not in ENDED:
-            events.append(Event(f"health_status: {now.health}", cid, attrs))  # docker's action words
+        # docker's action words, for a probe's verdict only (a (re)start's "starting" is none)
+        if now.health in ("healthy", "unhealthy") and (was is None or was.health != now.health) \
+                and now.state not in ENDED:
+            events.append(Event(f"health_status: {now.health}", cid, attrs))
         if was is not None and was.name != now.name:
             events.append(Event("rename", cid, {**attrs, "oldName": was.name}))
     for cid, was in before.items():

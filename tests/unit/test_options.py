@@ -199,3 +199,11 @@ def test_events_of_restarts_and_health() -> None:
     assert diff(healthy, healthy) == []
     stopped = {"c": _seen("exited", "t3", "t4", 0, restarts=1, status="healthy")}
     assert [e.action for e in diff(healthy, stopped)] == ["die"]
+
+
+def test_no_event_for_a_health_check_starting() -> None:
+    running = {"c": _seen("running", "t1", None)}
+    starting = {"c": _seen("running", "t1", None, status="starting")}
+    assert diff(running, starting) == []
+    unhealthy = {"c": _seen("running", "t1", None, status="unhealthy")}
+    assert [e.action for e in diff(starting, unhealthy)] == ["health_status: unhealthy"]
