@@ -133,7 +133,7 @@ def event_json(type: str, action: str, id: str, attributes: Mapping[str, str], t
 
 def exec_json(exec_id: str, container_id: str, *, running: bool, exit_code: int | None, tty: bool,
               args: list[str], user: str = "", open_stdin: bool = False, open_stdout: bool = True,
-              open_stderr: bool = True, pid: int = 0) -> dict[str, Any]:
+              open_stderr: bool = True, pid: int = 0, privileged: bool = False) -> dict[str, Any]:
     """``GET /exec/{id}/json``; ``ExitCode`` is null while running (``docker exec`` takes
     its exit code from here right after the stream ends, notes §3.3)."""
     return {
@@ -142,7 +142,7 @@ def exec_json(exec_id: str, container_id: str, *, running: bool, exit_code: int 
         "Running": running,
         "ExitCode": None if running else exit_code,
         "ProcessConfig": {"tty": tty, "entrypoint": args[0] if args else "", "arguments": args[1:],
-                          "privileged": False, "user": user},
+                          "privileged": privileged, "user": user},
         "OpenStdin": open_stdin,
         "OpenStdout": open_stdout,
         "OpenStderr": open_stderr,

@@ -39,6 +39,8 @@ class ExecInstance:
     console_size: tuple[int, int] | None = None
     """The TTY's (rows, columns) at start: docker's ConsoleSize (exec create or start)."""
     detach_keys: str | None = None
+    privileged: bool = False
+    """docker's exec --privileged: every capability, whatever the container's --cap-drop."""
     proc_id: int | None = None
     """The agent's process id once started (what a resize addresses)."""
     running: bool = False
@@ -60,7 +62,7 @@ class ExecService:
 
     def create(self, ref: str, options: ProcessOptions, tty: bool = False, attach_stdout: bool = True,
                attach_stderr: bool = True, console_size: tuple[int, int] | None = None,
-               detach_keys: str | None = None) -> ExecInstance:
+               detach_keys: str | None = None, privileged: bool = False) -> ExecInstance:
         """Register an exec in a running container (refused when it does not run)."""
         record = self.containers.engine.require_running(ref)
         if not options.command:
@@ -69,7 +71,7 @@ class ExecService:
             parse_detach_keys(detach_keys)  # refused now, not when it starts
         options.tty = tty
         instance = ExecInstance(secrets.token_hex(32), record.id, options, tty, attach_stdout, attach_stderr,
-                                console_size, detach_keys)
+                                console_size, detach_keys, privileged)
         with self._lock:
             self._forget_old()
             self._instances[instance.id] = instance
@@ -101,7 +103,7 @@ class ExecService:
             instance.exit_code = self.containers.exec(
                 instance.container_id, instance.options, stdin, stdout, stderr,
                 detach_keys=instance.detach_keys, winsize=console_size or instance.console_size,
-                proc_id=instance.proc_id)
+                proc_id=instance.proc_id, privileged=instance.privileged)
         except KvmcError as exc:
             instance.exit_code, instance.error = exc.exit_code, str(exc)
             raise

@@ -77,3 +77,37 @@ def test_log_config_max_size_and_max_file_reach_the_container() -> None:
     opts = run_options(create_options(body, None))
     assert opts.log_opts == {"max-size": "1m", "max-file": "2"}
     assert run_options(create_options(_body(), None)).log_opts == {}  # the configured defaults apply
+
+
+def test_container_options_reach_kvmc() -> None:
+    """Issue 16: RestartPolicy, Healthcheck, Init, DNS, ExtraHosts, Ulimits, capabilities, ShmSize,
+    ExposedPorts, PublishAllPorts become kvmc/options.py's ContainerOptions."""
+    from kvmc.health import Healthcheck
+    from kvmc.options import RestartPolicy, Ulimit
+
+    body = _body(RestartPolicy={"Name": "on-failure", "MaximumRetryCount": 3}, Init=True, Dns=["192.0.2.53"],
+                 DnsSearch=["corp"], DnsOptions=["ndots:2"], ExtraHosts=["db:192.0.2.7"],
+                 Ulimits=[{"Name": "nofile", "Soft": 100, "Hard": 200}], CapAdd=["NET_ADMIN"], CapDrop=["NET_RAW"],
+                 Privileged=True, ShmSize=33554432, PublishAllPorts=True)
+    body.update(Healthcheck={"Test": ["CMD-SHELL", "true"], "Interval": 2_000_000_000, "Retries": 5},
+                ExposedPorts={"80/tcp": {}}, StopSignal="SIGUSR1", StopTimeout=3)
+    opts = run_options(create_options(body, None))
+    o = opts.options
+    assert o.restart == RestartPolicy("on-failure", 3) and o.init is True and o.privileged
+    assert (o.dns, o.dns_search, o.dns_options, o.extra_hosts) == (["192.0.2.53"], ["corp"], ["ndots:2"],
+                                                                   ["db:192.0.2.7"])
+    assert o.ulimits == [Ulimit("nofile", 100, 200)] and (o.cap_add, o.cap_drop) == (["NET_ADMIN"], ["NET_RAW"])
+    assert o.shm_size == 32 << 20 and o.expose == ["80/tcp"] and o.publish_all
+    assert o.healthcheck == Healthcheck(test=["CMD-SHELL", "true"], interval_s=2.0, retries=5)
+    assert (opts.docker.stop_signal, opts.docker.stop_timeout) == ("SIGUSR1", 3)
+
+
+def test_bad_container_options_are_400() -> None:
+    import pytest
+
+    from kvmc.errors import UsageError
+
+    for host in ({"RestartPolicy": {"Name": "sometimes"}}, {"RestartPolicy": {"Name": "always", "MaximumRetryCount": 2}},
+                 {"Ulimits": [{"Name": "bogus", "Soft": 1, "Hard": 1}]}):
+        with pytest.raises(UsageError):
+            create_options(_body(**host), None)

@@ -64,7 +64,12 @@ async def list_containers(request: web.Request) -> web.Response:
     now = time.time()
     hv = api.services.engine.hv
     states = await api.call(lambda: {r.id: hv.state(r.domain) for r in records if r.state == State.RUNNING})
-    return json_response([shapes.container_summary(r, now=now, vm_state=states.get(r.id)) for r in records])
+    items = [shapes.container_summary(r, now=now, vm_state=states.get(r.id)) for r in records]
+    if bool_param(request, "size"):  # docker ps -s: what each wrote, and that with its image
+        sizes = await api.call(lambda: [api.services.containers.size(r) for r in records])
+        for item, (written, total) in zip(items, sizes):
+            item.update(SizeRw=written, SizeRootFs=total)
+    return json_response(items)
 
 
 async def inspect(request: web.Request) -> web.Response:
@@ -101,7 +106,8 @@ async def start(request: web.Request) -> web.Response:
 
 async def stop(request: web.Request) -> web.Response:
     api = api_of(request)
-    _, was_running = await api.call(api.services.containers.stop, request.match_info["id"], int_param(request, "t"))
+    _, was_running = await api.call(api.services.containers.stop, request.match_info["id"], int_param(request, "t"),
+                                    request.query.get("signal") or None)
     return web.Response(status=204 if was_running else 304)
 
 

@@ -29,7 +29,8 @@ async def create(request: web.Request) -> web.Response:
                              interactive=bool(body.get("AttachStdin")))
     instance = await api.call(api.services.execs.create, request.match_info["id"], options, bool(body.get("Tty")),
                               body.get("AttachStdout", True) is not False, body.get("AttachStderr", True) is not False,
-                              console_size(body.get("ConsoleSize")), body.get("DetachKeys") or None)
+                              console_size(body.get("ConsoleSize")), body.get("DetachKeys") or None,
+                              bool(body.get("Privileged")))
     return json_response({"Id": instance.id}, status=201)
 
 
@@ -65,7 +66,7 @@ async def inspect(request: web.Request) -> web.Response:
         instance.id, instance.container_id, running=instance.running, exit_code=instance.exit_code,
         tty=instance.tty, args=instance.options.command, user=instance.options.user or "",
         open_stdin=instance.options.interactive, open_stdout=instance.attach_stdout,
-        open_stderr=instance.attach_stderr))
+        open_stderr=instance.attach_stderr, privileged=instance.privileged))
 
 
 async def resize(request: web.Request) -> web.Response:
