@@ -163,9 +163,13 @@ class ContainerService:
         elif opts.pull == "missing":
             try:
                 self.engine.images.get(opts.image)
-            except ImageNotFound:
+            except ImageNotFound as missing:
                 self.engine.host.notice(f"Unable to find image '{opts.image}' locally")
-                self.engine.images.pull(opts.image)
+                try:
+                    self.engine.images.pull(opts.image)
+                except KvmcError as failed:  # say first what is missing, then why it could not be had
+                    raise ImageNotFound(f"{missing.message}, and pulling it failed: {failed.message}",
+                                        hint=missing.hint) from failed
 
     def create(self, opts: RunOptions) -> ContainerRecord:
         self._image_for(opts)

@@ -27,7 +27,7 @@ SERVER = ["nc", "-ll", "-p", "80", "-e", "echo", "hello"]
 
 
 def _id(kvmc: Kvmc, name: str) -> str:
-    return json.loads(kvmc("inspect", name, check=True).stdout)[0]["id"]
+    return json.loads(kvmc("inspect", name, check=True).stdout)[0]["Id"]
 
 
 def _network_id(kvmc: Kvmc, name: str) -> str:

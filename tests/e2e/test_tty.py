@@ -56,7 +56,7 @@ def test_detach_keys_reattach_exec_it_and_logs(kvmc: Kvmc) -> None:
             term.send(b"\x10\x11")  # ctrl-p ctrl-q: docker's detach keys
             assert term.wait(30) == 0
             assert term.settings() == term.settings_before
-        assert json.loads(kvmc("inspect", name).stdout)[0]["state"] == "running"  # detached, not stopped
+        assert json.loads(kvmc("inspect", name).stdout)[0]["Kvmc"]["State"] == "running"  # detached, not stopped
 
         with kvmc_terminal(kvmc, "exec", "-it", name, "sh", rows=20, cols=70) as term:
             term.expect(PROMPT)
