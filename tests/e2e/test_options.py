@@ -281,9 +281,9 @@ def test_unless_stopped_comes_back_when_kvmc_serve_starts_after_the_host_went_do
         _restart_libvirtd()
         assert _inspect(kvmc, "us-up")["State"]["Status"] == "exited"  # down with the host
         srv.start()
-        _until(lambda: _fmt(kvmc, "us-up", "{{.State.Status}}") == "running", why="us-up running again")
-        after = _inspect(kvmc, "us-up")
-        assert after["State"]["StartedAt"] != before["State"]["StartedAt"]
+        _until(lambda: (started := _fmt(kvmc, "us-up", "{{.Kvmc.State}} {{.State.StartedAt}}")).startswith("running ")
+               and started.split()[1] not in (before["State"]["StartedAt"], "0001-01-01T00:00:00Z"),
+               why="us-up running again")
         assert srv.docker("exec", "us-up", "echo", "back", check=True).stdout == b"back\n"
         assert "restart policy: started us-up" in srv.log_text()
         time.sleep(2)
