@@ -243,7 +243,7 @@ class Monitor:
             return
         timeout, signum = struct.unpack(">II", payload)
         conn.signal(MAIN_PROCESS_ID, signum)
-        ended = self.run_ended
+        ended = self.ended  # this run's
 
         def kill_later() -> None:
             if not ended.wait(timeout) and self.conn is conn:
