@@ -327,7 +327,7 @@ class Monitor:
                     self.host.state.update(self.record, started_at=now_iso())
             elif frame.type == FrameType.ERROR:
                 result.error = labelled(frame.payload.decode())
-                self.log.say("stderr", f"kvmc: {result.error}")
+                self.log.note("stderr", f"kvmc: {result.error}")
             if frame.type == FrameType.EXIT:
                 result.exit_code, result.signal = parse_exit(frame.payload)
                 self.log.flush()  # its last line, if it did not end with a newline
@@ -420,7 +420,7 @@ class Monitor:
         try:
             if not restarting and self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
                 raise KvmcError("no client attached to the container within 30 s")
-            conn = self.life.boot(record, keep_last_exit=restarting)
+            conn = self.life.boot(record, keep_last_exit=True) if restarting else self.life.boot(record)
             procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
             with self.lock:
                 self.conn, self.procs, self.running = conn, procs, True

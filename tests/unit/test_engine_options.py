@@ -38,7 +38,7 @@ def current(env: Env, record):  # noqa: ANN001, ANN201
 
 
 def log_lines(env: Env, record) -> list[str]:  # noqa: ANN001
-    return [entry["log"] for entry in env.svc.logs(record.id)]
+    return [entry.data.decode() for entry in env.svc.logs(record.id)]
 
 
 # ------------------------------------------------------------------ restart policies
