@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
 from kvmc.space import disk_full_errors
 from kvmc.errors import ImageNotFound, KvmcError, UsageError
 from kvmc.logs import LOG_FILE, LogEntry, parse_log_time, read_log
-from kvmc.options import PULL_POLICIES, check_platform
+from kvmc.options import PULL_POLICIES, check_platform, signal_number
 from kvmc.service.filters import check as check_filters
 from kvmc.service.filters import container_matches
 from kvmc.process import ProcessOptions
@@ -31,19 +31,11 @@ POLL_S = 0.1
 
 
 def parse_signal(text: str | int | None, default: int = signals.SIGKILL) -> int:
-    """``KILL``, ``SIGKILL``, ``kill`` or ``9`` as a signal number (docker's forms)."""
+    """``KILL``, ``SIGKILL``, ``kill`` or ``9`` as a signal number (docker's forms); ``default``
+    when none is given."""
     if text is None or text == "":
         return default
-    if isinstance(text, int):
-        return text
-    name = str(text).strip().upper().removeprefix("SIG")
-    try:
-        number = int(name) if name.isdigit() else int(getattr(signals, f"SIG{name}"))
-    except AttributeError:
-        raise UsageError(f'invalid signal "{text}"') from None
-    if not 0 < number < signals.NSIG:
-        raise UsageError(f'invalid signal "{text}"')
-    return number
+    return signal_number(text)
 
 
 @disk_full_errors(lambda self: self.engine.config.data_dir)
