@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from kvmc.space import disk_full_errors
-from kvmc.errors import ImageInUse
-from kvmc.images import Image, RemoveResult
+from kvmc.errors import ImageInUse, KvmcError
+from kvmc.images import Image, RemoveResult, normalize_name
+from kvmc.images.tools import run_tool
 
 if TYPE_CHECKING:
     from kvmc.runtime import Runtime
@@ -70,3 +77,58 @@ class ImageService:
                 self.store.remove(image.id, force=True)
                 deleted.append(image.id)
         return deleted
+
+    def save(self, refs: list[str], out: BinaryIO) -> None:
+        """``docker save``: a docker-archive tarball of the images, one layer each.
+
+        kvmc keeps an image as its config and an ext4 disk, not as layers, so the layer is the
+        disk's whole tree, dumped with e2fsprogs' debugfs (this is the disk kvmc itself built
+        from the image's layers, read-only to every guest: no guest-written data is parsed),
+        and the config's rootfs names that one layer. ``docker load`` (of kvmc or dockerd)
+        reads it back as the same files, config and tags.
+        """
+        images = [self.store.get(ref) for ref in refs]
+        with tempfile.TemporaryDirectory(prefix="kvmc-save-") as scratch:
+            manifest, repositories = [], {}
+            with tarfile.open(fileobj=out, mode="w|") as archive:
+                for image in images:
+                    tree = Path(scratch) / image.id
+                    tree.mkdir()
+                    run_tool(["debugfs", "-R", f"rdump / {tree}", str(image.disk_path)],
+                             what=f"cannot read image {image.short_id}'s disk")
+                    shutil.rmtree(tree / "lost+found", ignore_errors=True)  # mkfs's, not the image's
+                    layer = Path(scratch) / f"{image.id}.tar"
+                    with tarfile.open(layer, "w", format=tarfile.PAX_FORMAT) as tar:
+                        for child in sorted(tree.iterdir()):
+                            tar.add(child, arcname=child.name)
+                    digest = hashlib.sha256(layer.read_bytes()).hexdigest()
+                    config = json.loads((image.disk_path.parent / "config.json").read_text())
+                    config["rootfs"] = {"type": "layers", "diff_ids": [f"sha256:{digest}"]}
+                    config.pop("history", None)
+                    config_bytes = json.dumps(config).encode()
+                    config_name = f"{hashlib.sha256(config_bytes).hexdigest()}.json"
+                    _add_bytes(archive, config_name, config_bytes)
+                    archive.add(layer, arcname=f"{digest}/layer.tar")
+                    tags = [t for t in image.tags if any(t == normalize_name(r) for r in refs if _is_name(r))]
+                    manifest.append({"Config": config_name, "RepoTags": tags or list(image.tags),
+                                     "Layers": [f"{digest}/layer.tar"]})
+                    for tag in tags or image.tags:
+                        repo, _, version = tag.rpartition(":")
+                        repositories.setdefault(repo, {})[version] = digest
+                _add_bytes(archive, "manifest.json", json.dumps(manifest).encode())
+                _add_bytes(archive, "repositories", json.dumps(repositories).encode())
+
+
+def _is_name(ref: str) -> bool:
+    try:
+        normalize_name(ref)
+        return True
+    except KvmcError:
+        return False
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    archive.addfile(info, io.BytesIO(data))

@@ -284,6 +284,29 @@ def test_cp_into_a_created_container_and_its_volume(kvmc_serve: KvmcServe, tmp_p
         srv.docker("volume", "rm", volume)
 
 
+def test_save_then_load_round_trips_an_image(kvmc_serve: KvmcServe, tmp_path: Path) -> None:
+    """docker save: a docker-archive of the image's tree as one layer, which docker load reads back."""
+    srv = kvmc_serve
+    name = "test/saveme:1"
+    srv.docker("tag", DEFAULT_IMAGE, name, check=True)
+    saved = tmp_path / "saved.tar"
+    try:
+        proc = srv.docker("save", "-o", str(saved), name)
+        assert proc.returncode == 0, proc.stderr
+        import tarfile
+
+        with tarfile.open(saved) as archive:
+            [entry] = json.load(archive.extractfile("manifest.json"))
+        assert entry["RepoTags"] == [name] and len(entry["Layers"]) == 1
+        srv.docker("rmi", name, check=True)
+        loaded = srv.docker("load", "-i", str(saved))
+        assert loaded.returncode == 0 and f"Loaded image: {name}" in _out(loaded), loaded.stderr
+        ran = srv.docker("run", "--rm", name, "sh", "-c", "echo round-trip")
+        assert ran.returncode == 0 and ran.stdout == b"round-trip\n", ran.stderr
+    finally:
+        srv.docker("rmi", "-f", name)
+
+
 def test_wait_rename_kill_and_restart(kvmc_serve: KvmcServe) -> None:
     srv = kvmc_serve
     srv.docker("run", "-d", "--name", "api-trap", DEFAULT_IMAGE, "sh", "-c", TRAPPER, check=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import tarfile
@@ -162,9 +164,29 @@ async def prune(request: web.Request) -> web.Response:
                           "SpaceReclaimed": 0})
 
 
-async def save(request: web.Request) -> web.Response:
-    raise ApiError(501, "kvmc keeps images as VM disks, not layers: docker save is not supported; "
-                        "save the image from where it was built")
+async def save(request: web.Request) -> web.StreamResponse:
+    """``docker save``: ``/images/{name}/get`` or ``/images/get?names=a&names=b``."""
+    api = api_of(request)
+    refs = [request.match_info["name"]] if "name" in request.match_info else request.query.getall("names", [])
+    if not refs:
+        raise ApiError(400, "no image names given")
+    for ref in refs:
+        await _image(api, ref)  # 404 "No such image" before the stream starts
+    response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+
+    class Out(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            asyncio.run_coroutine_threadsafe(response.write(bytes(data)), loop).result()
+            return len(data)
+
+    await api.call(api.services.images.save, refs, Out())
+    await response.write_eof()
+    return response
 
 
 ROUTES = [
