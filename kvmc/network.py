@@ -143,3 +143,14 @@ def guest_net_config() -> str:
 
 def format_ports(ports: list[PortMapping]) -> str:
     return ", ".join(str(p) for p in ports)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or an address in 127.0.0.0/8 or ::1: this host only (who may reach
+    kvmc serve over TCP; which registries docker reaches over plain HTTP)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

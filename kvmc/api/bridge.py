@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import io
 
+from aiohttp import web
+
 from kvmc.api.http import HijackedStream
 
 STDOUT, STDERR = 1, 2
@@ -49,6 +51,23 @@ class StreamInput(io.RawIOBase):
         return asyncio.run_coroutine_threadsafe(self.stream.read(size if size > 0 else 65536), self.loop).result()
 
     read = read1  # type: ignore[assignment]
+
+
+class ResponseOutput(io.RawIOBase):
+    """``write`` sends bytes as the body of a prepared streaming response (docker cp's and
+    docker save's tar streams), from a worker thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, response: web.StreamResponse) -> None:
+        super().__init__()
+        self.loop = loop
+        self.response = response
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        asyncio.run_coroutine_threadsafe(self.response.write(bytes(data)), self.loop).result()
+        return len(data)
 
 
 class Sink(io.RawIOBase):

@@ -47,6 +47,7 @@ from aiohttp import web
 from kvmc import __version__ as KVMC_VERSION
 from kvmc.api import API_VERSION, ENGINE_VERSION, MIN_API_VERSION
 from kvmc.errors import KvmcError
+from kvmc.network import is_loopback_host
 
 # The hijack below relies on how aiohttp 3.14.5 writes a 101 response (no chunk framing, the
 # connection left to the handler), on ``request.protocol`` being the transport's protocol
@@ -654,15 +655,6 @@ _TCP_REFUSAL = ("kvmc serve serves TCP only on loopback: the Docker API gives ro
                 "to anyone who reaches it; TLS is not supported")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_host(text: str) -> Host:
     """Parse ``unix:///abs/path`` or ``tcp://HOST[:PORT]`` (loopback only); raise ServeError."""
     if text.startswith("unix://"):
@@ -688,7 +680,7 @@ def _parse_tcp(text: str) -> Host:
         raise ServeError(f'invalid host "{text}": bad port "{port_text}"') from None
     if not 0 < port < 65536:
         raise ServeError(f'invalid host "{text}": ports are 1-65535')
-    if not _is_loopback(host):
+    if not is_loopback_host(host):
         raise ServeError(f'refusing "{text}": {_TCP_REFUSAL}')
     return Host("tcp", host=host, port=port)
 

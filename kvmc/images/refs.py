@@ -113,16 +113,11 @@ def tag_of(name: str) -> str:
 def insecure_registry(text: str) -> bool:
     """docker's default insecure registries: a registry on this host's loopback (127.0.0.0/8,
     ::1, localhost) is reached over plain HTTP; every other one over verified TLS."""
-    import ipaddress
+    from kvmc.network import is_loopback_host
 
     domain = parse_reference(text).domain or ""
     host = domain.rsplit(":", 1)[0].strip("[]") if domain.count(":") <= 1 else domain.strip("[]").rsplit("]:", 1)[0]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(host)
 
 
 def pull_source(text: str) -> str:

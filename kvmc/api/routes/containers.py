@@ -15,7 +15,7 @@ import time
 from aiohttp import web
 
 from kvmc.api import shapes
-from kvmc.api.bridge import STDERR, STDOUT, Sink, StreamInput, StreamOutput
+from kvmc.api.bridge import STDERR, STDOUT, ResponseOutput, Sink, StreamInput, StreamOutput
 from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack, int_param, json_response,
                            read_json, until_client_gone)
 from kvmc.api.server import Api, PendingAttach, api_of
@@ -371,17 +371,8 @@ async def archive_get(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-tar",
                                            "X-Docker-Container-Path-Stat": header})
     await response.prepare(request)
-    loop = asyncio.get_running_loop()
-
-    class Out(io.RawIOBase):
-        def writable(self) -> bool:
-            return True
-
-        def write(self, data: bytes) -> int:  # type: ignore[override]
-            asyncio.run_coroutine_threadsafe(response.write(bytes(data)), loop).result()
-            return len(data)
-
-    await api.call(api.services.files.copy_out, ref, path, Out())
+    out = ResponseOutput(asyncio.get_running_loop(), response)
+    await api.call(api.services.files.copy_out, ref, path, out)
     await response.write_eof()
     return response
 

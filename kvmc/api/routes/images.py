@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import tarfile
@@ -13,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from kvmc.api import shapes
+from kvmc.api.bridge import ResponseOutput
 from kvmc.api.http import ApiError, bool_param, json_response, json_stream, write_json_line
 from kvmc.api.server import Api, api_of
 from kvmc.api.translate import normalize_image_ref, parse_filters, pull_ref
@@ -174,17 +174,8 @@ async def save(request: web.Request) -> web.StreamResponse:
         await _image(api, ref)  # 404 "No such image" before the stream starts
     response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
     await response.prepare(request)
-    loop = asyncio.get_running_loop()
-
-    class Out(io.RawIOBase):
-        def writable(self) -> bool:
-            return True
-
-        def write(self, data: bytes) -> int:  # type: ignore[override]
-            asyncio.run_coroutine_threadsafe(response.write(bytes(data)), loop).result()
-            return len(data)
-
-    await api.call(api.services.images.save, refs, Out())
+    out = ResponseOutput(asyncio.get_running_loop(), response)
+    await api.call(api.services.images.save, refs, out)
     await response.write_eof()
     return response
 
