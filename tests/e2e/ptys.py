@@ -76,6 +76,23 @@ class Terminal:
                 raise AssertionError(f"the command exited ({self.proc.returncode}) before {regex.pattern!r}; "
                                      f"the terminal shows:\n{bytes(self.output).decode(errors='replace')}")
 
+    def resize_and_expect(self, rows: int, cols: int, timeout: float = 60.0) -> None:
+        """Resize, then ask the shell for its size until it says the new one: the resize
+        travels apart from the keys (the docker CLI posts it on a request of its own after
+        SIGWINCH, as kvmc's CLI sends a frame), so a ``stty size`` typed at once may run first."""
+        self.resize(rows, cols)
+        deadline = time.monotonic() + timeout
+        pattern = rb"\b%d %d\r\n" % (rows, cols)
+        while True:
+            mark = self.mark()
+            self.send(b"stty size\r")
+            try:
+                self.expect(pattern, timeout=min(5.0, max(0.1, deadline - time.monotonic())), since=mark)
+                return
+            except AssertionError:
+                if time.monotonic() >= deadline or self.proc.poll() is not None:
+                    raise
+
     def mark(self) -> int:
         """An offset for ``expect(since=...)``: only output from now on."""
         return len(self.output)

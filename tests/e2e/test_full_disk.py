@@ -103,7 +103,7 @@ def test_writes_on_a_full_disk_say_so_and_leave_nothing(small: Kvmc, tmp_path: P
     add_layer(layout, "latest", lambda root: (root / "big").write_bytes(os.urandom(30 << 20)))
     fill(mnt, 10 << 20)
     assert_full(small("image", "import", str(layout), "--name", "big:1"), mnt)
-    assert tree(mnt / "images") == images and kvmc_temp_files() == temps
+    assert tree(mnt / "images") == images and set(kvmc_temp_files()) <= set(temps)  # others' imports may end
     assert b"big" not in small("images", check=True).stdout
 
     fill(mnt, 0)

@@ -29,10 +29,7 @@ def test_run_it_tty_size_keys_resize_ctrl_c_and_exit_code(kvmc: Kvmc) -> None:
         term.expect(PROMPT)
         term.send(b"tty; stty size; echo TERM=$TERM\r")
         term.expect(rb"/dev/pts/0\r\n30 100\r\nTERM=xterm\r\n")  # the caller's TERM and size
-        mark = term.mark()
-        term.resize(45, 132)  # SIGWINCH to kvmc -> RESIZE -> TIOCSWINSZ in the guest
-        term.send(b"stty size\r")
-        term.expect(rb"45 132\r\n", since=mark)
+        term.resize_and_expect(45, 132)  # SIGWINCH to kvmc -> RESIZE -> TIOCSWINSZ in the guest
         mark = term.mark()
         term.send(b"sh -c 'echo running; sleep 60'; echo slept\r")
         # Once the job prints, it is the terminal's foreground (the shell's line editor, which
@@ -132,10 +129,7 @@ def test_docker_run_it_exec_it_resize_attach_detach(kvmc_serve: KvmcServe) -> No
         term.expect(PROMPT)
         term.send(b"tty; stty size\r")
         term.expect(rb"/dev/pts/0\r\n33 91\r\n")  # ConsoleSize at create
-        mark = term.mark()
-        term.resize(40, 120)  # the docker CLI: POST /containers/{id}/resize
-        term.send(b"stty size\r")
-        term.expect(rb"40 120\r\n", since=mark)
+        term.resize_and_expect(40, 120)  # the docker CLI: POST /containers/{id}/resize
         term.send(b"exit 7\r")
         assert term.wait() == 7
         assert term.settings() == term.settings_before
@@ -146,10 +140,8 @@ def test_docker_run_it_exec_it_resize_attach_detach(kvmc_serve: KvmcServe) -> No
             term.expect(PROMPT)
             term.send(b"tty; stty size\r")
             term.expect(rb"/dev/pts/1\r\n21 71\r\n")
-            mark = term.mark()
-            term.resize(26, 99)  # POST /exec/{id}/resize
-            term.send(b"stty size; exit 4\r")
-            term.expect(rb"26 99\r\n", since=mark)
+            term.resize_and_expect(26, 99)  # POST /exec/{id}/resize
+            term.send(b"exit 4\r")
             assert term.wait() == 4
         assert srv.docker("kill", "-s", "WINCH", name).returncode == 0  # to the process; the VM goes on
         with Terminal([*docker, "attach", name], srv.env) as term:
