@@ -746,6 +746,16 @@ def image_build_default(name: str = typer.Option("kvmc/busybox:latest", "--name"
     typer.echo(f"{name}: {img.id}")
 
 
+@image_app.command("build-ci-helper")
+def image_build_ci_helper(
+    name: str = typer.Option("kvmc/ci-helper:latest", "--name", "-t", help="name:tag."),
+) -> None:
+    """Build the helper image of gitlab-ci-local's docker executor: busybox with bash and rsync
+    (ci/gitlab-local.sh uses it; no registry needed)."""
+    img = _services().images.build_ci_helper(name)
+    typer.echo(f"{name}: {img.id}")
+
+
 @image_app.command("ls")
 def image_ls(quiet: bool = typer.Option(False, "-q", "--quiet"),
              format_: Optional[str] = typer.Option(None, "--format", help="As 'kvmc images --format'.")) -> None:

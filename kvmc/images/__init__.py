@@ -9,7 +9,7 @@ Modules, one job each:
 * ``tools``   - running skopeo/umoci/mke2fs with readable errors
 * ``model``   - the ``Image``/``ImageConfig`` dataclasses
 * ``store``   - ``ImageStore``: import, pull, list, get, tag, remove (process-safe)
-* ``builder`` - the default busybox image, built locally with umoci
+* ``builder`` - the default busybox image and the CI helper image, built locally with umoci
 """
 
 from kvmc.images.model import Image, ImageConfig
@@ -24,6 +24,7 @@ __all__ = [
     "add_layer",
     "build_busybox_image",
     "build_busybox_layout",
+    "build_ci_helper_image",
     "normalize_name",
     "parse_reference",
     "pull_source",
@@ -33,7 +34,7 @@ __all__ = [
 def __getattr__(name: str):  # noqa: ANN202 - the builder's functions, imported on first use
     """The builder (and the tools it imports) only for the commands that build images: every
     other kvmc call, ``run`` first, is spared importing it."""
-    if name in ("add_layer", "build_busybox_image", "build_busybox_layout"):
+    if name in ("add_layer", "build_busybox_image", "build_busybox_layout", "build_ci_helper_image"):
         from kvmc.images import builder
 
         return getattr(builder, name)

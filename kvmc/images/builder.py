@@ -25,7 +25,10 @@ from kvmc.images.store import ImageStore
 from kvmc.images.tools import run_tool, umoci_args
 
 BUSYBOX = Path("/bin/busybox")
+BASH_STATIC = Path("/bin/bash-static")
+RSYNC = Path("/usr/bin/rsync")
 DEFAULT_NAME = "kvmc/busybox:latest"
+CI_HELPER_NAME = "kvmc/ci-helper:latest"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Fixed timestamp for files and config (2024-01-01T00:00:00Z): reproducible image ids.
 EPOCH = 1704067200
@@ -191,6 +194,56 @@ def build_busybox_layout(dest: Path, tag: str = "latest") -> Path:
     )
     _umoci("gc", "--layout", str(dest), what=what)
     return dest
+
+
+def _shared_libraries(binary: Path) -> list[Path]:
+    """The shared objects ``binary`` loads (its ELF interpreter included), as ldd resolves them."""
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise ImageError(f"cannot list the libraries of {binary}: {out.stderr.strip() or out.stdout.strip()}")
+    libs = []
+    for line in out.stdout.splitlines():
+        # "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        words = line.split()
+        path = words[2] if "=>" in words and len(words) > 2 else words[0] if words else ""
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def _copy_host_file(src: Path, rootfs: Path, dest: str | None = None) -> None:
+    """Copy ``src`` (symlinks resolved) to the same path in ``rootfs`` (or ``dest``)."""
+    target = rootfs / (dest or str(src)).lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src.resolve(), target)
+    os.chmod(target, 0o755)
+
+
+def populate_ci_helper_rootfs(rootfs: Path) -> None:
+    """Add what gitlab-ci-local's helper scripts run besides busybox: bash (``shopt -s globstar``)
+    and rsync (it copies artifacts and caches; without it they are silently not copied).
+
+    bash comes from Debian's ``bash-static``; rsync is the host's own binary with the libraries
+    ldd names (Debian ships no static rsync): copying them is seconds, where a debootstrap of a
+    Debian userland would be a minute and a hundred megabytes.
+    """
+    for tool, package in ((BASH_STATIC, "bash-static"), (RSYNC, "rsync")):
+        if not tool.is_file():
+            raise ImageError(f"{tool} is missing", hint=f"install it with: apt-get install {package}")
+    _copy_host_file(BASH_STATIC, rootfs, "/bin/bash")
+    _copy_host_file(RSYNC, rootfs)
+    for lib in _shared_libraries(RSYNC):
+        _copy_host_file(lib, rootfs)
+    _pin_times(rootfs)
+
+
+def build_ci_helper_image(store: ImageStore, name: str = CI_HELPER_NAME) -> Image:
+    """The image gitlab-ci-local's docker executor runs its helper steps in (``--helper-image``):
+    busybox with bash and rsync, built locally like the default image."""
+    with tempfile.TemporaryDirectory(prefix="kvmc-build-") as tmp:
+        layout = build_busybox_layout(Path(tmp) / "layout", "latest")
+        add_layer(layout, "latest", populate_ci_helper_rootfs, created_by="kvmc: bash and rsync for CI helpers")
+        return store.import_path(layout, name)
 
 
 def build_busybox_image(store: ImageStore, name: str = DEFAULT_NAME) -> Image:

@@ -48,6 +48,12 @@ class ImageService:
 
         return build_busybox_image(self.store, name)
 
+    def build_ci_helper(self, name: str) -> Image:
+        """The helper image of gitlab-ci-local's docker executor (busybox, bash, rsync)."""
+        from kvmc.images import build_ci_helper_image
+
+        return build_ci_helper_image(self.store, name)
+
     def tag(self, ref: str, new_name: str) -> Image:
         return self.store.tag(ref, new_name)
 
