@@ -847,11 +847,15 @@ def pool_gc() -> None:
 def volume_create(
     name: str = typer.Argument(..., help="Volume name: letters, digits and _.-"),
     size: str = typer.Option("1g", "--size", help="Disk size (sparse: only written blocks use space)."),
+    driver: Optional[str] = typer.Option(
+        None, "--driver", "-d",
+        help="kvmc-ext4 (a disk: one running container at a time) or kvmc-dir (a host directory "
+             "any number of running containers share); default: config volume_driver."),
 ) -> None:
-    """Create a named volume (an ext4 disk image)."""
+    """Create a named volume (an ext4 disk image, or a shared host directory)."""
     from kvmc.volumes import parse_size
 
-    typer.echo(_services().volumes.create(name, parse_size(size)).name)
+    typer.echo(_services().volumes.create(name, parse_size(size), driver=driver).name)
 
 
 @volume_app.command("ls")

@@ -60,6 +60,11 @@ class Config:
     # no cap) and log_max_file of them, unless run/create --log-opt says otherwise.
     log_max_size: str = "20m"
     log_max_file: int = 5
+    # The driver of volumes made without one (run -v NAME:/path, volume create, the API's
+    # Driver "local"): kvmc-ext4 (a disk: fast, one running container at a time) or kvmc-dir
+    # (a host directory shared by virtiofs: any number of running containers, as CI jobs and
+    # their services share a build volume). kvmc/volumes.py.
+    volume_driver: str = "kvmc-ext4"
 
     @property
     def images_dir(self) -> Path:
@@ -82,6 +87,10 @@ class Config:
             raise UsageError(f"invalid accel {self.accel!r}: choose one of {', '.join(ACCEL_CHOICES)}")
         if self.kernel not in KERNEL_CHOICES:
             raise UsageError(f"invalid kernel {self.kernel!r}: choose one of {', '.join(KERNEL_CHOICES)}")
+        from kvmc.volumes import VOLUME_DRIVERS
+
+        if self.volume_driver not in VOLUME_DRIVERS:
+            raise UsageError(f"invalid volume_driver {self.volume_driver!r}: choose one of {', '.join(VOLUME_DRIVERS)}")
         if self.memory_mib < 64:
             raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
         if self.cpus < 1:

@@ -5,6 +5,7 @@ Three kinds, each the cheapest way a VM can have it:
 
 - ``volume``: a named volume (kvmc/volumes.py), an ext4 disk image attached as one more
   virtio-blk disk and mounted by the agent. Block I/O is the fast path under emulation.
+- ``volume`` of driver kvmc-dir: a host directory too (``shared_dir``), shared as a bind is.
 - ``bind``: a host directory shared through virtiofs (libvirt starts ``virtiofsd``). It needs
   the guest's RAM to be shared memory and non-legacy virtio-mmio, and QEMU cannot save a VM
   with a vhost-user device: such containers always boot cold.
@@ -38,9 +39,22 @@ class Mount:
     readonly: bool = False
     options: str = ""
     """tmpfs options (size=64m,mode=1777,...), docker's syntax."""
+    shared_dir: str = ""
+    """For a kvmc-dir volume: its host directory, shared by virtiofs like a bind (the mount
+    stays a ``volume``: it is counted as the volume's user, and removed with it)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def is_disk(self) -> bool:
+        """A volume disk: one more virtio-blk device."""
+        return self.kind == "volume" and not self.shared_dir
+
+    @property
+    def share_source(self) -> str:
+        """The host directory virtiofs shares for this mount (empty when it is no share)."""
+        return self.source if self.kind == "bind" else self.shared_dir
 
     @property
     def needs_cold_boot(self) -> bool:
@@ -122,10 +136,10 @@ def agent_mount_items(mounts: list[Mount]) -> list[str]:
     volumes = shares = 0
     for mount in mounts:
         ro = "ro" if mount.readonly else "rw"
-        if mount.kind == "volume":
+        if mount.is_disk:
             volumes += 1
             items.append(f"ext4:@{volume_serial(volumes)}:{ro},noatime:{mount.target}")
-        elif mount.kind == "bind":
+        elif mount.share_source:
             shares += 1
             items.append(f"virtiofs:{share_tag(shares)}:{ro}:{mount.target}")
         else:

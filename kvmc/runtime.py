@@ -312,10 +312,12 @@ class Runtime:
             raise UsageError("-p needs a network with outbound access: it cannot be combined with --network none "
                              "or only internal networks")
         ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
-        for mount in mounts:
+        for i, mount in enumerate(mounts):
             if mount.kind == "volume":
-                self.host.volumes.create(mount.source, exist_ok=True)
+                volume = self.host.volumes.create(mount.source, exist_ok=True, driver=self.config.volume_driver)
                 self.check_volume_free(mount.source)
+                if volume.shared_dir:
+                    mounts[i] = dataclasses.replace(mount, shared_dir=volume.shared_dir)
         return network, ports, mounts, endpoints
 
     def _networks(self, opts: RunOptions) -> tuple[str, list[Endpoint]]:
@@ -396,11 +398,12 @@ class Runtime:
     def _storage_devices(self, mounts: list[Mount]) -> dict:
         """container_vm's volume disks and virtiofs shares, numbered in the order of ``mounts``
         (the numbering kvmc.mounts.agent_mount_items gives the agent)."""
-        volumes = [m for m in mounts if m.kind == "volume"]
-        binds = [m for m in mounts if m.kind == "bind"]
+        volumes = [m for m in mounts if m.is_disk]
+        binds = [m for m in mounts if m.share_source]
         return {
             "volume_disks": tuple((Path(self.host.volumes.get(m.source).path), m.readonly) for m in volumes),
-            "shares": tuple(ShareSpec(Path(m.source), share_tag(i), m.readonly) for i, m in enumerate(binds, start=1)),
+            "shares": tuple(ShareSpec(Path(m.share_source), share_tag(i), m.readonly)
+                            for i, m in enumerate(binds, start=1)),
         }
 
     # ------------------------------------------------ host resources in use
@@ -421,7 +424,10 @@ class Runtime:
         return [r.name for r in records if name in r.volume_names]
 
     def check_volume_free(self, name: str, exclude: str | None = None) -> None:
-        """ext4 on a block device has one writer at a time: refuse a second running user."""
+        """ext4 on a block device has one writer at a time: refuse a second running user
+        (a kvmc-dir volume has no such limit)."""
+        if self.host.volumes.get(name).shared_dir:
+            return
         users = [u for u in self.volume_users(name, running_only=True) if exclude is None or u != exclude]
         if users:
             raise VolumeInUse(f"volume {name} is in use by running container {users[0]}: "

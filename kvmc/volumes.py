@@ -10,6 +10,11 @@ xattrs exactly as the guest wrote them. The price: ext4 is not a cluster file sy
 volume serves one running container at a time (QEMU's image locking would refuse a second
 writer too; kvmc says so first, and by name).
 
+The other driver, ``kvmc-dir``, is for data that several running containers share at once
+(gitlab-ci-local mounts a job's build volume into the job and each of its services): the
+volume is a host directory ``<name>/data`` shared through virtiofs as a host directory is
+(kvmc/mounts.py), slower than a disk under emulation but with no single-writer limit.
+
 Creation is atomic: a volume is built in a dot-prefixed directory and renamed into place,
 so concurrent ``run -v data:/x`` of a new volume create it once and both use it.
 """
@@ -31,7 +36,11 @@ from kvmc.state import now_iso
 
 VOLUME_FILE = "volume.json"
 DISK_FILE = "disk.ext4"
+DIR_DATA = "data"
 DEFAULT_SIZE = 1 << 30
+EXT4_DRIVER = "kvmc-ext4"
+DIR_DRIVER = "kvmc-dir"
+VOLUME_DRIVERS = (EXT4_DRIVER, DIR_DRIVER)
 
 
 @dataclass
@@ -40,12 +49,18 @@ class Volume:
     created: str
     size_bytes: int
     path: str
-    """The disk image."""
+    """The disk image (kvmc-ext4) or the shared directory (kvmc-dir)."""
     labels: dict[str, str] = field(default_factory=dict)
     """docker's volume labels (compose marks its project's volumes with them)."""
+    driver: str = EXT4_DRIVER
+
+    @property
+    def shared_dir(self) -> str:
+        """The host directory a kvmc-dir volume is (shared by virtiofs); empty for a disk."""
+        return self.path if self.driver == DIR_DRIVER else ""
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "driver": "kvmc-ext4"}
+        return asdict(self)
 
 
 def parse_size(text: str) -> int:
@@ -94,8 +109,10 @@ class VolumeStore:
         return found
 
     def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False,
-               labels: dict[str, str] | None = None) -> Volume:
-        """Make the disk (sparse, ext4) and publish it under ``name`` in one rename."""
+               labels: dict[str, str] | None = None, driver: str = EXT4_DRIVER) -> Volume:
+        """Make the disk (sparse, ext4) or the directory and publish it under ``name`` in one rename."""
+        if driver not in VOLUME_DRIVERS:
+            raise UsageError(f'volume driver "{driver}" is not one of kvmc\'s: {", ".join(VOLUME_DRIVERS)}')
         final = self._dir(name)
         if final.exists():
             if exist_ok:
@@ -105,18 +122,12 @@ class VolumeStore:
         work = self.root / f".creating-{name}-{secrets.token_hex(4)}"
         work.mkdir(mode=0o700)
         try:
-            disk = work / DISK_FILE
-            with disk.open("wb") as f:
-                f.truncate(size_bytes)
-            # -m 0: no blocks reserved for root (a data disk, not a system disk);
-            # lazy init: formatting costs milliseconds, the guest's ext4 zeroes tables lazily.
-            subprocess.run(
-                ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", name[:16],
-                 "-E", "lazy_itable_init=1,lazy_journal_init=1", str(disk)],
-                check=True, capture_output=True, text=True, env={**os.environ, **TOOL_ENV},
-            )
-            volume = Volume(name=name, created=now_iso(), size_bytes=size_bytes, path=str(final / DISK_FILE),
-                            labels=dict(labels or {}))
+            if driver == DIR_DRIVER:
+                (work / DIR_DATA).mkdir(mode=0o755)
+                volume = Volume(name=name, created=now_iso(), size_bytes=0, path=str(final / DIR_DATA),
+                                labels=dict(labels or {}), driver=driver)
+            else:
+                volume = self._make_disk(work, name, size_bytes, final, labels)
             (work / VOLUME_FILE).write_text(json.dumps(asdict(volume), indent=1))
             work.chmod(0o755)
             try:
@@ -131,6 +142,21 @@ class VolumeStore:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
+    @staticmethod
+    def _make_disk(work: Path, name: str, size_bytes: int, final: Path, labels: dict[str, str] | None) -> Volume:
+        disk = work / DISK_FILE
+        with disk.open("wb") as f:
+            f.truncate(size_bytes)
+        # -m 0: no blocks reserved for root (a data disk, not a system disk);
+        # lazy init: formatting costs milliseconds, the guest's ext4 zeroes tables lazily.
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-m", "0", "-L", name[:16],
+             "-E", "lazy_itable_init=1,lazy_journal_init=1", str(disk)],
+            check=True, capture_output=True, text=True, env={**os.environ, **TOOL_ENV},
+        )
+        return Volume(name=name, created=now_iso(), size_bytes=size_bytes, path=str(final / DISK_FILE),
+                      labels=dict(labels or {}))
+
     def remove(self, name: str) -> None:
         path = self._dir(name)
         if not (path / VOLUME_FILE).exists():
@@ -141,6 +167,15 @@ class VolumeStore:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def usage_bytes(self, volume: Volume) -> int:
+        if volume.shared_dir:
+            total = 0
+            for dirpath, dirnames, filenames in os.walk(volume.path):  # never follows symlinks
+                for entry in (*dirnames, *filenames):
+                    try:
+                        total += os.lstat(os.path.join(dirpath, entry)).st_blocks * 512
+                    except OSError:
+                        continue
+            return total
         try:
             return os.stat(volume.path).st_blocks * 512
         except OSError:

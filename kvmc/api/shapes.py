@@ -44,7 +44,8 @@ def volume_json(volume: Any, mountpoint: str) -> dict[str, Any]:
         "Labels": dict(_attr(volume, "labels", {})),
         "Scope": "local",
         "Options": dict(_attr(volume, "options", {})),
-        "Kvmc": {"Disk": getattr(volume, "path", ""), "SizeBytes": getattr(volume, "size_bytes", 0)},
+        "Kvmc": {"Disk": getattr(volume, "path", ""), "SizeBytes": getattr(volume, "size_bytes", 0),
+                 "Driver": getattr(volume, "driver", "kvmc-ext4")},
     }
 
 

@@ -34,8 +34,11 @@ class VolumeService:
         self.store = engine.volumes
 
     def create(self, name: str, size_bytes: int = DEFAULT_SIZE, exist_ok: bool = False,
-               labels: dict[str, str] | None = None) -> Volume:
-        return self.store.create(name, size_bytes, exist_ok=exist_ok, labels=labels)
+               labels: dict[str, str] | None = None, driver: str | None = None) -> Volume:
+        """``driver`` None or docker's ``local``: the configured default (config volume_driver)."""
+        if driver in (None, "", "local"):
+            driver = self.engine.config.volume_driver
+        return self.store.create(name, size_bytes, exist_ok=exist_ok, labels=labels, driver=driver)
 
     def _view(self, volume: Volume) -> VolumeView:
         return VolumeView(volume, self.engine.volume_users(volume.name), self.store.usage_bytes(volume))

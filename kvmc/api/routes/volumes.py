@@ -10,7 +10,7 @@ from kvmc.api.server import api_of
 from kvmc.api.translate import parse_filters
 from kvmc.service.filters import match_labels
 from kvmc.errors import Conflict, VolumeNotFound
-from kvmc.volumes import DEFAULT_SIZE, parse_size
+from kvmc.volumes import DEFAULT_SIZE, VOLUME_DRIVERS, parse_size
 
 
 def _json(view) -> dict:  # noqa: ANN001 - kvmc.service.volumes.VolumeView
@@ -27,13 +27,14 @@ async def create(request: web.Request) -> web.Response:
 
         name = secrets.token_hex(32)  # docker's anonymous volume
     driver = body.get("Driver") or "local"
-    if driver != "local":
-        raise ApiError(400, f'volume driver "{driver}" is not supported by kvmc (only local)')
+    if driver not in ("local", *VOLUME_DRIVERS):
+        raise ApiError(400, f'volume driver "{driver}" is not supported by kvmc '
+                            f'(local, which is kvmc serve\'s volume_driver, or {", ".join(VOLUME_DRIVERS)})')
     opts = body.get("DriverOpts") or {}
     size = parse_size(str(opts["size"])) if opts.get("size") else DEFAULT_SIZE
     service = api.services.volumes
     try:
-        await api.call(service.create, name, size, False, body.get("Labels") or {})
+        await api.call(service.create, name, size, False, body.get("Labels") or {}, driver)
     except Conflict:
         pass  # docker: creating an existing volume returns it
     return json_response(_json(await api.call(service.get, name)), status=201)
