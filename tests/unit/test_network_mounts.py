@@ -98,3 +98,28 @@ def test_volume_store_creates_a_real_ext4_disk_and_removes_it(tmp_path: Path) ->
     assert store.list() == [] and not list((tmp_path / "volumes").iterdir())
     with pytest.raises(UsageError):
         parse_size("1m")
+
+
+def test_a_kvmc_dir_volume_is_a_directory_shared_like_a_bind(tmp_path: Path) -> None:
+    """gitlab-ci-local mounts one build volume into a job and its services at once: a kvmc-dir
+    volume is a host directory, shared by virtiofs, numbered among the binds."""
+    store = VolumeStore(tmp_path / "volumes")
+    volume = store.create("build", driver="kvmc-dir", labels={"a": "b"})
+    assert volume.driver == "kvmc-dir" and volume.shared_dir == volume.path
+    assert Path(volume.path).is_dir() and volume.path.endswith("/build/data")
+    (Path(volume.path) / "f").write_bytes(b"x" * 5000)
+    assert store.usage_bytes(volume) >= 5000
+    assert store.get("build") == volume and store.create("build", exist_ok=True) == volume
+    disk = store.create("disk")
+    assert disk.driver == "kvmc-ext4" and disk.shared_dir == ""
+    with pytest.raises(UsageError, match="not one of"):
+        store.create("other", driver="nfs")
+
+    shared = Mount("volume", "/builds", "build", shared_dir=volume.path)
+    mounts = [parse_volume("disk:/d"), shared, parse_volume(f"{tmp_path}:/h:ro")]
+    assert [m.is_disk for m in mounts] == [True, False, False]
+    assert [m.share_source for m in mounts] == ["", volume.path, str(tmp_path)]
+    assert agent_mount_items(mounts) == [
+        "ext4:@vol1:rw,noatime:/d", "virtiofs:share1:rw:/builds", "virtiofs:share2:ro:/h"]
+    store.remove("build")
+    assert not (tmp_path / "volumes" / "build").exists()
