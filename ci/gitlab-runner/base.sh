@@ -6,8 +6,8 @@
 #   KVMC_GITLAB_DEFAULT_IMAGE     the image of jobs without `image:` (default kvmc/ci-helper:latest:
 #                                 busybox with bash, which the runner's scripts need)
 #   KVMC_GITLAB_MEMORY            the job VM's memory (kvmc run -m; default: kvmc's)
-#   KVMC_GITLAB_POOL              1: claim pooled VMs and refill the pool after each claim
-#                                 (warm it once with `kvmc pool warm IMAGE --size N`)
+#   KVMC_GITLAB_POOL              1: claim pooled VMs (warm the pool once with `kvmc pool warm
+#                                 IMAGE --size N -m MEM`; KVMC_POOL_REFILL=1 refills it after claims)
 # The job's VM is named from the runner, project, concurrency slot and job ids, so concurrent
 # jobs never share one, and labelled gitlab.job so leftovers are easy to find.
 
