@@ -17,7 +17,8 @@
 # `ci/gitlab-local.sh --kvmc-install` only installs gitlab-ci-local and builds the helper image
 # (ci/setup-host.sh runs it). Environment: KVMC (the kvmc command, default the project's
 # .venv/bin/kvmc, else `kvmc`), KVMC_TOOLS_DIR (where gitlab-ci-local is installed, default
-# the project's .tools/), KVMC_GCL_KEEP_SERVER_LOG=1 prints the private server's log at the end.
+# the project's .tools/), KVMC_GCL_RUN_DIR (where the private server's socket directory goes,
+# default /run/kvmc), KVMC_GCL_KEEP_SERVER_LOG=1 prints the private server's log at the end.
 set -euo pipefail
 
 GCL_VERSION=4.73.0
@@ -114,8 +115,9 @@ stop_server() {
 
 if [ -z "${DOCKER_HOST:-}" ]; then
     # A unix socket path must stay under 108 bytes: a short private directory under /run.
-    mkdir -p /run/kvmc
-    server_dir=$(mktemp -d /run/kvmc/gcl.XXXXXX)
+    run_parent=${KVMC_GCL_RUN_DIR:-/run/kvmc}
+    mkdir -p "$run_parent"
+    server_dir=$(mktemp -d "$run_parent/gcl.XXXXXX")
     trap stop_server EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GITLAB_LOCAL = ROOT / "ci" / "gitlab-local.sh"
 DRIVER = ROOT / "ci" / "gitlab-runner"
 BUILD_FAILURE, SYSTEM_FAILURE = 41, 42
+RUN_ROOT = Path("/run/kvmc/tests")
 
 PIPELINE = """\
 stages: [build, test]
@@ -75,7 +77,7 @@ def _repo(path: Path, pipeline: str) -> Path:
     return path
 
 
-def _leftovers(kvmc: Kvmc) -> dict[str, list[str]]:
+def _leftovers(kvmc: Kvmc, run_dir: Path | None = None) -> dict[str, list[str]]:
     volumes = kvmc("volume", "ls", "-q", check=True).stdout.decode().split()
     networks = [line.split()[1] for line in kvmc("network", "ls", check=True).stdout.decode().splitlines()[1:]]
     return {
@@ -83,39 +85,43 @@ def _leftovers(kvmc: Kvmc) -> dict[str, list[str]]:
         "domains": sorted(kvmc.domains()),
         "volumes": [v for v in volumes if v.startswith("gcl-")],
         "networks": [n for n in networks if n.startswith("gitlab-ci-local")],
-        "sockets": sorted(str(p) for p in Path("/run/kvmc").glob("gcl.*")),
+        "sockets": sorted(str(p) for p in run_dir.iterdir()) if run_dir else [],
     }
 
 
-def _gitlab_local(kvmc: Kvmc, repo: Path) -> subprocess.CompletedProcess[str]:
-    env = {**kvmc.env, "KVMC": f"{sys.executable} -m kvmc"}
+def _gitlab_local(kvmc: Kvmc, repo: Path, run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The script as a user runs it; its private server's socket directory goes in ``run_dir``
+    (under /run/kvmc: a socket path must stay short)."""
+    env = {**kvmc.env, "KVMC": f"{sys.executable} -m kvmc", "KVMC_GCL_RUN_DIR": str(run_dir)}
     env.pop("DOCKER_HOST", None)
     return subprocess.run([str(GITLAB_LOCAL)], cwd=repo, env=env, capture_output=True, text=True, timeout=1500)
 
 
 def test_gitlab_local_pipeline_with_artifacts_cache_and_a_service(kvmc: Kvmc, tmp_path: Path) -> None:
-    sockets_before = set(_leftovers(kvmc)["sockets"])
     repo = _repo(tmp_path / "project", PIPELINE)
-    proc = _gitlab_local(kvmc, repo)
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="gcl", dir=RUN_ROOT))
+    proc = _gitlab_local(kvmc, repo, run_dir)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     for line in ("before hello", "after build", "hello from build", "svc-ok", "cached",
                  "PASS  build", "PASS  service", "PASS  test"):
         assert line in out, f"{line!r} not in the pipeline's output:\n{out[-6000:]}"
-    left = _leftovers(kvmc)
-    left["sockets"] = sorted(set(left["sockets"]) - sockets_before)
+    left = _leftovers(kvmc, run_dir)
+    run_dir.rmdir()
     assert not any(left.values()), f"left behind: {left}"
 
 
 def test_gitlab_local_failing_job_fails_the_pipeline(kvmc: Kvmc, tmp_path: Path) -> None:
-    sockets_before = set(_leftovers(kvmc)["sockets"])
     repo = _repo(tmp_path / "failing", FAILING)
-    proc = _gitlab_local(kvmc, repo)
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(tempfile.mkdtemp(prefix="gcl", dir=RUN_ROOT))
+    proc = _gitlab_local(kvmc, repo, run_dir)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "about to fail" in out and "FAIL" in out, out[-4000:]
-    left = _leftovers(kvmc)
-    left["sockets"] = sorted(set(left["sockets"]) - sockets_before)
+    left = _leftovers(kvmc, run_dir)
+    run_dir.rmdir()
     assert not any(left.values()), f"left behind: {left}"
 
 
