@@ -777,7 +777,8 @@ def pool_warm(
     memory: Optional[str] = _MEMORY, cpus: Optional[str] = _CPUS, accel: Optional[str] = _ACCEL,
     network: str = typer.Option("user", "--network", help="user or none: members serve runs with this network."),
     template: bool = typer.Option(False, "--template", help="Make one VM template instead of saved members: "
-                                  "its RAM in a file on tmpfs that every run maps copy-on-write."),
+                                  "its RAM in a file on tmpfs that every run maps copy-on-write (with --hot: "
+                                  "and --size clones of it, started ahead and waiting paused)."),
     hot: bool = typer.Option(False, "--hot", help="Also keep the members restored and paused, so a run "
                              "resumes one instead of restoring it: faster, but each holds its RAM meanwhile."),
 ) -> None:
@@ -786,7 +787,9 @@ def pool_warm(
     With --hot: members are restored from their save files ahead of time and wait paused
     (existing members of this image and size are made hot too). With --template: one template
     VM for this image and size (made if there is none), whose captured RAM and device state
-    serve any number of runs (clones); --size and --hot do not apply.
+    serve any number of runs (clones); with --template --hot, also --size hot template clones
+    (default 2): clones started ahead of time and left paused, so a run resumes one (the hot
+    pool's speed) and shares the template's RAM pages.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -794,9 +797,9 @@ def pool_warm(
     memory_mib = parse_memory(memory) if memory else None
     cpu_count = parse_cpus(cpus) if cpus else None
     if template:
-        made, new = service.warm_template(image, memory_mib, cpu_count, accel, network, size, hot)
+        made, new, clones = service.warm_template(image, memory_mib, cpu_count, accel, network, size, hot)
         typer.echo(f"template {made.id[:12]} {'made' if new else 'already ready'} for {image} "
-                   f"(RAM file {made.mem_path})")
+                   f"(RAM file {made.mem_path})" + (f"; {len(clones)} hot clone(s) made" if hot else ""))
         return
     with Progress(TextColumn("warming {task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), transient=False) as progress:
@@ -808,21 +811,22 @@ def pool_warm(
 
 @pool_app.command("ls")
 def pool_ls(format_: Optional[str] = typer.Option(None, "--format", help="'json' for one object per line.")) -> None:
-    """List pools: mode (save or template), image, VM size, ready members (HOT: of those, how
-    many wait restored and paused) and stale ones, or templates, save (or template state) file
-    size, and a template's RAM file size in tmpfs."""
+    """List pools: mode (save, clone: hot template clones, or template), image, VM size, ready
+    members (HOT: of those, how many wait paused) and stale ones, or templates, save (or
+    template state) file size, a template's RAM file size in tmpfs, and why each is kept:
+    'manual (pool warm)', or a kvmc serve's automatic pool with when the image was last run."""
     rows = _services().pools.summary()
     if format_ == "json":
         for row in rows:
             typer.echo(json.dumps(row))
         return
     typer.echo(f"{'MODE':<10}{'IMAGE':<28}{'MEMORY':>8}{'CPUS':>6}{'ACCEL':>7}{'READY':>7}{'HOT':>5}"
-               f"{'STALE':>7}{'SAVE':>10}{'RAM':>10}")
+               f"{'STALE':>7}{'SAVE':>10}{'RAM':>10}  WHY")
     for r in rows:
         ram = f"{r['ram_mib']:>8}Mi" if r["mode"] == "template" else f"{'-':>10}"
-        hot = r["hot"] if r["mode"] == "save" else "-"
+        hot = r["hot"] if r["mode"] in ("save", "clone") else "-"
         typer.echo(f"{r['mode']:<10}{r['image'][:26]:<28}{r['memory_mib']:>6}Mi{r['cpus']:>6}{r['accel']:>7}"
-                   f"{r['ready']:>7}{hot:>5}{r['stale']:>7}{r['save_mib']:>8}Mi{ram}")
+                   f"{r['ready']:>7}{hot:>5}{r['stale']:>7}{r['save_mib']:>8}Mi{ram}  {r.get('why', '')}")
 
 
 @pool_app.command("rm")

@@ -20,6 +20,10 @@ ACCEL_CHOICES = ("auto", "kvm", "tcg")
 # own (images/kernel/, everything built in, boots faster). Each has its own guest directory.
 KERNEL_CHOICES = ("debian", "kvmc")
 GUEST_SUBDIRS = {"debian": "guest", "kvmc": "guest-kvmc"}
+AUTO_POOL_KINDS = ("clone", "hot")
+"""What kvmc serve's automatic pools keep: clone (hot template clones: one template per image
+and size, its clones waiting paused) or hot (hot members: each restored from its own save
+file, waiting paused)."""
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,6 +58,15 @@ class Config:
     templates_dir: Path = REPO_ROOT / "templates"
     # After a run claims a pool member, warm a replacement in the background (kvmc pool warm).
     pool_refill: bool = False
+    # kvmc serve's automatic pools (kvmc/pool/auto.py): warm VMs kept for the images the server
+    # has run, within auto_pool_budget ("N%" of the memory available when the server starts,
+    # or a size such as 512m; 0 turns them off), auto_pool_size per image and VM size, removed
+    # after auto_pool_idle_s unused; auto_pool_kind: clone (hot template clones) or hot (hot
+    # members).
+    auto_pool_budget: str = "10%"
+    auto_pool_size: int = 1
+    auto_pool_idle_s: float = 600.0
+    auto_pool_kind: str = "clone"
     boot_timeout_s: float = 60.0
     stop_timeout_s: int = 10
     # Each container's log (kvmc/logs.py): files of at most log_max_size (docker's units, "-1":
@@ -82,6 +95,25 @@ class Config:
     def guest_artefacts_dir(self) -> Path:
         return self.guest_dir or self.data_dir / GUEST_SUBDIRS[self.kernel]
 
+    def auto_pool_budget_mib(self, available_mib: float) -> float:
+        """``auto_pool_budget`` in MiB: ``N%`` of ``available_mib`` (the host's available memory
+        when the server starts), a size (``512m``, ``2g``), or ``0``/``off`` (no automatic pools)."""
+        value = str(self.auto_pool_budget).strip().lower()
+        if value in ("0", "off", "false", "no", ""):
+            return 0.0
+        if value.endswith("%"):
+            try:
+                share = float(value[:-1])
+            except ValueError:
+                share = -1.0
+            if not 0 <= share <= 100:
+                raise UsageError(f'invalid auto_pool_budget "{self.auto_pool_budget}": use a share such as 10% '
+                                 "(0% to 100%) or a size such as 512m")
+            return available_mib * share / 100
+        from kvmc.process import size_bytes
+
+        return size_bytes(value, "auto_pool_budget") / (1 << 20)
+
     def validate(self) -> Config:
         if self.accel not in ACCEL_CHOICES:
             raise UsageError(f"invalid accel {self.accel!r}: choose one of {', '.join(ACCEL_CHOICES)}")
@@ -95,6 +127,12 @@ class Config:
             raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
         if self.cpus < 1:
             raise UsageError(f"cpus must be at least 1, not {self.cpus}")
+        if self.auto_pool_kind not in AUTO_POOL_KINDS:
+            raise UsageError(f"invalid auto_pool_kind {self.auto_pool_kind!r}: "
+                             f"choose one of {', '.join(AUTO_POOL_KINDS)}")
+        if self.auto_pool_size < 1 or self.auto_pool_idle_s <= 0:
+            raise UsageError("auto_pool_size must be at least 1 and auto_pool_idle_s more than 0")
+        self.auto_pool_budget_mib(1024.0)  # raises UsageError if malformed
         from kvmc.logs import resolve_log_opts
 
         try:

@@ -54,6 +54,9 @@ class HostContext:
     monitor_start: str = "fork"
     """How a container's monitor is started: ``fork`` (a CLI: fastest) or ``exec`` (a fresh
     interpreter: the API server, whose other threads may hold locks at fork time)."""
+    claim_auto_pools: bool = False
+    """Whether runs may claim from the automatic pools (``kvmc serve``'s, for the images it
+    runs): True in the server only; the CLI's runs use the pools warmed by hand."""
     _hv: Hypervisor | None = field(default=None, init=False, repr=False)
     _guest: GuestArtefacts | None = field(default=None, init=False, repr=False)
 

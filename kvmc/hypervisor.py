@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - depends on the host
 
 T = TypeVar("T")
 START_HINT = 'start it with "libvirtd -d && virtlogd -d" as root, or run "make setup"'
+LIBVIRT_QEMU_RUN_DIR = Path("/run/libvirt/qemu")
+"""Where libvirt's system QEMU driver writes each running domain's pid file."""
 
 _STATES = {
     0: "nostate", 1: "running", 2: "blocked", 3: "paused",
@@ -275,6 +277,22 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot read the statistics of VM {name}: {exc.get_error_message()}") from exc
         return {"cpu_ns": int(cpu_ns), "memory_kib": int(memory_kib), "rss_kib": rss, "vcpus": int(vcpus)}
+
+    def pss_kib(self, name: str) -> int | None:
+        """The proportional set size of a running VM's QEMU process: its private pages plus its
+        share of pages mapped by others too (a template clone's share of the template's RAM
+        file), which is what it really costs; None if it is not running here.
+
+        From /proc, by the pid file libvirt's QEMU driver writes: libvirt's API reports RSS,
+        which counts a shared page in full in every process that maps it."""
+        try:
+            pid = (LIBVIRT_QEMU_RUN_DIR / f"{name}.pid").read_text().strip()
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
 
     def metadata(self, name: str, namespace: str) -> str | None:
         """The XML of the domain's ``<metadata>`` element in ``namespace``, or None."""

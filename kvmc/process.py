@@ -97,13 +97,18 @@ _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?) ?([kmgt])?i?b?", re.IGNORECASE)
 _UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
-def parse_memory(value: str) -> int:
-    """Docker's --memory (``512m``, ``1g``, ``1GiB``; bytes when bare) in MiB."""
+def size_bytes(value: str, what: str = "--memory") -> int:
+    """A memory size in docker's binary units (``512m``, ``1g``, ``1GiB``; bytes when bare)."""
     match = _SIZE_RE.fullmatch(value.strip())
     if not match:
-        raise UsageError(f'invalid --memory "{value}": use a size such as 256m or 1g')
+        raise UsageError(f'invalid {what} "{value}": use a size such as 256m or 1g')
     unit = match[2].lower() if match[2] else None
-    mib = int(float(match[1]) * _UNITS[unit]) // (1 << 20)
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def parse_memory(value: str) -> int:
+    """Docker's --memory (``512m``, ``1g``, ``1GiB``; bytes when bare) in MiB."""
+    mib = size_bytes(value) // (1 << 20)
     if mib < 64:
         raise UsageError(f'--memory "{value}" is too small: a kvmc VM needs at least 64m')
     return mib

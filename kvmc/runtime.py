@@ -44,7 +44,7 @@ from kvmc.health import Healthcheck, merge as merge_healthcheck
 from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, tap_name, valid_dns_name
 from kvmc.network import NETWORK_MODES, PortMapping, allocate_ports, parse_network, parse_publish
 from kvmc.options import ContainerOptions, signal_number
-from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Pool, clone_spec
+from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Offer, Pool, clone_spec
 from kvmc.process import ProcessOptions, build_process, merge_env, terminal_env
 from kvmc.state import ContainerRecord, State
 from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive, process_limits
@@ -129,6 +129,21 @@ class RunOptions:
     platform: str | None = None
 
 
+def pool_source(offer: Offer | None) -> str:
+    """What served a run, as the container's record keeps it (inspect: ``Kvmc.PoolSource``):
+    which kind of pool VM, and whose pool (``kvmc pool warm``'s or ``kvmc serve``'s automatic one)."""
+    if offer is None:
+        return ""
+    record = offer.record
+    if offer.boot == "template":
+        kind = f"template {record.id[:12]}"
+    elif getattr(record, "template", ""):
+        kind = "hot template clone" if offer.hot else "template clone"
+    else:
+        kind = "hot member" if offer.hot else "saved member"
+    return f"{kind} ({'auto: kvmc serve' if record.origin else 'manual: pool warm'})"
+
+
 def raise_for(result: ProcessResult) -> int:
     """The docker exit code of a finished process, raising for kvmc-level failures."""
     if result.error:
@@ -197,7 +212,8 @@ class Runtime:
         try:
             # The pool's sources in order: a template (it serves any number of runs and is not
             # consumed), else a member claimed atomically (its directory becomes this one).
-            offer = pool.claim(key, directory) if opts.use_pool and not cold_reason else None
+            offer = (pool.claim(key, directory, auto=self.host.claim_auto_pools)
+                     if opts.use_pool and not cold_reason else None)
             member = offer.record if offer is not None and offer.boot == "pool" else None
             if member is None:
                 directory.mkdir(mode=0o755)
@@ -214,9 +230,10 @@ class Runtime:
                       else "--no-pool: cold boot")
         hot = offer is not None and offer.hot
         if member is not None:
-            self.host.say(f"claimed {'hot ' if hot else ''}pool member {member.id[:12]} ({member.domain}): "
-                      f"{'resume' if hot else 'restore'} instead of boot")
-            if self.config.pool_refill:
+            self.host.say(f"claimed {'hot ' if hot else ''}pool member {member.id[:12]} ({member.domain})"
+                          f"{' cloned from template ' + member.template[:12] if member.template else ''}: "
+                          f"{'resume' if hot else 'restore'} instead of boot")
+            if self.config.pool_refill and not member.origin:  # an automatic pool's server refills its own
                 pool.refill_in_background(image.id, memory_mib, cpus, accel.accel, network, hot)
         process["hostname"] = process["hostname"] or container_id[:12]
         endpoints = [dataclasses.replace(ep, tap=tap_name(container_id, i)) for i, ep in enumerate(endpoints)]
@@ -229,7 +246,9 @@ class Runtime:
             process=process, auto_remove=opts.auto_remove, detached=opts.detach,
             agent_socket=f"{sockets}.agent.sock", control_socket=f"{sockets}.ctl",
             boot="pool" if member else "template" if template else "cold",
-            restore_from=str(directory / SAVE_FILE) if member else "", resume_paused=hot,
+            # A hot template clone has no save file: if its VM is gone, it boots cold from its disk.
+            restore_from=str(directory / SAVE_FILE) if member and not member.template else "", resume_paused=hot,
+            pool_source=pool_source(offer),
             clone_from=str(template_dir) if template_dir else "",
             network=network, ports=ports, mounts=mounts, networks=endpoints, read_only=opts.read_only,
             labels={**image.config.labels, **docker.labels}, tty=docker.tty,
@@ -380,7 +399,8 @@ class Runtime:
             if record.restore_from:
                 Path(record.restore_from).unlink(missing_ok=True)
             (directory / CLONE_XML).unlink(missing_ok=True)
-            changes = {**changes, "restore_from": "", "clone_from": "", "resume_paused": False, "boot": "cold"}
+            changes = {**changes, "restore_from": "", "clone_from": "", "resume_paused": False, "boot": "cold",
+                       "pool_source": ""}
         updated = dataclasses.replace(record, **changes)
         spec = container_vm(
             name=updated.domain, uuid=uuid_match.group(1), container_id=updated.id, container_name=updated.name,

@@ -114,6 +114,9 @@ class ContainerRecord:
     restores from ``restore_from`` only if that VM is gone)."""
     clone_from: str = ""
     """A pool template's directory: the first start clones it instead of booting (kvmc/pool/)."""
+    pool_source: str = ""
+    """What served the run when it came from a pool (kvmc.runtime.pool_source): the kind of
+    pool VM and whose pool, e.g. ``hot template clone (auto: kvmc serve)``; empty if cold."""
     guest_uptime_ms: int | None = None
     network: str = "none"
     """user | none (records from before networking had none)."""

@@ -374,6 +374,7 @@ def _kvmc_extra(record: Any, vm_state: str | None, image_config: Any = None) -> 
         "MemoryMiB": getattr(record, "memory_mib", 0),
         "Cpus": getattr(record, "cpus", 0),
         "Boot": getattr(record, "boot", ""),
+        "PoolSource": getattr(record, "pool_source", ""),
         "VmState": vm_state,
         "MonitorPid": getattr(record, "monitor_pid", None),
         "Network": getattr(record, "network", ""),

@@ -244,13 +244,18 @@ class VMLife:
         host = self.host
         started = time.monotonic()
         directory = host.state.container_dir(record.id)
-        restored, cloned = bool(record.restore_from), bool(record.clone_from)
+        cloned = bool(record.clone_from)
         self.create_taps(record)
+        # A hot member (restored or cloned ahead of time, waiting paused) resumes; one whose
+        # VM is gone restores its save file, or boots cold if it has none (a hot template clone).
+        resumed = record.resume_paused and self._resume_hot(record)
+        restored = resumed or bool(record.restore_from)
         if restored:
-            save = Path(record.restore_from)
-            if not (record.resume_paused and self._resume_hot(record)):
-                host.hv.restore(save, (directory / "domain.xml").read_text())
-            save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
+            if record.restore_from:
+                save = Path(record.restore_from)
+                if not resumed:
+                    host.hv.restore(save, (directory / "domain.xml").read_text())
+                save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
             host.state.update(record, restore_from="", resume_paused=False)
         elif cloned:
             # Started from the clone definition as this start's live definition; the persistent
@@ -259,6 +264,8 @@ class VMLife:
             (directory / CLONE_XML).unlink(missing_ok=True)
             host.state.update(record, clone_from="")
         else:
+            if record.resume_paused:
+                host.state.update(record, resume_paused=False)
             self.fresh_ro_layers(record)  # only cold boots have volumes
             host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
             host.hv.start(record.domain)
@@ -363,7 +370,8 @@ class VMLife:
             self.host.hv.resume(record.domain)
             return True
         except KvmcError as exc:
-            self.host.say(f"hot pool member could not be resumed ({exc}): restoring its save file")
+            self.host.say(f"hot pool member could not be resumed ({exc}): "
+                          f"{'restoring its save file' if record.restore_from else 'cold boot'}")
             self.host.hv.destroy(record.domain)
             return False
 

@@ -19,6 +19,8 @@ from aiohttp import web
 
 from kvmc.api.http import make_app, ping_routes, run_server
 from kvmc.service import Services
+from kvmc.service.autopool import AutoPool, first_start, policy_of
+from kvmc.state import ContainerRecord
 from kvmc.service.events import Event, diff, snapshot
 
 T = TypeVar("T")
@@ -47,6 +49,8 @@ class Api:
         self.pool = ThreadPoolExecutor(max_workers=WORKER_THREADS, thread_name_prefix="kvmc-api")
         self._watcher: asyncio.Task | None = None
         self._boot: asyncio.Task | None = None
+        self.autopool: AutoPool | None = None
+        """The automatic pools (kvmc/service/autopool.py), None when auto_pool_budget is 0."""
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking service call in a worker thread."""
@@ -88,6 +92,16 @@ class Api:
     async def on_startup(self, app: web.Application) -> None:
         self._watcher = asyncio.create_task(self._watch())
         self._boot = asyncio.create_task(self._start_by_policy())
+        policy = policy_of(self.services.host)
+        if policy.budget_mib > 0:
+            self.autopool = AutoPool(self.services.host, policy, self.log)
+            self.autopool.start()
+
+    def started(self, record: ContainerRecord, error: BaseException | None = None) -> None:
+        """A start through the API ended: a container's first (a run) is what the automatic
+        pools learn from."""
+        if self.autopool is not None and first_start(record):
+            self.autopool.started(record, error)
 
     async def _start_by_policy(self) -> None:
         """As dockerd does when it starts: containers whose restart policy wants them running
@@ -107,6 +121,8 @@ class Api:
             if task is not None:
                 task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.autopool is not None:  # waits for a member being made, then removes the pool
+            await asyncio.to_thread(self.autopool.stop)
 
 
 def api_of(request: web.Request) -> Api:
@@ -131,4 +147,5 @@ def build_app(services: Services, log: Callable[[str], None]) -> web.Application
 def serve(services: Services, hosts: list[str], log: Callable[[str], None]) -> None:
     """Serve until SIGTERM/SIGINT; containers keep running after the server stops."""
     services.host.monitor_start = "exec"
+    services.host.claim_auto_pools = True
     run_server(build_app(services, log), hosts, log)

@@ -65,9 +65,10 @@ class VMSource(Protocol):
     MODE: str
     """``pool ls``'s mode and ``pool rm --mode``'s value: save | template."""
 
-    def offer(self, key: PoolKey, target: Path) -> Offer | None:
+    def offer(self, key: PoolKey, target: Path, auto: bool = True) -> Offer | None:
         """What serves a run of ``key`` whose container directory is to be ``target`` (a
-        consumed source renames its record's directory there), or None."""
+        consumed source renames its record's directory there), or None; ``auto``: the
+        automatic pools of ``kvmc serve`` may serve it too."""
 
     def items(self) -> list[tuple[Path, Any]]:
         """Published records: (directory, record)."""
@@ -108,15 +109,14 @@ class Pool:
         return pool_key(self.host, image_id, memory_mib, cpus, accel, network)
 
     # ----------------------------------------------------------------- a run
-    def claim(self, key: PoolKey, target: Path) -> Offer | None:
-        """What serves a run of ``key``, asked of the sources in order: a ready template (not
-        consumed), else a matching member taken atomically, a hot one first (its directory
-        becomes ``target``). Stale ones are never offered."""
-        for source in self.sources:
-            offer = source.offer(key, target)
-            if offer is not None:
-                return offer
-        return None
+    def claim(self, key: PoolKey, target: Path, auto: bool = False) -> Offer | None:
+        """What serves a run of ``key``, fastest first: a hot member (a hot template clone or
+        a restored member waiting paused: a resume), else a ready template (a clone, not
+        consumed), else a saved member (a restore); a member is taken atomically and its
+        directory becomes ``target``. Stale ones are never offered. ``auto``: the automatic
+        pools of ``kvmc serve`` may serve the run too (the API's runs only)."""
+        return (self.saved.offer(key, target, auto, hot_only=True) or self.template.offer(key, target, auto)
+                or self.saved.offer(key, target, auto))
 
     def is_hot(self, member: Member | Offer) -> bool:
         """Restored and paused already: a claim resumes it."""
@@ -151,7 +151,15 @@ class Pool:
                       network: str = "user") -> tuple[Template, bool]:
         """The template for (image, size, ...), made if there is none; True if made now."""
         image, key = resolve(self.host, image_ref, memory_mib, cpus, accel, network)
-        return self.template.warm(key, image.disk_path)
+        _, template, made = self.template.warm(key, image.disk_path)
+        return template, made
+
+    def warm_hot_clones(self, key: PoolKey, image_disk: Path, size: int, origin: str = "",
+                        progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[Template, bool, list[Member]]:
+        """Hot template clones of ``key`` up to ``size``, the template made first if there is
+        none: (template, made now, clones made now)."""
+        directory, template, made = self.template.warm(key, image_disk, origin)
+        return template, made, self.saved.warm_clones(key, image_disk, directory, template, size, origin, progress)
 
     # ---------------------------------------------------------------- upkeep
     def members(self) -> list[tuple[Path, Member]]:
@@ -185,7 +193,14 @@ class Pool:
         return self.saved.gc(), self.template.gc()
 
     def summary(self) -> list[dict]:
-        """One row per pool key and mode (save: ready/stale members; template: one template,
-        ready or stale, and the size of its RAM file in tmpfs)."""
+        """One row per pool key, mode and origin (save: ready/stale members; clone: hot template
+        clones; template: one template, ready or stale, and the size of its RAM file in tmpfs),
+        each saying why it is kept (``pool warm``, or a ``kvmc serve``'s automatic pool with its
+        reasons), and a row for each image that server runs but keeps nothing for, saying why."""
         tags = {i.id: (i.tags[0] if i.tags else i.short_id) for i in self.host.images.list()}
-        return [row for source in (self.saved, self.template) for row in source.summary_rows(tags)]
+        rows = [row for source in (self.saved, self.template) for row in source.summary_rows(tags)]
+        from kvmc.pool.auto import annotate, read_state
+        from kvmc.vmlife import is_monitor
+
+        state = read_state(self.root)  # a running kvmc serve's automatic pools: what it keeps, and why
+        return annotate(rows, state if state is not None and is_monitor(state.pid) else None, tags)

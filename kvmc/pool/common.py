@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Generic, Iterator, TypeVar
 
 from kvmc.agent import AgentConnection
 from kvmc.disks import create_overlay
@@ -32,6 +32,23 @@ if TYPE_CHECKING:
 
 WARMING_PREFIX = ".warming-"
 STALE_WARMING_S = 600
+AUTO_ORIGIN = "auto:"
+"""A record's ``origin`` is empty for ``kvmc pool warm``'s, ``auto:<pid>`` for the automatic
+pool of the ``kvmc serve`` with that pid (kvmc/service/autopool.py)."""
+
+
+def auto_origin(pid: int) -> str:
+    return f"{AUTO_ORIGIN}{pid}"
+
+
+def origin_pid(origin: str) -> int | None:
+    """The serving process of an automatic pool's record, None for a manual one."""
+    if not origin.startswith(AUTO_ORIGIN):
+        return None
+    try:
+        return int(origin[len(AUTO_ORIGIN):])
+    except ValueError:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -158,8 +175,11 @@ class PoolDirectory(Generic[R]):
         """Published records (directory, record)."""
         return published(self.root, self.RECORD_FILE, self.RECORD)
 
-    def matching(self, key: PoolKey) -> list[tuple[Path, R]]:
-        return [(path, r) for path, r in self.items() if r.key == key]  # type: ignore[attr-defined]
+    def matching(self, key: PoolKey, auto: bool = True) -> list[tuple[Path, R]]:
+        """Records of ``key``; without ``auto``, only manual ones (``kvmc pool warm``'s): the
+        automatic pools of ``kvmc serve`` serve the API's runs only."""
+        return [(path, r) for path, r in self.items()
+                if r.key == key and (auto or not r.origin)]  # type: ignore[attr-defined]
 
     def domain_for(self, ident: str) -> str:
         return pool_domain(self.TAG, ident)
@@ -194,9 +214,13 @@ class PoolDirectory(Generic[R]):
 
     def remove(self, image_id: str | None) -> int:
         """Remove every record (of one image, if given); how many."""
+        return self.remove_if(lambda r: image_id is None or r.key.image_id == image_id)  # type: ignore[attr-defined]
+
+    def remove_if(self, wanted: Callable[[R], bool]) -> int:
+        """Remove the records ``wanted`` accepts; how many."""
         removed = 0
         for path, record in self.items():
-            if image_id is None or record.key.image_id == image_id:  # type: ignore[attr-defined]
+            if wanted(record):
                 self._remove(path, record)
                 removed += 1
         return removed
@@ -228,7 +252,9 @@ class PoolDirectory(Generic[R]):
         for _, record in self.items():
             key: PoolKey = record.key  # type: ignore[attr-defined]
             row = rows.setdefault(self._row(record), {
-                "mode": self.MODE, "image": tags.get(key.image_id, key.image_id[:12]), "image_id": key.image_id,
+                "mode": self._mode(record), "origin": record.origin,  # type: ignore[attr-defined]
+                "why": "auto (serve)" if record.origin else "manual (pool warm)",  # type: ignore[attr-defined]
+                "image": tags.get(key.image_id, key.image_id[:12]), "image_id": key.image_id,
                 "memory_mib": key.memory_mib, "cpus": key.cpus, "accel": key.accel, "network": key.network,
                 "ready": 0, "hot": 0, "stale": 0, "save_mib": 0.0, "ram_mib": 0.0,
             })
@@ -238,8 +264,12 @@ class PoolDirectory(Generic[R]):
         return list(rows.values())
 
     def _row(self, record: R) -> object:
-        """Which row a record counts in: one per pool key, unless a kind says otherwise."""
-        return record.key  # type: ignore[attr-defined]
+        """Which row a record counts in: one per pool key and origin, unless a kind says otherwise."""
+        return record.key, record.origin  # type: ignore[attr-defined]
+
+    def _mode(self, record: R) -> str:
+        """``pool ls``'s mode of a record's row."""
+        return self.MODE
 
     def _fill_row(self, row: dict, record: R, fresh: bool) -> None:
         """A kind's own columns of ``row`` for ``record``."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass
@@ -34,10 +35,11 @@ from pathlib import Path
 from typing import Callable
 
 from kvmc.agent import AgentConnection, GuestOutput, ProcessSpec, attach_process, labelled
-from kvmc.domain import VMSpec, render_domain_xml
+from kvmc.domain import OVERLAY_FILE, VMSpec, render_domain_xml
 from kvmc.errors import GuestError
 from kvmc.guest import GuestArtefacts
 from kvmc.pool.common import KeyedRecord, Offer, PoolDirectory, PoolKey, pool_domain, pool_key, pool_vm, resolve
+from kvmc.pool.template import TEMPLATE_DISK, TEMPLATE_STATE, Template, clone_spec, load_template_state
 from kvmc.state import now_iso
 
 MEMBER_FILE = "member.json"
@@ -56,6 +58,11 @@ class Member(KeyedRecord):
     key: PoolKey
     created: str
     save_bytes: int = 0
+    origin: str = ""
+    """Empty for ``kvmc pool warm``'s, ``auto:<pid>`` for a ``kvmc serve``'s automatic pool."""
+    template: str = ""
+    """A hot template clone's template id: the member was cloned from it (its RAM maps the
+    template's file copy-on-write), not booted and saved, and has no save file."""
 
 
 def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: Path, guest: GuestArtefacts,
@@ -84,9 +91,13 @@ class SavedMembers(PoolDirectory[Member]):
         return self.host.hv.state(member.domain) == "paused"
 
     # ----------------------------------------------------------------- claim
-    def claim(self, key: PoolKey, target: Path) -> Member | None:
-        """Atomically take a matching member, a hot one first: its directory becomes ``target``."""
-        for path, member in sorted(self.matching(key), key=lambda pm: not self.is_hot(pm[1])):
+    def claim(self, key: PoolKey, target: Path, auto: bool = True, hot_only: bool = False) -> Member | None:
+        """Atomically take a matching member, a hot one first (only a hot one with
+        ``hot_only``; of the automatic pools too with ``auto``): its directory becomes ``target``."""
+        found = [(path, m, self.is_hot(m)) for path, m in self.matching(key, auto)]
+        for path, member, hot in sorted(found, key=lambda pmh: not pmh[2]):
+            if hot_only and not hot:
+                continue
             try:
                 os.rename(path, target)
             except OSError:
@@ -94,10 +105,14 @@ class SavedMembers(PoolDirectory[Member]):
             return member
         return None
 
-    def offer(self, key: PoolKey, target: Path) -> Offer[Member] | None:
+    def offer(self, key: PoolKey, target: Path, auto: bool = True, hot_only: bool = False) -> Offer[Member] | None:
         """A claimed member (consumed: its directory is ``target`` now), hot if it is."""
-        member = self.claim(key, target)
+        member = self.claim(key, target, auto, hot_only)
         return None if member is None else Offer(self.BOOT, member, target, hot=self.is_hot(member))
+
+    def intact(self, member: Member) -> bool:
+        """A hot template clone has no save file: once its QEMU is gone it is of no use."""
+        return not member.template or self.is_hot(member)
 
     def take_socket(self, member: Member, agent_socket: Path) -> bool:
         """Move a claimed hot member's agent socket to the container's path; False (and the VM
@@ -111,11 +126,11 @@ class SavedMembers(PoolDirectory[Member]):
 
     # ------------------------------------------------------------------ warm
     def warm(self, key: PoolKey, image_disk: Path, size: int = 1, hot: bool = False,
-             progress: Callable[[int, int], None] = lambda done, total: None) -> list[Member]:
-        """Top the pool for ``key`` up to ``size`` ready members, two at a time; with ``hot``,
-        ready members that are not hot yet are made hot too. Returns the members made or
-        heated now."""
-        ready = self.matching(key)
+             progress: Callable[[int, int], None] = lambda done, total: None, origin: str = "") -> list[Member]:
+        """Top the pool for ``key`` (of ``origin``: manual or one server's automatic pool) up
+        to ``size`` ready members, two at a time; with ``hot``, ready members that are not hot
+        yet are made hot too. Returns the members made or heated now."""
+        ready = [(path, m) for path, m in self.matching(key) if m.origin == origin and not m.template]
         cold = [(path, m) for path, m in ready if hot and not self.is_hot(m)][:size]
         missing = max(0, size - len(ready))
         done: list[Member] = []
@@ -123,7 +138,7 @@ class SavedMembers(PoolDirectory[Member]):
 
         def one(job: tuple[Path, Member] | None) -> Member | None:
             if job is None:
-                return self._make(self._new(key), image_disk, hot=hot)
+                return self._make(self._new(key, origin), image_disk, hot=hot)
             return job[1] if self._heat(job[0], job[1], image_disk) else None
 
         from concurrent.futures import ThreadPoolExecutor  # only warm-ups need threads
@@ -135,10 +150,10 @@ class SavedMembers(PoolDirectory[Member]):
                 progress(len(done), missing + len(cold))
         return done
 
-    def _new(self, key: PoolKey) -> Member:
+    def _new(self, key: PoolKey, origin: str = "", template: str = "") -> Member:
         member_id = secrets.token_hex(32)
         return Member(id=member_id, domain=pool_domain(self.TAG, member_id), uuid=str(uuid.uuid4()), key=key,
-                      created=now_iso())
+                      created=now_iso(), origin=origin, template=template)
 
     def _boot(self, member: Member, directory: Path, agent_socket: Path, image_disk: Path) -> None:
         """Define the member's persistent domain and start it."""
@@ -154,6 +169,49 @@ class SavedMembers(PoolDirectory[Member]):
         if hot:
             self._restore_paused(member, directory, image_disk)
         return hot
+
+    # ------------------------------------------------------------ hot clones
+    def warm_clones(self, key: PoolKey, image_disk: Path, template_dir: Path, template: Template, size: int,
+                    origin: str = "", progress: Callable[[int, int], None] = lambda done, total: None
+                    ) -> list[Member]:
+        """Top the hot template clones of ``key`` (of ``origin``) up to ``size``, one at a time
+        (a clone takes a fraction of a boot: it is QEMU's start and a device-state load)."""
+        ready = [m for _, m in self.matching(key) if m.origin == origin and m.template]
+        missing = max(0, size - len(ready))
+        done: list[Member] = []
+        progress(0, missing)
+        for _ in range(missing):
+            done.append(self._make_clone(self._new(key, origin, template.id), image_disk, template_dir, template))
+            progress(len(done), missing)
+        return done
+
+    def _make_clone(self, member: Member, image_disk: Path, template_dir: Path, template: Template) -> Member:
+        """A hot template clone: the template's frozen overlay copied as the member's, its
+        persistent domain the member's plain one (what a claim's later starts boot), started
+        once as a clone of the template (RAM file mapped copy-on-write, device state loaded),
+        warmed up and left paused; published by rename only then, removed on any failure.
+
+        What it saves over a hot member: the guest's RAM is the template's shared pages
+        until written, where a restored member holds all of it privately (docs/platform.md)."""
+        warming = self._warming(member.id)
+        warming.mkdir(parents=True, mode=0o755)
+        sock = self.socket_for(member.id)
+        try:
+            shutil.copyfile(template_dir / TEMPLATE_DISK, warming / OVERLAY_FILE)
+            os.chmod(warming / OVERLAY_FILE, 0o644)
+            spec = member_vm(member, warming, sock, image_disk, self.host.guest(), str(self.host.config.data_dir))
+            templates_dir = self.host.config.templates_dir
+            self.host.hv.define(render_domain_xml(spec, templates_dir))
+            self.host.hv.create_transient(render_domain_xml(clone_spec(spec, template), templates_dir), paused=True)
+            load_template_state(self.host.hv, member.domain, template_dir / TEMPLATE_STATE)
+            self._warm_up(member)
+            (warming / MEMBER_FILE).write_text(member.to_json())
+            os.rename(warming, self.root / member.id)
+        except BaseException:
+            self._release(member.id, unfinished=True)
+            shutil.rmtree(warming, ignore_errors=True)
+            raise
+        return member
 
     # ------------------------------------------------------------------- hot
     def _restore_paused(self, member: Member, directory: Path, image_disk: Path) -> None:
@@ -213,7 +271,8 @@ class SavedMembers(PoolDirectory[Member]):
         the CLI's flags. A double fork, so neither a CLI nor the long-lived API server is
         left with a child to reap.
         """
-        size = 1 + len(self.matching(pool_key(self.host, image_id, memory_mib, cpus, accel, network)))
+        key = pool_key(self.host, image_id, memory_mib, cpus, accel, network)
+        size = 1 + len([m for _, m in self.matching(key, auto=False) if not m.template])
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -254,3 +313,11 @@ class SavedMembers(PoolDirectory[Member]):
         """How many of the ready members are hot, and a save file's size."""
         row["hot"] += fresh and self.is_hot(member)
         row["save_mib"] = round(member.save_bytes / (1 << 20), 1)
+        if member.template:
+            row["template_id"] = member.template[:12]
+
+    def _row(self, member: Member) -> object:
+        return member.key, member.origin, bool(member.template)
+
+    def _mode(self, member: Member) -> str:
+        return "clone" if member.template else self.MODE

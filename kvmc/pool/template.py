@@ -51,6 +51,8 @@ class Template(KeyedRecord):
     created: str
     mem_path: str
     state_bytes: int = 0
+    origin: str = ""
+    """Empty for ``kvmc pool warm``'s, ``auto:<pid>`` for a ``kvmc serve``'s automatic pool."""
 
     @property
     def domain(self) -> str:
@@ -128,28 +130,30 @@ class Templates(PoolDirectory[Template]):
         """Its RAM file is still in tmpfs (gone after a host restart)."""
         return os.path.exists(template.mem_path)
 
-    def ready(self, key: PoolKey) -> tuple[Path, Template] | None:
-        """The template that serves runs of ``key``, if one is ready (its RAM file still there)."""
-        return next(((path, t) for path, t in self.matching(key) if self.intact(t)), None)
+    def ready(self, key: PoolKey, auto: bool = True) -> tuple[Path, Template] | None:
+        """The template that serves runs of ``key``, if one is ready (its RAM file still there);
+        without ``auto``, a manual one only."""
+        return next(((path, t) for path, t in self.matching(key, auto) if self.intact(t)), None)
 
-    def offer(self, key: PoolKey, target: Path) -> Offer[Template] | None:
+    def offer(self, key: PoolKey, target: Path, auto: bool = True) -> Offer[Template] | None:
         """The ready template of ``key`` to clone; not consumed, and ``target`` is left alone."""
-        found = self.ready(key)
+        found = self.ready(key, auto)
         return None if found is None else Offer(self.BOOT, found[1], found[0])
 
     # ------------------------------------------------------------------ warm
-    def warm(self, key: PoolKey, image_disk: Path) -> tuple[Template, bool]:
-        """The template for ``key``, made if there is none; True if made now."""
+    def warm(self, key: PoolKey, image_disk: Path, origin: str = "") -> tuple[Path, Template, bool]:
+        """(directory, template) for ``key``, made (of ``origin``) if there is none; True if made now.
+        A manual warm-up never settles for an automatic pool's template, which its server removes."""
         self.root.mkdir(parents=True, exist_ok=True)
         with (self.root / ".lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # two concurrent warms make one template
-            found = self.ready(key)
+            found = self.ready(key, auto=bool(origin))
             if found is not None:
-                return found[1], False
+                return found[0], found[1], False
             template_id = secrets.token_hex(32)
             template = Template(id=template_id, key=key, created=now_iso(),
-                                mem_path=str(template_ram_file(template_id)))
-            return self._make(template, image_disk), True
+                                mem_path=str(template_ram_file(template_id)), origin=origin)
+            return self.root / template_id, self._make(template, image_disk), True
 
     def _boot(self, template: Template, directory: Path, agent_socket: Path, image_disk: Path) -> None:
         """Create the template VM, its RAM in the shared file; transient: nothing of it outlives
@@ -206,12 +210,17 @@ class Templates(PoolDirectory[Template]):
     def _row(self, template: Template) -> object:
         return template.id  # one row per template
 
+    def ram_mib(self, template: Template) -> float:
+        """What the template's RAM file occupies in tmpfs (the guest pages it touched): paid
+        once, whatever the number of clones."""
+        try:
+            return os.stat(template.mem_path).st_blocks * 512 / (1 << 20)
+        except OSError:
+            return 0.0
+
     def _fill_row(self, row: dict, template: Template, fresh: bool) -> None:
         """Its id, the state file's size and what the RAM file occupies in tmpfs."""
         row["id"] = template.id[:12]
         row["save_mib"] = round(template.state_bytes / (1 << 20), 2)
-        try:  # what the RAM file occupies in tmpfs (the guest pages the template touched)
-            row["ram_mib"] = round(os.stat(template.mem_path).st_blocks * 512 / (1 << 20), 1)
-        except OSError:
-            pass
+        row["ram_mib"] = round(self.ram_mib(template), 1)
 

@@ -33,12 +33,21 @@ class PoolService:
 
     def warm_template(self, image: str, memory_mib: int | None, cpus: int | None, accel: str | None,
                       network: str = "user", size: int | None = None, hot: bool = False) -> tuple:
-        """(template, made now) for (image, size); --size and --hot do not apply to templates."""
-        if size is not None or hot:
-            raise UsageError(f"{'--size' if size is not None else '--hot'} does not apply to --template: "
-                             "one template serves any number of runs")
-        return self._pool().warm_template(image, memory_mib or self.host.config.memory_mib,
-                                          cpus or self.host.config.cpus, accel, parse_network(network))
+        """(template, made now, hot clones made now) for (image, size). With ``hot``: also
+        ``size`` (default 2) hot template clones, made ahead and waiting paused; --size alone
+        does not apply (one template serves any number of runs)."""
+        if size is not None and not hot:
+            raise UsageError("--size does not apply to --template without --hot: one template serves any number "
+                             "of runs (--template --hot --size N keeps N clones of it waiting paused)")
+        from kvmc.pool.common import resolve
+
+        pool = self._pool()
+        image_, key = resolve(self.host, image, memory_mib or self.host.config.memory_mib,
+                              cpus or self.host.config.cpus, accel, parse_network(network))
+        if not hot:
+            _, template, made = pool.template.warm(key, image_.disk_path)
+            return template, made, []
+        return pool.warm_hot_clones(key, image_.disk_path, 2 if size is None else size)
 
     def summary(self) -> list[dict]:
         return self._pool().summary()

@@ -741,6 +741,10 @@ class FakeHypervisor:
         self.destroy(name)
         self.forget(name)
 
+    def pss_kib(self, name: str) -> int | None:
+        """No QEMU process behind a fake domain: nothing measured."""
+        return None
+
     def stats(self, name: str) -> dict[str, int]:
         """As libvirt's dom.info(): CPU time and resident memory of the VM's processes (0 when
         shut off), the guest's memory size and vCPUs from its definition."""

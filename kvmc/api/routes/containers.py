@@ -85,11 +85,21 @@ async def start(request: web.Request) -> web.Response:
     record = await _record(request)
     if record.is_live:
         return web.Response(status=304)
+    try:
+        await _start(api, record)
+    except Exception as exc:
+        api.started(record, exc)
+        raise
+    api.started(record)
+    return web.Response(status=204)
+
+
+async def _start(api: Api, record: ContainerRecord) -> None:
     pending = api.pending.pop(record.id, [])
     service = api.services.containers
     if not pending:
         await api.call(service.start, record.id)
-        return web.Response(status=204)
+        return
     try:
         started = await api.call(service.start, record.id, wait_attach=True)
     except BaseException as exc:
@@ -101,7 +111,6 @@ async def start(request: web.Request) -> web.Response:
         if not attach.started.done():
             attach.started.set_result(started)
     await api.call(api.services.engine.wait_started, started)  # raises 125/126/127 failures
-    return web.Response(status=204)
 
 
 async def stop(request: web.Request) -> web.Response:
