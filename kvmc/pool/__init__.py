@@ -199,8 +199,10 @@ class Pool:
         reasons), and a row for each image that server runs but keeps nothing for, saying why."""
         tags = {i.id: (i.tags[0] if i.tags else i.short_id) for i in self.host.images.list()}
         rows = [row for source in (self.saved, self.template) for row in source.summary_rows(tags)]
-        from kvmc.pool.auto import annotate, read_state
+        from kvmc.pool.auto import annotate, read_states
         from kvmc.vmlife import is_monitor
 
-        state = read_state(self.root)  # a running kvmc serve's automatic pools: what it keeps, and why
-        return annotate(rows, state if state is not None and is_monitor(state.pid) else None, tags)
+        for state in read_states(self.root):  # running kvmc serves' automatic pools: what each keeps, and why
+            if is_monitor(state.pid):
+                rows = annotate(rows, state, tags)
+        return rows

@@ -17,8 +17,8 @@ kvmc/service/autopool.py measures, acts and runs them in the server's background
   refilled, and what it holds is removed: a broken pool must not keep failing runs that a
   cold boot would serve.
 
-The server writes its view (:class:`AutoState`) to ``<pool>/auto.json`` so that ``kvmc pool
-ls`` can say what the server keeps and why.
+The server writes its view (:class:`AutoState`) to ``<pool>/auto-<pid>.json`` so that
+``kvmc pool ls`` can say what the server keeps and why.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from kvmc.pool.common import PoolKey
 
-AUTO_FILE = "auto.json"
+AUTO_FILE = "auto-{pid}.json"
+"""One per server (two servers may share a state root), in the pool directory."""
 MAX_FAILURES = 3
 
 
@@ -182,7 +183,7 @@ def plan(uses: dict[PoolKey, Use], held: dict[PoolKey, Held], policy: Policy,
 # --------------------------------------------------------------- pool ls
 @dataclass
 class AutoState:
-    """What one server's automatic pool is doing, as written to ``<pool>/auto.json``."""
+    """What one server's automatic pool is doing, as written to ``<pool>/auto-<pid>.json``."""
 
     pid: int
     policy: Policy
@@ -200,19 +201,28 @@ class AutoState:
         return cls(pid=data["pid"], policy=Policy(**data["policy"]), uses=uses, updated=data.get("updated", 0.0))
 
 
+def state_file(root: Path, pid: int) -> Path:
+    return root / AUTO_FILE.format(pid=pid)
+
+
 def write_state(root: Path, state: AutoState) -> None:
     """Publish the server's view atomically (``pool ls`` may read it at any time)."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{AUTO_FILE}.{os.getpid()}"
+    tmp = root / f".{AUTO_FILE.format(pid=state.pid)}.tmp"
     tmp.write_text(state.to_json())
-    os.replace(tmp, root / AUTO_FILE)
+    os.replace(tmp, state_file(root, state.pid))
 
 
-def read_state(root: Path) -> AutoState | None:
-    try:
-        return AutoState.from_json((root / AUTO_FILE).read_text())
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+def read_states(root: Path) -> list[AutoState]:
+    """The views of the servers that wrote one under ``root`` (gone ones included: the caller
+    checks their pids)."""
+    states = []
+    for path in sorted(root.glob(AUTO_FILE.format(pid="*"))) if root.is_dir() else []:
+        try:
+            states.append(AutoState.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return states
 
 
 def _ago(seconds: float) -> str:
@@ -220,13 +230,11 @@ def _ago(seconds: float) -> str:
     return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min" if seconds < 7200 else f"{seconds // 3600} h"
 
 
-def annotate(rows: list[dict], state: AutoState | None, tags: dict[str, str], now: float | None = None) -> list[dict]:
+def annotate(rows: list[dict], state: AutoState, tags: dict[str, str], now: float | None = None) -> list[dict]:
     """``pool ls`` rows with the automatic pool's reasons: a row of the server's members or
     template says ``auto (serve): last used N ago, R run(s); <policy's word>``, and a key the
     server runs but keeps nothing for gets a row of its own saying why (over budget, failing)."""
     now = time.time() if now is None else now
-    if state is None:
-        return rows
     by_key = {(u.key.image_id, u.key.memory_mib, u.key.cpus, u.key.accel, u.key.network): u for u in state.uses}
     seen = set()
     for row in rows:

@@ -24,7 +24,7 @@ from typing import Callable
 from kvmc.context import HostContext
 from kvmc.errors import CommandNotFound, CommandNotInvokable
 from kvmc.pool import Pool
-from kvmc.pool.auto import AUTO_FILE, AutoState, Held, Policy, Use, available_mib, plan, record_start, write_state
+from kvmc.pool.auto import AutoState, Held, Policy, Use, available_mib, plan, read_states, record_start, state_file, write_state
 from kvmc.pool.common import PoolKey, auto_origin, origin_pid, pool_key
 from kvmc.state import ContainerRecord, State
 from kvmc.vmlife import is_monitor
@@ -74,7 +74,7 @@ class AutoPool:
         if self._thread is not None:
             self._thread.join(timeout)
         removed = self._remove(lambda origin: origin == self.origin)
-        (self.pool.root / AUTO_FILE).unlink(missing_ok=True)
+        state_file(self.pool.root, os.getpid()).unlink(missing_ok=True)
         if removed:
             self.log(f"automatic pools: removed {removed} member(s)/template(s) as the server stops")
 
@@ -106,6 +106,9 @@ class AutoPool:
         try:
             removed = self._remove(lambda origin: origin_pid(origin) is not None
                                    and origin != self.origin and not is_monitor(origin_pid(origin)))
+            for state in read_states(self.pool.root):
+                if state.pid != os.getpid() and not is_monitor(state.pid):
+                    state_file(self.pool.root, state.pid).unlink(missing_ok=True)
             if removed:
                 self.log(f"automatic pools: removed {removed} left by a server that is gone")
         except Exception as exc:  # noqa: BLE001 - the pool must never take the server down
