@@ -109,3 +109,24 @@ def test_abandoned_warm_ups_are_listed_without_side_effects_and_removed_by_gc(tm
     assert pool.gc() == (1, 1)
     assert calls == [("undefine", "kvmc-pool-" + "1" * 16), ("destroy", "kvmc-tmpl-" + "2" * 16)]
     assert not member_dir.exists() and not template_dir.exists() and not ram.exists()
+
+
+def test_claim_order_hot_member_then_template_then_saved_member(tmp_path: Path) -> None:
+    from kvmc.pool import TEMPLATE_FILE, Template
+
+    pool = _pool(tmp_path, paused=frozenset({f"kvmc-pool-{2:016x}"}))
+    _member(pool, 1)
+    _member(pool, 2)  # hot
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"")
+    template = Template(id="t" * 64, key=KEY, created="now", mem_path=str(ram))
+    (pool.templates_root / template.id).mkdir(parents=True)
+    (pool.templates_root / template.id / TEMPLATE_FILE).write_text(template.to_json())
+    first = pool.claim(KEY, tmp_path / "c1")
+    assert first is not None and first.boot == "pool" and first.hot
+    for n in (2, 3):  # a template is not consumed: it serves every later run
+        offer = pool.claim(KEY, tmp_path / f"c{n}")
+        assert offer is not None and offer.boot == "template"
+    ram.unlink()  # a template whose RAM file is gone is not intact: the saved member serves
+    last = pool.claim(KEY, tmp_path / "c4")
+    assert last is not None and last.boot == "pool" and not last.hot
