@@ -69,9 +69,9 @@ def idle_pss(image: str, memory: str, runs: int, mode: str) -> float:
         time.sleep(3)  # let the guests settle into idle
         infos = [json.loads(kvmc("inspect", n)[1])[0] for n in names]
         wanted = {"cold": "cold", "pool": "pool", "template": "template"}[mode]
-        if any(i["boot"] != wanted for i in infos):
-            sys.exit(f"idle {mode} VMs booted as {[i['boot'] for i in infos]}")
-        return statistics.mean(qemu_pss_kib(i["domain"]) for i in infos) / 1024
+        if any(i["Kvmc"]["Boot"] != wanted for i in infos):
+            sys.exit(f"idle {mode} VMs booted as {[i['Kvmc']['Boot'] for i in infos]}")
+        return statistics.mean(qemu_pss_kib(i["Kvmc"]["Domain"]) for i in infos) / 1024
     finally:
         subprocess.run([sys.executable, "-m", "kvmc", "rm", "-f", *names], capture_output=True)
 
