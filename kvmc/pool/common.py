@@ -217,11 +217,17 @@ class PoolDirectory(Generic[R]):
         return self.remove_if(lambda r: image_id is None or r.key.image_id == image_id)  # type: ignore[attr-defined]
 
     def remove_if(self, wanted: Callable[[R], bool]) -> int:
-        """Remove the records ``wanted`` accepts; how many."""
+        """Remove the records ``wanted`` accepts; how many. Each is first hidden by a rename,
+        as a claim takes one: a member a run claimed meanwhile is the run's, never removed."""
         removed = 0
         for path, record in self.items():
             if wanted(record):
-                self._remove(path, record)
+                hidden = self._warming(record.id)  # type: ignore[attr-defined]
+                try:
+                    os.rename(path, hidden)
+                except OSError:
+                    continue  # claimed (or removed) meanwhile
+                self._remove(hidden, record)
                 removed += 1
         return removed
 
