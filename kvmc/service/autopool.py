@@ -31,6 +31,10 @@ from kvmc.vmlife import is_monitor
 
 TICK_S = 5.0
 """How often the policy runs without being woken (trimming idle keys, re-measuring)."""
+SETTLE_S = 1.0
+"""A refill waits this long after the last start it heard of: a clone's or restore's start is
+CPU-heavy under TCG, and on a small host it would slow the very run the pool just served
+(which still runs its process, and with --rm removes its container)."""
 
 
 def policy_of(host: HostContext) -> Policy:
@@ -59,6 +63,7 @@ class AutoPool:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_start = 0.0
 
     # ---------------------------------------------------------------- server
     def start(self) -> None:
@@ -90,6 +95,7 @@ class AutoPool:
             return
         with self._lock:
             use = record_start(self.uses, key, record.image, pooled, ok, time.time())
+            self._last_start = time.monotonic()
         if not ok and pooled:
             self.log(f"automatic pools: a pooled start of {record.image} failed ({use.failures} in a row): {error}")
         self._wake.set()
@@ -116,6 +122,8 @@ class AutoPool:
         while not self._stopping.is_set():
             self._wake.wait(TICK_S)
             self._wake.clear()
+            while not self._stopping.is_set() and (quiet := time.monotonic() - self._last_start) < SETTLE_S:
+                self._stopping.wait(SETTLE_S - quiet)
             if self._stopping.is_set():
                 break
             try:
