@@ -1,4 +1,4 @@
-"""Host side of "kvmc-agent protocol 2", spoken with the guest agent over virtio-serial.
+"""Host side of "kvmc-agent protocol 3", spoken with the guest agent over virtio-serial.
 
 The wire format is described in ``docs/agent-protocol.md``; the guest side is
 ``images/agent/kvmc-agent.c``. On the host the port is QEMU's unix socket for the
@@ -11,6 +11,7 @@ Everything here is stdlib only: frame encoding/decoding, a small connection obje
 from __future__ import annotations
 
 import io
+import os
 import re
 import select
 import signal
@@ -26,7 +27,7 @@ from typing import BinaryIO, Callable
 from kvmc.detach import DetachScanner
 from kvmc.errors import AgentProtocolError, GuestError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 RUN_TTY = 0x01
 """RUN header flag (protocol 2): the agent gives the process a pseudo-terminal."""
 MAX_PAYLOAD = 1 << 20
@@ -52,12 +53,16 @@ class FrameType(IntEnum):
     EXIT_ACK = 0x05
     RESIZE = 0x06
     """Protocol 2: u16 rows, u16 columns: the window size of a TTY process's terminal."""
+    REATTACH = 0x07
+    """Protocol 3: a nonce: a host connecting to a running VM asks where things stand (TABLE)."""
     READY = 0x10
     STARTED = 0x11
     STDOUT = 0x12
     STDERR = 0x13
     EXIT = 0x14
     ERROR = 0x15
+    TABLE = 0x16
+    """Protocol 3: the answer to REATTACH, the agent's processes (see :class:`AgentTable`)."""
     ATTACH = 0x20
     """Client to kvmc's monitor only (never reaches the guest): relay process 1's output to me."""
     STOP = 0x21
@@ -66,7 +71,8 @@ class FrameType(IntEnum):
 
 HOST_TO_GUEST = frozenset(t for t in FrameType if t < 0x10)
 GUEST_TO_HOST = frozenset(t for t in FrameType if 0x10 <= t < 0x20)
-CLIENT_TO_MONITOR = HOST_TO_GUEST | {FrameType.ATTACH, FrameType.STOP}
+CLIENT_TO_MONITOR = (HOST_TO_GUEST - {FrameType.REATTACH}) | {FrameType.ATTACH, FrameType.STOP}
+"""A client of the monitor never re-attaches: the monitor holds the agent's one connection."""
 
 
 @dataclass(frozen=True)
@@ -352,6 +358,67 @@ def parse_exit(payload: bytes) -> tuple[int, int | None]:
     return (value, None) if kind == 0 else (128 + value, value)
 
 
+@dataclass(frozen=True)
+class TableEntry:
+    """One process in a TABLE: its guest pid, and how it stands."""
+
+    pid: int
+    state: str
+    """``starting`` (STARTED or ERROR follows), ``running``, or ``exited`` (process 1 only: its
+    EXIT went to a host that left before acknowledging it)."""
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentTable:
+    """The agent's answer to REATTACH (docs/agent-protocol.md, "Re-attaching")."""
+
+    processes: dict[int, TableEntry]
+    dropped: int
+    """Bytes of process 1's output the agent dropped while no host was connected."""
+    dropped_other: int
+    """The same for every other process."""
+
+
+TABLE_STATES = ("starting", "running", "exited")
+MAX_TABLE_PAYLOAD = 64 * 1024
+MAX_REATTACH_SKIP = 64 << 20
+"""What may precede the TABLE on a re-attached port: frames the agent queued before it, held by
+QEMU or half-read by the host that left. Far less in practice (the agent's queue is 1 MiB)."""
+
+
+def parse_table(payload: bytes, nonce_hex: str) -> AgentTable:
+    """Decode a TABLE payload; AgentProtocolError unless it is well-formed and answers ``nonce_hex``."""
+    _fields(payload, "TABLE")  # ASCII, or AgentProtocolError
+    lines = payload.decode("ascii").split("\n")
+    head = _fields(lines[0].encode(), "TABLE")
+    if head.get("nonce") != nonce_hex:
+        raise AgentProtocolError("the guest's TABLE answers another REATTACH")
+    if head.get("proto") != str(PROTOCOL_VERSION):
+        raise AgentProtocolError(f"the guest's TABLE speaks protocol {guest_text(head.get('proto', '?').encode(), 8)!r}, "
+                                 f"kvmc needs {PROTOCOL_VERSION}")
+    dropped = _number(head, "dropped", "TABLE", payload, 1 << 62) or 0
+    dropped_other = _number(head, "dropped_other", "TABLE", payload, 1 << 62) or 0
+    processes: dict[int, TableEntry] = {}
+    for line in filter(None, lines[1:]):
+        fields = _fields(line.encode(), "TABLE")
+        proc_id = _number(fields, "id", "TABLE", payload, 0xFFFF)
+        pid = _number(fields, "pid", "TABLE", payload, _MAX_PID)
+        state = fields.get("state")
+        if not proc_id or pid is None or state not in TABLE_STATES or proc_id in processes:
+            raise AgentProtocolError(f"malformed TABLE line from the guest: {guest_text(line.encode(), 200)!r}")
+        code = signum = None
+        if state == "exited":
+            kind, _, value = fields.get("exit", "").partition(":")
+            if proc_id != MAIN_PROCESS_ID or kind not in ("0", "1") or not (value.isdigit() and value.isascii()) \
+                    or len(value) > 10:
+                raise AgentProtocolError(f"malformed TABLE line from the guest: {guest_text(line.encode(), 200)!r}")
+            code, signum = parse_exit(struct.pack(">BI", int(kind), int(value)))
+        processes[proc_id] = TableEntry(pid, state, code, signum)
+    return AgentTable(processes, dropped, dropped_other)
+
+
 class ProcessTable:
     """What the guest may say about which process, by the protocol's lifecycle
     (docs/agent-protocol.md, "Process lifecycle"): only about processes the host asked for
@@ -377,10 +444,19 @@ class ProcessTable:
             self._state[proc_id] = self.REQUESTED
             return True
 
+    def adopt(self, proc_id: int, started: bool) -> None:
+        """A process a re-attached agent reports (its TABLE): started, or still starting."""
+        with self._lock:
+            self._state[proc_id] = self.STARTED if started else self.REQUESTED
+
     def forget(self, proc_id: int) -> None:
         """A RUN that was never sent (the connection failed)."""
         with self._lock:
             self._state.pop(proc_id, None)
+
+    def started(self, proc_id: int) -> bool:
+        with self._lock:
+            return self._state.get(proc_id) == self.STARTED
 
     def running(self) -> list[int]:
         with self._lock:
@@ -394,6 +470,8 @@ class ProcessTable:
                 raise AgentProtocolError(f"the guest sent READY for process {proc_id} (READY is the VM's, id 0)")
             parse_ready(frame.payload)
             return
+        if ftype == FrameType.TABLE:
+            raise AgentProtocolError("the guest sent TABLE unasked (it only answers REATTACH)")
         with self._lock:
             state = self._state.get(proc_id)
             if state is None:
@@ -500,6 +578,49 @@ class AgentConnection:
         if frame.type == FrameType.READY:
             self.ready_uptime_ms = parse_ready(frame.payload)
         return frame
+
+    def reattach(self, timeout: float | None, check: Callable[[], None] | None = None) -> tuple[AgentTable, int]:
+        """Take over a running VM's agent from a host that left (a monitor that died): send
+        REATTACH with a fresh nonce and skip what the stream holds before the TABLE answering
+        it (frames queued for the old host, maybe starting mid-frame). Returns the TABLE and
+        how many bytes were skipped. ``check`` runs about once a second while nothing comes
+        (a paused VM answers once resumed): it raises if waiting is pointless."""
+        nonce = os.urandom(16)
+        needle = b"nonce=" + nonce.hex().encode()
+        self.send(FrameType.REATTACH, 0, nonce)
+        buf, skipped = bytearray(), 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            at = buf.find(needle)
+            if at >= 0:
+                start = at - HEADER_SIZE
+                ftype, _flags, proc_id, length = _HEADER.unpack_from(buf, start) if start >= 0 else (0, 0, 0, 0)
+                if ftype != FrameType.TABLE or proc_id != 0 or length > MAX_TABLE_PAYLOAD:
+                    skipped += at + 1  # the needle inside other data, or its header cut off
+                    del buf[:at + 1]
+                    continue
+                if len(buf) >= at + length:
+                    table = parse_table(bytes(buf[at:at + length]), nonce.hex())
+                    self._reader.feed(bytes(buf[at + length:]))
+                    return table, skipped + start
+            elif len(buf) > len(needle) + HEADER_SIZE:
+                keep = len(needle) + HEADER_SIZE
+                skipped += len(buf) - keep
+                del buf[:-keep]
+            if skipped > MAX_REATTACH_SKIP:
+                raise AgentProtocolError(f"the guest agent did not answer REATTACH within {skipped} bytes")
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = 1.0 if left is None else min(left, 1.0)
+            if not select.select([self.sock], [], [], wait)[0]:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise GuestError(f"the guest agent did not answer REATTACH within {timeout:g}s")
+                if check is not None:
+                    check()
+                continue
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise GuestError("the guest agent closed the connection")
+            buf += data
 
     def wait_ready(self, timeout: float, check: Callable[[], None] | None = None) -> str:
         """Wait for READY and return its payload text; other frames stay queued for read_frame.

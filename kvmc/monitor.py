@@ -45,7 +45,7 @@ from kvmc import health as healthcheck
 from kvmc.agent import ProcessSpec
 from kvmc.config import load_config
 from kvmc.context import HostContext
-from kvmc.errors import AgentProtocolError, DiskFull, KvmcError
+from kvmc.errors import AgentProtocolError, DiskFull, GuestError, KvmcError
 from kvmc.logs import LOG_FILE, LogOptions, LogWriter, log_options, resolve_log_opts
 from kvmc.options import restart_delay, signal_number
 from kvmc.space import free_bytes, mount_point, resume_threshold, to_disk_full
@@ -123,8 +123,11 @@ def open_log(host: HostContext, record: ContainerRecord) -> LogWriter:
 class Monitor:
     """Boot one container's VM, relay its agent, record its end. Runs in its own process."""
 
-    def __init__(self, life: VMLife, record: ContainerRecord, wait_attach: bool, discard_on_failure: bool) -> None:
+    def __init__(self, life: VMLife, record: ContainerRecord, wait_attach: bool, discard_on_failure: bool,
+                 reattach: bool = False) -> None:
         self.life = life
+        self.reattach = reattach
+        """Take over a running VM whose previous monitor died, instead of booting one."""
         self.host = life.host
         self.record = record
         self.wait_attach = wait_attach
@@ -317,14 +320,7 @@ class Monitor:
                 _pid, result.started_uptime_ms = parse_started(frame.payload)
                 # Started now, not when the VM booted: a start that fails to exec the command
                 # (ERROR, then EXIT 126/127) is a failed start for wait_started and docker's API.
-                self.started_at = time.monotonic()
-                check = self.record.options.healthcheck
-                if check is not None and not check.disabled:
-                    self.host.state.update(self.record, started_at=now_iso(),
-                                           health=healthcheck.restarted(self.record.health))
-                    threading.Thread(target=self._health_loop, args=(check, conn, self.ended), daemon=True).start()
-                else:
-                    self.host.state.update(self.record, started_at=now_iso())
+                self._started(conn, record_it=True)
             elif frame.type == FrameType.ERROR:
                 result.error = labelled(frame.payload.decode())
                 self.log.note("stderr", f"kvmc: {result.error}")
@@ -337,6 +333,44 @@ class Monitor:
                 return result
             if frame.type in _RELAYED_TO_ATTACHED:
                 self._broadcast(frame)
+
+    def _started(self, conn: AgentConnection, record_it: bool) -> None:
+        """Process 1 runs: record when (not for a re-attach: it started long ago) and start its
+        health checks."""
+        self.started_at = time.monotonic()
+        check = self.record.options.healthcheck
+        health = check is not None and not check.disabled
+        if record_it:
+            changes = {"health": healthcheck.restarted(self.record.health)} if health else {}
+            self.host.state.update(self.record, started_at=now_iso(), **changes)
+        if health:
+            threading.Thread(target=self._health_loop, args=(check, conn, self.ended), daemon=True).start()
+
+    def _take_over(self, procs: ProcessTable) -> tuple[AgentConnection, ProcessResult | None]:
+        """Re-attach to the running VM (its previous monitor died): adopt what its agent runs;
+        (connection, None) to relay on, or (connection, result) if process 1 ended meanwhile.
+        What the container lost while nobody read its output goes into its log and ours."""
+        conn, table, skipped = self.life.reattach(self.record)
+        for proc_id, entry in table.processes.items():
+            if entry.state != "exited":  # execs whose clients died with the old monitor: orphans
+                procs.adopt(proc_id, started=entry.state != "starting")
+        say(f"re-attached to the running VM after its monitor died: processes {sorted(table.processes)}; "
+            f"the agent dropped {table.dropped} bytes of the container's output and {table.dropped_other} of "
+            f"other processes while no monitor read them; {skipped} bytes in transit were skipped")
+        if table.dropped or skipped:
+            self.log.note("stderr", f"kvmc: output lost while kvmc's monitor was away: {table.dropped} bytes "
+                                    f"dropped by the guest, up to {skipped} bytes in transit")
+        main = table.processes.get(MAIN_PROCESS_ID)
+        if main is None:
+            conn.close()
+            raise GuestError("the container's process ended while kvmc's monitor was away; its exit code was lost")
+        if main.state != "exited":
+            return conn, None
+        conn.ack_exit(MAIN_PROCESS_ID)
+        code = main.exit_code if main.exit_code is not None else -1
+        self.pending_exit = Frame(FrameType.EXIT, MAIN_PROCESS_ID, struct.pack(">BI", 1, main.signal)
+                                  if main.signal else encode_exit(code))
+        return conn, ProcessResult(exit_code=code, signal=main.signal)
 
     # ------------------------------------------------------------- disk full
     def _disk_paths(self) -> list[Path]:
@@ -383,7 +417,7 @@ class Monitor:
         delay = 0.0
         restarting = False
         while True:
-            result, failure = self._run_once(restarting)
+            result, failure = self._run_once(restarting, taking_over=self.reattach and not restarting)
             delay = self._restart_delay(result, failure, delay)
             if delay is None or not self._restart(result, failure, delay):
                 break
@@ -409,24 +443,31 @@ class Monitor:
             print(f"kvmc-monitor: leaving networks: {exc}", file=sys.stderr)
         return 0
 
-    def _run_once(self, restarting: bool) -> tuple[ProcessResult | None, str | None]:
+    def _run_once(self, restarting: bool, taking_over: bool = False) -> tuple[ProcessResult | None, str | None]:
         """Boot the VM, hand the agent process 1 and relay until it ends: (result, None), or
-        (None, why) if the VM failed, could not start or broke the protocol."""
+        (None, why) if the VM failed, could not start or broke the protocol. ``taking_over``:
+        the VM runs already (its monitor died): re-attach instead of booting."""
         record = self.record
         failure: str | None = None
         result: ProcessResult | None = None
         ended = self.ended = threading.Event()
         procs = ProcessTable()  # a new VM: nothing it may speak for yet
         try:
-            if not restarting and self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
-                raise KvmcError("no client attached to the container within 30 s")
-            conn = self.life.boot(record, keep_last_exit=True) if restarting else self.life.boot(record)
-            procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
+            if taking_over:
+                conn, result = self._take_over(procs)
+            else:
+                if not restarting and self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
+                    raise KvmcError("no client attached to the container within 30 s")
+                conn = self.life.boot(record, keep_last_exit=True) if restarting else self.life.boot(record)
+                procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
             with self.lock:
-                self.conn, self.procs, self.running = conn, procs, True
+                self.conn, self.procs, self.running = conn, procs, result is None
             self.conn_ready.set()
-            threading.Thread(target=self._watch_disk, args=(ended,), daemon=True).start()
-            result = self._relay(conn)
+            if result is None:
+                threading.Thread(target=self._watch_disk, args=(ended,), daemon=True).start()
+                if taking_over and procs.started(MAIN_PROCESS_ID):
+                    self._started(conn, record_it=False)
+                result = self._relay(conn)
         except AgentProtocolError as exc:
             # The guest is not trusted: one frame outside the protocol and its VM is stopped
             # (by _finish), with the reason recorded. Nothing it sent is relayed any more.
@@ -580,7 +621,7 @@ class Monitor:
         for _ in PROBE_IDS:
             proc_id = self.next_probe_id
             self.next_probe_id = proc_id + 1 if proc_id + 1 < PROBE_IDS.stop else PROBE_IDS.start
-            if proc_id not in self.execs:
+            if proc_id not in self.execs and proc_id not in self.procs.running():  # nor a re-attached VM's
                 return proc_id
         return None
 
@@ -696,14 +737,15 @@ def listen_control(path: Path) -> socket.socket:
 
 
 def serve(host: HostContext, container_id: str, wait_attach: bool, discard_on_failure: bool,
-          listener: socket.socket | None = None) -> int:
-    """Be the monitor of one container until it has ended (and, if asked, is removed)."""
+          listener: socket.socket | None = None, reattach: bool = False) -> int:
+    """Be the monitor of one container until it has ended (and, if asked, is removed);
+    ``reattach``: of a running one whose monitor died."""
     record = host.state.load(container_id)
     if record is None:
         print(f"kvmc-monitor: no container {container_id}", file=sys.stderr)
         return 1
     host.state.update(record, monitor_pid=os.getpid())
-    return Monitor(VMLife(host), record, wait_attach, discard_on_failure).run(listener)
+    return Monitor(VMLife(host), record, wait_attach, discard_on_failure, reattach).run(listener)
 
 
 @dataclass
@@ -721,21 +763,21 @@ class MonitorProcess:
 
 
 def spawn(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
-          discard_on_failure: bool) -> MonitorProcess:
+          discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
     """Start the container's monitor: a new session that outlives the caller. Forked from a
     CLI (:func:`fork_monitor`); a fresh interpreter from a threaded process such as the API
     server (:func:`exec_monitor`), where a fork could inherit a lock another thread holds."""
     if host.monitor_start == "exec":
         child = exec_monitor(container_id, control_socket, log_path, wait_attach=wait_attach,
-                             discard_on_failure=discard_on_failure)
+                             discard_on_failure=discard_on_failure, reattach=reattach)
         host.children.add(child.pid)  # a long-lived caller reaps it (HostContext.reap_children)
         return child
     return fork_monitor(host, container_id, control_socket, log_path, wait_attach=wait_attach,
-                        discard_on_failure=discard_on_failure)
+                        discard_on_failure=discard_on_failure, reattach=reattach)
 
 
 def exec_monitor(container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
-                 discard_on_failure: bool) -> MonitorProcess:
+                 discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
     """``python -m kvmc.monitor`` in a new session, handed the control socket already
     listening (so an attach right after this returns connects at once). It reads the same
     configuration as the caller, from the environment and config files."""
@@ -746,7 +788,8 @@ def exec_monitor(container_id: str, control_socket: Path, log_path: Path, *, wai
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kvmc.monitor", container_id, "--listen-fd", str(listener.fileno()),
-                 *(["--wait-attach"] if wait_attach else []), *(["--discard-on-failure"] if discard_on_failure else [])],
+                 *(["--wait-attach"] if wait_attach else []), *(["--discard-on-failure"] if discard_on_failure else []),
+                 *(["--reattach"] if reattach else [])],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(listener.fileno(),),
                 start_new_session=True,
             )
@@ -756,7 +799,7 @@ def exec_monitor(container_id: str, control_socket: Path, log_path: Path, *, wai
 
 
 def fork_monitor(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *,
-                 wait_attach: bool, discard_on_failure: bool) -> MonitorProcess:
+                 wait_attach: bool, discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
     """Fork the container's monitor: a new session that outlives the CLI.
 
     Why fork and not exec a fresh ``python -m kvmc.monitor``: the child already has every
@@ -791,7 +834,7 @@ def fork_monitor(host: HostContext, container_id: str, control_socket: Path, log
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
         host.after_fork()  # its libvirt connection was the parent's, closed above
-        code = serve(host, container_id, wait_attach, discard_on_failure, listener)
+        code = serve(host, container_id, wait_attach, discard_on_failure, listener, reattach)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the CLI
         traceback.print_exc()
     finally:
@@ -807,9 +850,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-attach", action="store_true", help="Start process 1 only once a client attached.")
     parser.add_argument("--discard-on-failure", action="store_true", help="Remove the container if it fails to start.")
     parser.add_argument("--listen-fd", type=int, help="The control socket, bound and listening (exec_monitor).")
+    parser.add_argument("--reattach", action="store_true", help="Take over the running VM of a monitor that died.")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
-    return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure, listener)
+    return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure, listener,
+                 args.reattach)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive, process_limits
 
 HOST_ARCH = "amd64"
 ACTIVE_VM_STATES = ("running", "paused", "blocked")
+REATTACH_LOCK = ".monitor.lock"
+"""Taken while a new monitor is spawned for a running container whose monitor died."""
 MONITOR_DIED = "kvmc's monitor for this container died"
 
 SignalForwarder = Callable[[Callable[[int], None]], AbstractContextManager]
@@ -713,8 +715,9 @@ class Runtime:
         raise KvmcError(f"exec in container {record.name} did not start")
 
     def require_running(self, ref: str) -> ContainerRecord:
-        """The container ``ref`` names, which must be running (exec, attach, kill)."""
-        record = self.observe(self.state.resolve(ref))
+        """The container ``ref`` names, which must be running (exec, attach, kill); a running
+        one whose monitor died gets a new one first."""
+        record = self.repair(self.state.resolve(ref))
         if record.state != State.RUNNING or not record.started_at:
             raise ContainerNotRunning(f"container {record.name} is not running")
         return record
@@ -746,7 +749,7 @@ class Runtime:
     # ------------------------------------------------------------- stop, kill
     def kill(self, ref: str, signum: int = signal.SIGKILL) -> ContainerRecord:
         """Send a signal to the container's main process."""
-        record = self.observe(self.state.resolve(ref))
+        record = self.repair(self.state.resolve(ref))
         if record.state not in (State.RUNNING, State.RESTARTING):  # restarting: the kill ends the restarts
             raise ContainerNotRunning(f"container {record.name} is not running")
         try:
@@ -796,11 +799,19 @@ class Runtime:
         spawning = record.state == State.STARTING and record.monitor_pid is None
         return record.is_live and not spawning and not pid_alive(record.monitor_pid)
 
+    def _outlives_monitor(self, record: ContainerRecord) -> bool:
+        """A container whose monitor died while its process ran in a VM that still runs: a new
+        monitor re-attaches (repair), the container goes on."""
+        return (record.state == State.RUNNING and bool(record.started_at)
+                and self.hv.state(record.domain) in ACTIVE_VM_STATES)
+
     def observe(self, record: ContainerRecord) -> ContainerRecord:
-        """What the record would say once repaired, without writing it or touching libvirt:
+        """What the record would say once repaired, without writing it or changing libvirt:
         for ``ps``, ``inspect``, ``logs`` and every API GET."""
         if not self._monitor_lost(record):
             return record
+        if self._outlives_monitor(record):
+            return dataclasses.replace(record, monitor_pid=None)  # running; the next command re-attaches
         # Between the runs of a restart policy the record holds the last run's exit, which is
         # how it ended; a running container whose monitor died was killed with its VM (137).
         between_runs = record.state == State.RESTARTING and record.exit_code is not None
@@ -810,8 +821,12 @@ class Runtime:
             error=(record.error if between_runs else None) or MONITOR_DIED, monitor_pid=None)
 
     def repair(self, record: ContainerRecord) -> ContainerRecord:
-        """Make the record and libvirt tell the truth: a VM whose monitor is gone is destroyed
-        and recorded exited; a stopped container whose domain vanished is defined again."""
+        """Make the record and libvirt tell the truth: a running container whose monitor is
+        gone gets a new one that re-attaches to its VM; a VM that cannot be re-attached (its
+        process had not started, or it is between two runs) is destroyed and recorded exited;
+        a stopped container whose domain vanished is defined again."""
+        if self._monitor_lost(record) and self._outlives_monitor(record):
+            return self._reattach(record)
         if self._monitor_lost(record):
             if self.hv.state(record.domain) in ACTIVE_VM_STATES:
                 self.hv.destroy(record.domain)  # unmonitored: its output and exit are lost anyway
@@ -824,6 +839,35 @@ class Runtime:
             if xml.exists():
                 self.hv.define(xml.read_text())  # the domain vanished from libvirt: define it again
         return record
+
+    def reattach_lost(self) -> list[ContainerRecord]:
+        """Give every running container whose monitor died a new one (``kvmc serve`` does this
+        every few seconds, so an API client need not touch the container first)."""
+        found = []
+        for record in self.state.list():
+            if self._monitor_lost(record) and self._outlives_monitor(record):
+                found.append(self._reattach(record))
+        return found
+
+    def _reattach(self, record: ContainerRecord) -> ContainerRecord:
+        """Spawn a monitor that takes over the running VM (Monitor._take_over) and wait until it
+        has recorded itself. One at a time per container: concurrent commands find the first
+        one's monitor. Not start()'s lock: start() repairs while holding it."""
+        with self.state.locked(record.id, REATTACH_LOCK):
+            current = self.state.load(record.id)
+            if current is None or not self._monitor_lost(current) or not self._outlives_monitor(current):
+                return self.observe(current) if current is not None else record
+            monitor = spawn_monitor(self.host, record.id, Path(record.control_socket),
+                                    self.state.container_dir(record.id) / "monitor.log",
+                                    wait_attach=False, discard_on_failure=False, reattach=True)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                current = self.state.load(record.id)
+                if current is None or current.monitor_pid == monitor.pid or monitor.poll() is not None:
+                    return current or record
+                time.sleep(0.02)
+        raise KvmcError(f"container {record.name}: a new monitor did not take over within 10 s: see "
+                        f"{self.state.container_dir(record.id) / 'monitor.log'}")
 
     # ----------------------------------------------------------------- remove
     def remove(self, ref: str, force: bool = False) -> ContainerRecord:

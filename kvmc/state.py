@@ -332,9 +332,10 @@ class StateStore:
         return matches[0]
 
     @contextmanager
-    def locked(self, container_id: str) -> Iterator[None]:
-        """An exclusive fcntl lock on one container, for read-check-write sequences."""
-        with (self.container_dir(container_id) / ".lock").open("a") as f:
+    def locked(self, container_id: str, name: str = ".lock") -> Iterator[None]:
+        """An exclusive fcntl lock on one container, for read-check-write sequences (``name``:
+        another of its locks, for a sequence that may run while this one is held)."""
+        with (self.container_dir(container_id) / name).open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 

@@ -14,7 +14,15 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from kvmc.agent import MAIN_PROCESS_ID, AgentConnection, ProcessSpec, attach_process, guest_text, labelled
+from kvmc.agent import (
+    MAIN_PROCESS_ID,
+    AgentConnection,
+    AgentTable,
+    ProcessSpec,
+    attach_process,
+    guest_text,
+    labelled,
+)
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
 from kvmc.domain import DOMAIN_PREFIX, ro_volume_overlay
@@ -310,6 +318,24 @@ class VMLife:
                              f"{self.console_tail(record)}") from exc
         host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
         return conn
+
+    def reattach(self, record: ContainerRecord) -> tuple[AgentConnection, AgentTable, int]:
+        """Connect to a running VM's agent whose monitor died (monitor side): the agent's
+        TABLE of processes and how many bytes in transit were skipped (AgentConnection.reattach).
+        Waits as long as the VM exists (a paused one answers once resumed)."""
+        hv = self.host.hv
+
+        def still_there() -> None:
+            if hv.state(record.domain) not in ("running", "paused", "blocked"):
+                raise GuestError("the VM ended while kvmc's monitor was away")
+
+        conn = AgentConnection.connect(record.agent_socket, timeout=5.0)
+        try:
+            table, skipped = conn.reattach(None, still_there)
+        except BaseException:
+            conn.close()
+            raise
+        return conn, table, skipped
 
     def fresh_ro_layers(self, record: ContainerRecord) -> None:
         """A new throwaway layer over each read-only volume (kvmc.domain.ro_volume_overlay),

@@ -1,5 +1,5 @@
 /*
- * kvmc-agent: the guest side of "kvmc-agent protocol 2" (see docs/agent-protocol.md).
+ * kvmc-agent: the guest side of "kvmc-agent protocol 3" (see docs/agent-protocol.md).
  *
  * It runs as PID 1 of the microVM (exec'd by the initramfs /init), talks to the host over
  * a named virtio-serial port, sets the container up (mounts, eth0/eth1.., resolv.conf, read-only
@@ -55,11 +55,21 @@
 #define HUP_BACKOFF_MS 20    /* device mode: pause on the port while no host is attached */
 #define STDIN_HIGH (4u << 20) /* stop reading the port while this much stdin is queued */
 #define MAX_GROUPS 64
-#define PROTOCOL 2           /* the number in READY, --version and the RUN item proto */
+#define PROTOCOL 3           /* the number in READY, --version and the RUN item proto */
+#define OUT_LIMIT (1u << 20)  /* output queued for the host: above it, pipes wait (host there) or output is dropped (no host) */
 #define RUN_TTY 0x01         /* RUN header flag: give the process a pseudo-terminal */
 
-enum { T_RUN = 0x01, T_STDIN, T_SIGNAL, T_SHUTDOWN, T_EXIT_ACK, T_RESIZE,
-       T_READY = 0x10, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_ERROR };
+enum { T_RUN = 0x01, T_STDIN, T_SIGNAL, T_SHUTDOWN, T_EXIT_ACK, T_RESIZE, T_REATTACH,
+       T_READY = 0x10, T_STARTED, T_STDOUT, T_STDERR, T_EXIT, T_ERROR, T_TABLE };
+
+/* One frame on its way to the host. Frames are queued and written without blocking, so the
+ * agent keeps serving its processes while no host reads the port (a monitor that died): see
+ * "Re-attaching" in docs/agent-protocol.md. */
+struct frame {
+	struct frame *next;
+	size_t size, off;            /* header + payload; bytes already written */
+	unsigned char data[];
+};
 
 struct proc {
 	int used;
@@ -97,6 +107,14 @@ static pid_t pgids[64]; /* every process group we started: orphans outlive their
 static unsigned npgids;
 static unsigned char rbuf[8 + MAX_PAYLOAD];
 static size_t rlen;
+static struct frame *outq_head, *outq_tail;
+static size_t outq_bytes;                  /* bytes queued for the host, not yet written */
+static int host_gone;                      /* device mode: the port said no host is connected */
+static uint64_t dropped_main, dropped_other; /* output bytes dropped while no host was there */
+static struct frame *main_exit_frame;      /* process 1's EXIT while it is still queued */
+static int main_exit_written;              /* ... and once it has left the queue */
+static unsigned char main_exit_payload[5];
+static pid_t main_pid;
 
 static void logmsg(const char *fmt, ...)
 {
@@ -133,36 +151,93 @@ static void set_nonblock(int fd)
 
 static _Noreturn void finish(void);
 
-/* Blocking write of one whole frame: frames must never interleave on the port. */
-static void send_frame(int type, uint16_t id, const void *payload, size_t len)
+static void end_timer_after_exit(void);
+
+/* Write queued frames until the port would block. Frames never interleave: the queue is the
+ * only writer and keeps their order. Nothing is written after the host left until the next one
+ * speaks first: a monitor that re-attaches must get its TABLE ahead of the queued frames. */
+static void flush_out(void)
 {
-	unsigned char hdr[8] = { type, 0, id >> 8, id & 0xff };
-	put_be32(hdr + 4, len);
-	struct iovec iov[2] = { { hdr, 8 }, { (void *)payload, len } };
-	size_t total = 8 + len, done = 0;
-	while (done < total) {
-		ssize_t n = writev(port_fd, iov, 2);
+	while (outq_head && !host_gone) {
+		struct frame *f = outq_head;
+		ssize_t n = write(port_fd, f->data + f->off, f->size - f->off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno == EAGAIN) {
-				struct pollfd pf = { port_fd, POLLOUT, 0 };
-				poll(&pf, 1, 100);
-				continue;
-			}
+			if (errno == EAGAIN)
+				return;
 			logmsg("write to host: %s", strerror(errno));
 			if (socket_mode)
 				finish(); /* the host is gone: nobody can ever collect output */
 			return;
 		}
-		done += n;
-		for (int i = 0; i < 2 && n > 0; i++) { /* advance the iovecs past n bytes */
-			size_t k = (size_t)n < iov[i].iov_len ? (size_t)n : iov[i].iov_len;
-			iov[i].iov_base = (char *)iov[i].iov_base + k;
-			iov[i].iov_len -= k;
-			n -= k;
+		f->off += n;
+		outq_bytes -= n;
+		if (f->off < f->size)
+			continue;
+		outq_head = f->next;
+		if (!outq_head)
+			outq_tail = NULL;
+		if (f == main_exit_frame) {
+			main_exit_frame = NULL;
+			main_exit_written = 1;
+			end_timer_after_exit();
 		}
+		free(f);
 	}
+}
+
+static struct frame *new_frame(int type, uint16_t id, const void *payload, size_t len)
+{
+	struct frame *f = malloc(sizeof *f + 8 + len);
+	if (!f) {
+		logmsg("out of memory for a frame of %zu bytes (dropped)", len);
+		return NULL;
+	}
+	unsigned char *h = f->data;
+	h[0] = type; h[1] = 0; h[2] = id >> 8; h[3] = id & 0xff;
+	put_be32(h + 4, len);
+	memcpy(h + 8, payload, len);
+	f->next = NULL;
+	f->size = 8 + len;
+	f->off = 0;
+	return f;
+}
+
+static struct frame *enqueue(int type, uint16_t id, const void *payload, size_t len)
+{
+	struct frame *f = new_frame(type, id, payload, len);
+	if (!f)
+		return NULL;
+	if (outq_tail)
+		outq_tail->next = f;
+	else
+		outq_head = f;
+	outq_tail = f;
+	outq_bytes += f->size;
+	return f;
+}
+
+/* Queue one whole frame for the host and write what the port takes now. */
+static void send_frame(int type, uint16_t id, const void *payload, size_t len)
+{
+	enqueue(type, id, payload, len);
+	flush_out();
+}
+
+/* Process output: queued like any frame, except while no host is connected and the queue is
+ * full: then it is dropped (and counted, for the next host's TABLE), so that the processes
+ * never stall on a host that is not there. */
+static void send_output(int type, uint16_t id, const void *payload, size_t len)
+{
+	if (host_gone && outq_bytes >= OUT_LIMIT) {
+		if (id == 1)
+			dropped_main += len;
+		else
+			dropped_other += len;
+		return;
+	}
+	send_frame(type, id, payload, len);
 }
 
 static void send_text(int type, uint16_t id, const char *fmt, ...)
@@ -175,16 +250,29 @@ static void send_text(int type, uint16_t id, const char *fmt, ...)
 	send_frame(type, id, buf, n < 0 ? 0 : (size_t)n >= sizeof buf ? sizeof buf - 1 : (size_t)n);
 }
 
+/* Process 1's EXIT reached the port: the VM ends at its EXIT_ACK or ACK_MS later. Not while
+ * no host is there: the exit code waits for a host that re-attaches (TABLE) and acknowledges. */
+static void end_timer_after_exit(void)
+{
+	if (main_exit_written && !main_acked && !host_gone)
+		end_deadline = uptime_ms() + ACK_MS;
+}
+
 static void send_exit(uint16_t id, int kind, uint32_t value)
 {
 	unsigned char p[5] = { kind };
 	put_be32(p + 1, value);
-	send_frame(T_EXIT, id, p, 5);
+	struct frame *f = enqueue(T_EXIT, id, p, 5);
 	if (id == 1) {
+		memcpy(main_exit_payload, p, 5);
 		main_exit_sent = 1;
-		if (end_deadline < 0)
-			end_deadline = uptime_ms() + ACK_MS;
+		main_exit_frame = f; /* flush_out starts the end timer once it is written */
+		if (!f) {
+			main_exit_written = 1;
+			end_timer_after_exit();
+		}
 	}
+	flush_out();
 }
 
 static struct proc *find_proc(uint16_t id)
@@ -268,8 +356,16 @@ static void unmount_container(void)
 	}
 }
 
+
 static _Noreturn void finish(void)
 {
+	/* What is still queued (an exec's last output and EXIT) goes out if a host takes it soon. */
+	for (int i = 0; i < 20 && outq_head && !host_gone; i++) {
+		struct pollfd pf = { port_fd, POLLOUT, 0 };
+		if (poll(&pf, 1, 50) > 0 && pf.revents & POLLHUP)
+			break;
+		flush_out();
+	}
 	kill_all(SIGKILL);
 	reap_all();
 	if (is_pid1 && !no_poweroff) {
@@ -1326,6 +1422,7 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 	pgids[npgids++ % 64] = pid; /* setsid() in the child makes pid its group id */
 	if (id == 1) {
 		main_started = 1;
+		main_pid = pid;
 		main_stop_signal = stop_signal > 0 && stop_signal < NSIG ? stop_signal : SIGTERM;
 	}
 	if (shutdown_requested) /* a RUN racing a SHUTDOWN loses */
@@ -1418,6 +1515,69 @@ static void begin_shutdown(uint32_t timeout_s)
 			kill_proc(&procs[i], procs[i].id == 1 ? main_stop_signal : SIGTERM);
 }
 
+/* REATTACH from a host that connects to a running VM (a new monitor after the old one died):
+ * answer with TABLE, the processes as they stand at that point of the stream, ahead of every
+ * frame not yet begun, so the host can find where the stream starts making sense again. */
+static void do_reattach(const unsigned char *nonce, size_t len)
+{
+	static const char hex[] = "0123456789abcdef";
+	char text[64 + 128 + MAX_PROCS * 96 + 96];
+	size_t n = 0;
+	if (len < 8 || len > 32) {
+		logmsg("REATTACH: a nonce of %zu bytes (want 8-32): ignored", len);
+		return;
+	}
+	n += snprintf(text + n, sizeof text - n, "nonce=");
+	for (size_t i = 0; i < len; i++) {
+		text[n++] = hex[nonce[i] >> 4];
+		text[n++] = hex[nonce[i] & 15];
+	}
+	n += snprintf(text + n, sizeof text - n, " proto=%d dropped=%llu dropped_other=%llu\n", PROTOCOL,
+		      (unsigned long long)dropped_main, (unsigned long long)dropped_other);
+	dropped_main = dropped_other = 0;
+	/* Process 1's EXIT counts as said if it was written (towards whichever host was there) or
+	 * is the frame being written now, which stays ahead of the TABLE. */
+	struct frame *head = outq_head;
+	int before_table = head && head->off > 0;
+	int exit_said = main_exit_sent && !main_acked &&
+			(main_exit_written || (before_table && head == main_exit_frame));
+	if (exit_said) {
+		unsigned kind = main_exit_payload[0];
+		n += snprintf(text + n, sizeof text - n, "id=1 pid=%d state=exited exit=%u:%u\n", (int)main_pid,
+			      kind, get_be32(main_exit_payload + 1));
+	} else if (main_exit_sent && !main_acked) { /* its slot is free, its EXIT follows the TABLE */
+		n += snprintf(text + n, sizeof text - n, "id=1 pid=%d state=running\n", (int)main_pid);
+	}
+	for (int i = 0; i < MAX_PROCS; i++) {
+		struct proc *p = &procs[i];
+		if (p->used)
+			n += snprintf(text + n, sizeof text - n, "id=%u pid=%d state=%s\n", p->id, (int)p->pid,
+				      p->exec_fd >= 0 ? "starting" : "running");
+	}
+	struct frame *f = new_frame(T_TABLE, 0, text, n < sizeof text ? n : sizeof text - 1);
+	if (!f)
+		return;
+	if (before_table) { /* after the frame being written */
+		f->next = head->next;
+		head->next = f;
+		if (outq_tail == head)
+			outq_tail = f;
+	} else {
+		f->next = outq_head;
+		outq_head = f;
+		if (!outq_tail)
+			outq_tail = f;
+	}
+	outq_bytes += f->size;
+	if (exit_said) { /* written (or about to be) once more, in the TABLE: wait for its ack again */
+		main_exit_written = 1;
+		if (main_exit_frame == head)
+			main_exit_frame = NULL;
+		end_timer_after_exit();
+	}
+	flush_out();
+}
+
 static void dispatch(int type, int flags, uint16_t id, const unsigned char *payload, size_t len)
 {
 	struct proc *p = find_proc(id);
@@ -1445,6 +1605,9 @@ static void dispatch(int type, int flags, uint16_t id, const unsigned char *payl
 	case T_EXIT_ACK:
 		if (id == 1 && main_exit_sent)
 			main_acked = 1;
+		break;
+	case T_REATTACH:
+		do_reattach(payload, len);
 		break;
 	default:
 		logmsg("protocol error: unknown frame type 0x%02x (ignored)", type);
@@ -1478,6 +1641,7 @@ static void read_port(void)
 {
 	ssize_t n = read(port_fd, rbuf + rlen, sizeof rbuf - rlen);
 	if (n > 0) {
+		host_gone = 0;
 		rlen += n;
 		handle_input();
 	} else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
@@ -1485,7 +1649,12 @@ static void read_port(void)
 			logmsg("host closed the connection");
 			finish(); /* nobody can ever collect output: kill everything, exit */
 		}
-		/* virtio-serial: EOF just means no host is attached right now. */
+		/* virtio-serial: EOF just means no host is attached right now. What a host that left
+		 * sent half of is no frame; process 1's unacknowledged exit waits for the next host. */
+		if (!host_gone && main_exit_sent && !main_acked)
+			end_deadline = -1;
+		host_gone = 1;
+		rlen = 0;
 		port_pause_until = uptime_ms() + HUP_BACKOFF_MS;
 	}
 }
@@ -1496,7 +1665,7 @@ static int pump_output(struct proc *p, int *fd, int type)
 	static char buf[OUT_CHUNK];
 	ssize_t n = read(*fd, buf, sizeof buf);
 	if (n > 0) {
-		send_frame(type, p->id, buf, n);
+		send_output(type, p->id, buf, n);
 		return 1;
 	}
 	if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -1660,6 +1829,7 @@ int main(int argc, char **argv)
 			finish();
 		return 1;
 	}
+	set_nonblock(port_fd); /* frames are queued (flush_out): never block on an absent host */
 	send_text(T_READY, 0, "kvmc-agent/%d uptime_ms=%lld", PROTOCOL, (long long)uptime_ms());
 
 	for (;;) {
@@ -1670,7 +1840,7 @@ int main(int argc, char **argv)
 #define WAKE_AT(t) (wake = (wake < 0 || (t) < wake) ? (t) : wake)
 #define WATCH(fd_, ev, p_, w) (pf[n] = (struct pollfd){ fd_, ev, 0 }, who[n].p = p_, who[n++].which = w)
 
-		if (main_exit_sent && (main_acked || now >= end_deadline))
+		if (main_exit_sent && (main_acked || (end_deadline >= 0 && now >= end_deadline)))
 			finish();
 		if (shutdown_requested) {
 			int live = 0;
@@ -1678,9 +1848,9 @@ int main(int argc, char **argv)
 				live += procs[i].used;
 			if (!live && (!main_started || main_acked))
 				finish();
-			if (!live && end_deadline < 0)
+			if (!live && end_deadline < 0 && !(host_gone && main_exit_sent))
 				end_deadline = now + ACK_MS;
-			if (!live && now >= end_deadline)
+			if (!live && end_deadline >= 0 && now >= end_deadline)
 				finish();
 			if (live && !shutdown_killed && now >= shutdown_deadline) {
 				shutdown_killed = 1;
@@ -1692,17 +1862,22 @@ int main(int argc, char **argv)
 			WAKE_AT(end_deadline);
 
 		WATCH(sig_pipe[0], POLLIN, NULL, 0);
-		if (now >= port_pause_until && stdin_queued < STDIN_HIGH)
-			WATCH(port_fd, POLLIN, NULL, 1);
-		else if (now < port_pause_until)
+		if (now >= port_pause_until) {
+			short events = (stdin_queued < STDIN_HIGH ? POLLIN : 0) | (outq_head && !host_gone ? POLLOUT : 0);
+			if (events)
+				WATCH(port_fd, events, NULL, 1);
+		} else {
 			WAKE_AT(port_pause_until);
+		}
+		/* Output waits while the host is slow; without a host it is read and dropped. */
+		int take_output = host_gone || outq_bytes < OUT_LIMIT;
 		for (int i = 0; i < MAX_PROCS; i++) {
 			struct proc *p = &procs[i];
 			if (!p->used)
 				continue;
 			if (p->exec_fd >= 0) WATCH(p->exec_fd, POLLIN, p, 0);
-			if (p->out_fd >= 0) WATCH(p->out_fd, POLLIN, p, 1);
-			if (p->err_fd >= 0) WATCH(p->err_fd, POLLIN, p, 2);
+			if (p->out_fd >= 0 && take_output) WATCH(p->out_fd, POLLIN, p, 1);
+			if (p->err_fd >= 0 && take_output) WATCH(p->err_fd, POLLIN, p, 2);
 			if (p->in_fd >= 0 && p->in_len) WATCH(p->in_fd, POLLOUT, p, 3);
 			if (p->exited)
 				WAKE_AT(p->died_ms + DRAIN_MS);
@@ -1723,7 +1898,15 @@ int main(int argc, char **argv)
 					;
 				reap();
 			} else if (!p) {
-				read_port(); /* POLLHUP alone: read() sees the EOF and backs off */
+				if (pf[i].revents & POLLOUT)
+					flush_out();
+				if (pf[i].revents & (POLLIN | POLLERR) ||
+				    (pf[i].revents & POLLHUP && pf[i].events & POLLIN))
+					read_port(); /* POLLHUP alone: read() sees the EOF and backs off */
+				else if (pf[i].revents & POLLHUP) { /* stdin is full: no read, but no host either */
+					host_gone = 1;
+					port_pause_until = uptime_ms() + HUP_BACKOFF_MS;
+				}
 			} else if (!p->used) {
 				continue; /* finished earlier in this round */
 			} else if (who[i].which == 0) {

@@ -28,6 +28,8 @@ WORKER_THREADS = 512
 """Attach, exec, logs and wait each hold a thread while they stream: the default pool (a few
 threads on this 2-core host) would let six waiting ``docker run -d`` block the seventh."""
 WATCH_INTERVAL_S = 0.25
+REATTACH_EVERY = 8
+"""Every this many watcher rounds (2 s), running containers whose monitor died get a new one."""
 API_KEY = web.AppKey("kvmc_api", object)
 
 
@@ -75,13 +77,18 @@ class Api:
 
     async def _watch(self) -> None:
         """Diff the records a few times a second: every change, whoever made it, is an event.
-        Also reaps the monitors this server started."""
+        Also reaps the monitors this server started, and replaces those that died."""
         state = self.services.host.state
         before = snapshot(await self.call(state.list))
+        rounds = 0
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
+            rounds += 1
             try:
                 self.services.host.reap_children()
+                if rounds % REATTACH_EVERY == 0:  # a monitor that died: its container goes on
+                    for record in await self.call(self.services.containers.reattach_lost):
+                        self.log(f"container {record.name}: its monitor died; a new one re-attached")
                 after = snapshot(await self.call(state.list))
                 for event in diff(before, after, state.tombstone_exit_code):
                     self.publish(event)

@@ -256,6 +256,10 @@ class ContainerService:
         with self.state.locked(record.id):
             return self.state.rename(self.state.load(record.id) or record, new_name)
 
+    def reattach_lost(self) -> list[ContainerRecord]:
+        """Running containers whose monitor died get a new one (kvmc serve's reconcile)."""
+        return self.engine.reattach_lost()
+
     def prune(self) -> list[ContainerRecord]:
         """Remove every stopped container."""
         return self.engine.prune_containers()
@@ -271,7 +275,7 @@ class ContainerService:
         """
         if condition not in WAIT_CONDITIONS:
             raise UsageError(f'invalid condition "{condition}": use one of {", ".join(WAIT_CONDITIONS)}')
-        first = self.state.resolve(ref)
+        first = self.engine.repair(self.state.resolve(ref))  # its monitor died: a new one records the exit
         baseline = (first.finished_at, first.restart_count)
         while not cancelled():
             current = self.state.load(first.id)

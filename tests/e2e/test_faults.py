@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -116,3 +118,47 @@ def test_gc_reclaims_half_created_containers(kvmc: Kvmc) -> None:
     kvmc("gc", "--force", check=True)
     assert not stray_dir.exists() and not stray_name.exists()
     kvmc("run", "--rm", "--name", "half-made", DEFAULT_IMAGE, "true", check=True)  # the name is free again
+
+
+def _monitor_pid(kvmc: Kvmc, ref: str) -> int | None:
+    return _inspect(kvmc, ref)["Kvmc"]["MonitorPid"]
+
+
+def test_a_container_outlives_its_monitor(kvmc: Kvmc) -> None:
+    """kill -9 of the monitor: the VM runs on; while nobody reads it the agent keeps the
+    process going, buffers 1 MiB of output and drops (and counts) the rest; the next command
+    (an exec) starts a monitor that re-attaches; the exit code is still recorded."""
+    burst = 3_000_000
+    script = (f"echo begin; sleep 3; head -c {burst} /dev/zero | tr '\\0' x; echo; echo burst-done; "
+              "while [ ! -e /tmp/go ]; do sleep 0.2; done; echo after; exit 3")
+    kvmc("run", "-d", "--name", "survivor", DEFAULT_IMAGE, "sh", "-c", script, check=True)
+    deadline = time.monotonic() + 60
+    while b"begin" not in kvmc("logs", "survivor").stdout:
+        assert time.monotonic() < deadline, "no output"
+        time.sleep(0.2)
+    old = _monitor_pid(kvmc, "survivor")
+    assert old
+    os.kill(old, signal.SIGKILL)
+    time.sleep(8)  # the burst happens with nobody reading the port
+    listed = kvmc("ps", "--filter", "name=survivor", "--format", "{{.Status}}", check=True).stdout.decode()
+    assert listed.startswith("Up"), listed  # reads show it running, and change nothing
+    assert _monitor_pid(kvmc, "survivor") is None
+
+    done = kvmc("exec", "survivor", "sh", "-c", "touch /tmp/go && echo touched", check=True)
+    assert done.stdout == b"touched\n"
+    new = _monitor_pid(kvmc, "survivor")
+    assert new not in (None, old)
+    assert kvmc("wait", "survivor", check=True).stdout == b"3\n"
+    info = _inspect(kvmc, "survivor")
+    assert info["State"]["ExitCode"] == 3 and not info["State"]["Error"]
+    logs = kvmc("logs", "survivor", check=True)
+    assert logs.stdout.startswith(b"begin\n") and logs.stdout.endswith(b"after\n")
+    kept = logs.stdout.count(b"x")
+    monitor_log = (kvmc.data_dir / "containers" / info["Id"] / "monitor.log").read_text()
+    assert 0 < kept < burst, (kept, monitor_log, logs.stdout[-300:], logs.stderr)  # a buffer's worth kept
+    said = re.search(r"the agent dropped (\d+) bytes of the container's output", monitor_log)
+    assert said and int(said.group(1)) > 0, monitor_log
+    assert b"output lost while kvmc's monitor was away" in logs.stderr
+    print(f"re-attached: kept {kept} of {burst} bytes; {monitor_log.strip().splitlines()[-1]}")
+    kvmc("rm", "survivor", check=True)
+    assert info["Kvmc"]["Domain"] not in kvmc.domains()

@@ -1,4 +1,4 @@
-"""kvmc-agent protocol 2, end to end: the real static agent, a real busybox chroot, real
+"""kvmc-agent protocol 3, end to end: the real static agent, a real busybox chroot, real
 fork/exec, driven through kvmc.agent over a unix socket ("socket mode"). Plus frame
 encoding tests. Needs root (chroot), gcc/make and busybox-static."""
 
@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmc.agent import (
     MAX_PAYLOAD,
@@ -100,7 +102,7 @@ def test_connection_raises_on_bad_frame_from_peer() -> None:
 
 def test_spec_encoding() -> None:
     spec = ProcessSpec(args=["sh", "-c", "x"], env=["A=1"], cwd="/w", user="app", stdin=True, seed=b"\x01\xff")
-    assert spec.encode() == b"proto=2\0arg=sh\0arg=-c\0arg=x\0env=A=1\0cwd=/w\0user=app\0stdin=1\0seed=01ff\0"
+    assert spec.encode() == b"proto=3\0arg=sh\0arg=-c\0arg=x\0env=A=1\0cwd=/w\0user=app\0stdin=1\0seed=01ff\0"
     with pytest.raises(ValueError):
         ProcessSpec(args=[]).encode()
 
@@ -202,7 +204,7 @@ def test_stdout_stderr_separate_and_exit_code(agent: Agent) -> None:
 
 @needs_root
 def test_ready_reports_version(agent: Agent) -> None:
-    assert agent.conn.wait_ready(5).startswith("kvmc-agent/2 uptime_ms=")
+    assert agent.conn.wait_ready(5).startswith("kvmc-agent/3 uptime_ms=")
 
 
 @needs_root
@@ -397,8 +399,8 @@ def test_tty_run_frame_carries_the_flag_and_the_size() -> None:
     for data in sent:
         reader.feed(data)
     tty_run, plain_run, resize = reader.next_frame(), reader.next_frame(), reader.next_frame()
-    assert tty_run == Frame(FrameType.RUN, 3, b"proto=2\0arg=sh\0winsize=40x120\0", RUN_TTY)
-    assert plain_run == Frame(FrameType.RUN, 4, b"proto=2\0arg=sh\0", 0)
+    assert tty_run == Frame(FrameType.RUN, 3, b"proto=3\0arg=sh\0winsize=40x120\0", RUN_TTY)
+    assert plain_run == Frame(FrameType.RUN, 4, b"proto=3\0arg=sh\0", 0)
     assert (resize.type, resize.proc_id, resize.payload) == (FrameType.RESIZE, 3, b"\x00\x32\x00\x84")
     assert parse_resize(resize.payload) == (50, 132)
 
@@ -410,18 +412,18 @@ def test_resize_encoding_clamps_and_rejects_malformed() -> None:
 
 
 def test_host_refuses_another_agent_version() -> None:
-    assert parse_ready(b"kvmc-agent/2 uptime_ms=12") == 12
-    with pytest.raises(AgentProtocolError, match="kvmc-agent/1.*needs kvmc-agent/2"):
-        parse_ready(b"kvmc-agent/1 uptime_ms=12")
+    assert parse_ready(b"kvmc-agent/3 uptime_ms=12") == 12
+    with pytest.raises(AgentProtocolError, match="kvmc-agent/2.*needs kvmc-agent/3"):
+        parse_ready(b"kvmc-agent/2 uptime_ms=12")
 
 
 @needs_root
 def test_agent_refuses_a_protocol_1_host(agent: Agent) -> None:
-    """A RUN without ``proto=2`` (what kvmc of protocol 1 sends) fails its start, clearly."""
+    """A RUN without ``proto`` (what kvmc of protocol 1 sends) fails its start, clearly."""
     agent.conn.send(FrameType.RUN, 1, b"arg=true\0")
     res = attach_process(agent.conn, 1, stdin=None, stdout=io.BytesIO(), stderr=io.BytesIO(), timeout=5)
     assert res.exit_code == 126
-    assert "host speaks kvmc-agent protocol 1 and this guest agent speaks 2" in (res.error or "")
+    assert "host speaks kvmc-agent protocol 1 and this guest agent speaks 3" in (res.error or "")
 
 
 @contextmanager
@@ -530,3 +532,115 @@ def test_detach_keys_end_the_relay_and_leave_the_process_running(agent_bin: Path
         assert res.detached and res.exit_code == -1
         assert a.proc.poll() is None  # the agent and its shell go on
     assert b"lost" not in out.getvalue()
+
+
+# ---------- protocol 3: REATTACH and TABLE ----------
+
+
+def _table_frame(nonce: bytes, body: str = "", head: str = " proto=3 dropped=5 dropped_other=0") -> bytes:
+    return encode_frame(FrameType.TABLE, 0, f"nonce={nonce.hex()}{head}\n{body}".encode())
+
+
+def _reattach_over(stream: bytes, monkeypatch: pytest.MonkeyPatch, body: str = "") -> tuple[object, int, Frame | None]:
+    """AgentConnection.reattach against a peer that first sends ``stream`` (what the old host
+    left in transit), then the TABLE answering the REATTACH, then one STDOUT frame."""
+    nonce = b"\x01" * 16
+    monkeypatch.setattr(os, "urandom", lambda n: nonce[:n])
+    host, guest = socket.socketpair()
+    with AgentConnection(host) as conn:
+        guest.sendall(stream + _table_frame(nonce, body) + encode_frame(FrameType.STDOUT, 1, b"next"))
+        table, skipped = conn.reattach(5)
+        assert guest.recv(100) == encode_frame(FrameType.REATTACH, 0, nonce)
+        guest.close()
+        return table, skipped, conn.read_frame(5)
+
+
+def test_reattach_skips_what_came_before_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half a frame of the old host's, whole frames, and the nonce's text inside output are
+    skipped; the TABLE is read, and the frames after it are the stream."""
+    nonce_text = b"nonce=" + (b"\x01" * 16).hex().encode()
+    before = encode_frame(FrameType.STDOUT, 1, b"y" * 100)[37:] + encode_frame(FrameType.STDOUT, 1, nonce_text)
+    table, skipped, after = _reattach_over(before, monkeypatch, "id=1 pid=42 state=running\nid=3 pid=50 state=starting\n")
+    assert skipped == len(before)
+    assert table.dropped == 5 and sorted(table.processes) == [1, 3]  # type: ignore[attr-defined]
+    assert table.processes[1].state == "running" and table.processes[3].state == "starting"  # type: ignore[attr-defined]
+    assert after == Frame(FrameType.STDOUT, 1, b"next")
+
+
+def test_reattach_reads_an_exit_that_waited_for_a_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    table, skipped, _ = _reattach_over(b"", monkeypatch, "id=1 pid=42 state=exited exit=1:9\n")
+    entry = table.processes[1]  # type: ignore[attr-defined]
+    assert skipped == 0 and (entry.state, entry.exit_code, entry.signal) == ("exited", 137, 9)
+
+
+@pytest.mark.parametrize("payload", [
+    "nonce=00 proto=3\n",                                           # another REATTACH's
+    "nonce={n} proto=2\n",                                          # another protocol
+    "nonce={n} proto=3 dropped=x\n",
+    "nonce={n} proto=3\nid=1 pid=1 state=sleeping\n",
+    "nonce={n} proto=3\nid=2 pid=1 state=exited exit=0:0\n",        # only process 1 waits with its exit
+    "nonce={n} proto=3\nid=1 pid=1 state=exited exit=0:300\n",      # no process exits 300
+    "nonce={n} proto=3\nid=1 pid=1 state=running\nid=1 pid=2 state=running\n",
+    "nonce={n} proto=3\nid=0 pid=1 state=running\n",
+    "nonce={n} proto=3\nid=1 state=running\n",
+    "nonce={n} proto=3\n\xff\n",
+])
+def test_parse_table_refuses_what_the_protocol_cannot_say(payload: str) -> None:
+    from kvmc.agent import parse_table
+
+    nonce = "ab" * 16
+    with pytest.raises(AgentProtocolError):
+        parse_table(payload.format(n=nonce).encode("latin-1"), nonce)
+
+
+def test_a_table_nobody_asked_for_is_a_protocol_error() -> None:
+    from kvmc.agent import ProcessTable
+
+    with pytest.raises(AgentProtocolError, match="unasked"):
+        ProcessTable().check(Frame(FrameType.TABLE, 0, b"nonce=00 proto=3\n"))
+
+
+def test_clients_of_the_monitor_cannot_reattach() -> None:
+    from kvmc.agent import CLIENT_TO_MONITOR
+
+    assert FrameType.REATTACH not in CLIENT_TO_MONITOR
+
+
+@needs_root
+def test_agent_answers_reattach_with_its_processes(agent: Agent) -> None:
+    """The real agent: a second host (here the same socket) asks; the TABLE lists what runs."""
+    agent.conn.wait_ready(5)
+    agent.conn.run(1, ProcessSpec(args=["sleep", "30"]))
+    agent.conn.run(2, ProcessSpec(args=["sleep", "30"]))
+    for _ in range(2):
+        assert agent.conn.read_frame(5).type == FrameType.STARTED  # type: ignore[union-attr]
+    table, skipped = agent.conn.reattach(5)
+    assert skipped == 0 and table.dropped == 0 and table.dropped_other == 0
+    assert {i: e.state for i, e in table.processes.items()} == {1: "running", 2: "running"}
+    assert all(e.pid > 1 for e in table.processes.values())
+    agent.conn.signal(1, signal.SIGKILL)
+    frame = agent.conn.read_frame(5)
+    assert frame is not None and frame.type == FrameType.EXIT and parse_exit(frame.payload) == (137, 9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(before=st.binary(max_size=20000), garbage_after=st.binary(max_size=200))
+def test_reattach_finds_its_table_after_any_bytes(before: bytes, garbage_after: bytes) -> None:
+    """Whatever a dead host left in transit, the host finds its TABLE and everything before it
+    is counted as skipped; the bytes after it are the stream (a later garbage frame is then the
+    reader's business: a protocol error, never a hang or a crash)."""
+    from unittest import mock
+
+    nonce = b"\x07" * 16
+    host, guest = socket.socketpair()
+    with mock.patch.object(os, "urandom", lambda n: nonce[:n]), AgentConnection(host) as conn:
+        guest.sendall(before + _table_frame(nonce, "id=1 pid=9 state=running\n") + garbage_after)
+        table, skipped = conn.reattach(5)
+        assert guest.recv(100)[:1] == bytes([FrameType.REATTACH])
+        guest.close()
+        assert skipped == len(before) and table.processes[1].pid == 9
+        try:
+            while conn.read_frame(1) is not None:
+                pass
+        except (AgentProtocolError, GuestError):
+            pass

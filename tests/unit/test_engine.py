@@ -260,60 +260,99 @@ STATE_CHANGING = ("define", "start", "destroy", "undefine", "forget", "pause", "
                   "create_transient", "human_monitor_command", "qmp")
 
 
-def test_observe_reads_and_repair_writes(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    record, code = env.svc.run(env.opts("sleep", "100", name="orphan", detach=True), None,
-                               io.BytesIO(), io.BytesIO())
-    assert code is None and record.state == State.RUNNING and record.started_at
-    monitor = env.monitor_of(record)
-    os.kill(monitor.pid, signal.SIGKILL)  # the monitor dies; the VM does not notice
-    os.waitpid(monitor.pid, 0)
-    assert env.hv.state(record.domain) == "running"
-    path = env.state.container_dir(record.id) / "record.json"
-    before = (path.read_bytes(), path.stat().st_mtime_ns)
-    domain_file = env.hv.store.path(record.domain)
-    domain_before = domain_file.read_bytes()
-    vm_pids = env.hv.processes(record.domain)
-    stored = env.state.load(record.id)
-    assert stored is not None and stored.state == State.RUNNING and stored.monitor_pid == monitor.pid
-
+def record_state_changes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The FakeHypervisor calls that change a VM, from now on, by name."""
     calls: list[str] = []
     for name in STATE_CHANGING:
         real = getattr(FakeHypervisor, name)
         monkeypatch.setattr(FakeHypervisor, name,
                             lambda self, *a, _n=name, _r=real, **k: (calls.append(_n), _r(self, *a, **k))[1])
+    return calls
 
-    seen = env.engine.observe(stored)
+
+def kill_monitor(env: Env, record: ContainerRecord) -> MonitorProcess:
+    monitor = env.monitor_of(record)
+    os.kill(monitor.pid, signal.SIGKILL)  # the monitor dies; the VM does not notice
+    os.waitpid(monitor.pid, 0)
+    return monitor
+
+
+def test_a_container_outlives_its_monitor(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the monitor: reads show the container running and change nothing; the next
+    command that touches it (an exec) starts a monitor that re-attaches to the agent; the
+    process runs on, its output reaches the log and its exit code is recorded."""
+    script = "echo before; while [ ! -e /dev/shm/go ]; do sleep 0.05; done; echo after; exit 7"
+    record, code = env.svc.run(env.opts("sh", "-c", script, name="orphan", detach=True), None,
+                               io.BytesIO(), io.BytesIO())
+    assert code is None and record.state == State.RUNNING and record.started_at
+    wait_for(lambda: b"before" in env.svc.log_path(record).read_bytes(), why="the first line")
+    old = kill_monitor(env, record)
+    path = env.state.container_dir(record.id) / "record.json"
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    vm_pids = env.hv.processes(record.domain)
+    calls = record_state_changes(monkeypatch)
+
+    seen = env.engine.observe(env.state.load(record.id))
+    assert (seen.state, seen.exit_code, seen.monitor_pid) == (State.RUNNING, None, None)
+    assert [r.name for r in env.svc.list()] == ["orphan"]
+    assert env.svc.inspect("orphan")["State"]["Running"] is True
+    assert calls == [] and (path.read_bytes(), path.stat().st_mtime_ns) == before
+    vm = vm_pids[:3]  # relay, unshare, agent: the "VM" (its sleeps come and go)
+    assert env.hv.processes(record.domain)[:3] == vm
+
+    out = io.BytesIO()
+    assert env.engine.exec("orphan", ProcessOptions(command=["sh", "-c", "touch /dev/shm/go && echo done"]), None,
+                           out, io.BytesIO()) == 0
+    assert out.getvalue() == b"done\n"
+    current = env.state.load(record.id)
+    assert current is not None and current.monitor_pid not in (None, old.pid)
+    assert env.svc.wait("orphan") == 7
+    assert calls.count("destroy") == 0
+    logged = [e.data for e in env.svc.logs("orphan")]
+    assert logged == [b"before\n", b"after\n"]
+    env.wait_monitors()
+    env.svc.remove("orphan")
+    env.nothing_left(tombstones=[record.id])
+
+
+def test_serve_reconcile_gives_orphans_a_monitor_and_stop_works_through_it(env: Env) -> None:
+    """What kvmc serve runs every 2 s: each running container whose monitor died gets one."""
+    record, _ = env.svc.run(env.opts("sleep", "100", name="adopted", detach=True), None, io.BytesIO(), io.BytesIO())
+    env.svc.run(env.opts("sleep", "100", name="fine", detach=True), None, io.BytesIO(), io.BytesIO())
+    old = kill_monitor(env, record)
+    [found] = env.svc.reattach_lost()
+    assert found.id == record.id and found.monitor_pid not in (None, old.pid)
+    assert env.svc.reattach_lost() == []  # one monitor per container, however often it runs
+    env.svc.stop("adopted", timeout_s=1)
+    assert env.svc.get("adopted").exit_code == 143
+    for name in ("adopted", "fine"):
+        env.svc.remove(name, force=True)
+    env.wait_monitors()
+    env.nothing_left(tombstones=[record.id])  # the one that had exited
+
+
+def test_a_container_whose_vm_ended_without_monitor_is_recorded_exited(env: Env,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a container whose VM is really gone is recorded exited (137, the reason): observe
+    says so without writing, repair writes it."""
+    record, _ = env.svc.run(env.opts("sleep", "100", name="gone", detach=True), None, io.BytesIO(), io.BytesIO())
+    kill_monitor(env, record)
+    env.hv.destroy(record.domain)
+    path = env.state.container_dir(record.id) / "record.json"
+    before = path.read_bytes()
+    calls = record_state_changes(monkeypatch)
+    seen = env.engine.observe(env.state.load(record.id))
     assert (seen.state, seen.exit_code, seen.error, seen.monitor_pid) == (State.EXITED, 137, MONITOR_DIED, None)
-    assert seen.finished_at and not seen.is_live
-    assert stored.state == State.RUNNING  # observe returns a copy, the record read stays as it was
-    # Every read of the service observes the same way.
-    assert env.svc.get("orphan").state == State.EXITED
-    assert [(r.name, r.exit_code) for r in env.svc.list(all_=True)] == [("orphan", 137)]
+    assert [(r.name, r.exit_code) for r in env.svc.list(all_=True)] == [("gone", 137)]
     assert env.svc.list() == []
-    info = env.svc.inspect("orphan")
-    assert info["State"]["ExitCode"] == 137 and info["Kvmc"]["VmState"] == "running"
-    assert env.svc.wait("orphan") == 137
-    assert env.engine.published_ports() == {}
-
-    assert calls == []
-    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
-    assert domain_file.read_bytes() == domain_before and env.hv.state(record.domain) == "running"
-    assert env.hv.processes(record.domain) == vm_pids and all(pid_alive(p) for p in vm_pids)
-
-    repaired = env.engine.repair(env.state.load(record.id))
-    assert "destroy" in calls
-    assert env.hv.state(record.domain) == "shutoff" and env.hv.record(record.domain)["last_exit"] == "destroyed"
-    assert env.hv.processes() == [] and not any(pid_alive(p) for p in vm_pids)
+    assert calls == [] and path.read_bytes() == before
+    assert env.svc.wait("gone") == 137  # a command: it repairs
     written = env.state.load(record.id)
     assert written is not None
     assert (written.state, written.exit_code, written.error, written.monitor_pid) == (
         State.EXITED, 137, MONITOR_DIED, None)
-    assert written.finished_at
-    assert repaired.state == State.EXITED
-    assert path.read_bytes() != before[0]
-    # Repaired, it can be removed without force; nothing is left.
-    env.svc.remove("orphan")
-    env.nothing_left(tombstones=[record.id])  # rm keeps the exit code for wait?condition=removed
+    env.svc.remove("gone")
+    env.nothing_left(tombstones=[record.id])
 
 
 def test_observe_of_a_starting_record_without_monitor_is_left_alone(env: Env) -> None:

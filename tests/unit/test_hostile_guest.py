@@ -414,7 +414,7 @@ def test_started_with_a_bad_pid_stops_the_vm_and_the_exec_gets_no_traceback(moni
     raw_frame(FrameType.EXIT, 1, b"\2\0\0\0\0"),              # unknown EXIT kind
     raw_frame(FrameType.EXIT, 1, b"\1\0\0\1\0"),              # signal 256
     raw_frame(FrameType.READY, 0, b"kvmc-agent/9"),           # another protocol
-    raw_frame(FrameType.READY, 3, b"kvmc-agent/2"),           # READY is the VM's
+    raw_frame(FrameType.READY, 3, b"kvmc-agent/3"),           # READY is the VM's
     raw_frame(FrameType.STARTED, 1, b"pid=1"),                # STARTED twice
     raw_frame(FrameType.ERROR, 1, b"started already"),        # ERROR after STARTED
     raw_frame(FrameType.STDERR, 0, b"the VM has no output"),  # frame for id 0
