@@ -22,7 +22,7 @@ APT_PACKAGES=(
     dnsmasq-base iproute2                 # kvmc networks: a DNS server per network namespace, ip
     rsync bash-static git                 # ci/gitlab-local.sh: gitlab-ci-local and its helper image
     # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
-    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils
+    linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils patch
 )
 
 if [ "$(id -u)" -ne 0 ]; then

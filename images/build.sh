@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Build kvmc's guest artefacts into OUTDIR: a kernel, an initramfs with busybox, the kernel's
-# virtio modules in dependency order (if it has any) and the static guest agent, and guest.json
-# naming them with their digests.
+# Build kvmc's guest artefacts into OUTDIR: a kernel, an initramfs with the static guest agent
+# (as /init for kvmc's kernel; after busybox's init script, which loads the kernel's virtio
+# modules in dependency order, for Debian's), and guest.json naming them with their digests.
 #
 #   images/build.sh OUTDIR [--kernel debian|kvmc]
 #
 # --kernel debian (the default): Debian's linux-image-cloud-amd64, extracted with dpkg-deb,
 #   never installed into the host's /boot; virtio drivers are modules loaded by the init.
 # --kernel kvmc: kvmc's own kernel (images/kernel/build.sh, tinyconfig + kvmc.config), built
-#   into OUTDIR/kernel/ with everything built in: the initramfs has no modules and its
-#   modules.load is empty.
+#   into OUTDIR/kernel/ with everything built in: the initramfs is the agent alone (/init).
 #
 # The build is cached: it is skipped when the inputs (kernel package version or kernel build
 # digest, agent source, init script, this script) hash to the digest in OUTDIR/inputs.sha256.
@@ -82,10 +81,18 @@ make -s -C "$here/agent" OUT="$work" >/dev/null
 
 echo "==> assembling the initramfs"
 root="$work/initramfs"
-mkdir -p "$root"/{bin,dev,proc,sys,newroot,lib/modules}
-cp /bin/busybox "$root/bin/busybox"
-cp "$here/initramfs/init" "$root/init"
+mkdir -p "$root"/{dev,proc,sys,newroot}
 cp "$work/kvmc-agent" "$root/kvmc-agent"
+if [ "$flavour" = kvmc ]; then
+    # The agent is /init itself (kvmc-agent --init, run as PID 1 with no arguments): no
+    # busybox, no shell. Measured under TCG: ~70 ms less boot, a third of the initramfs.
+    ln -s kvmc-agent "$root/init"
+else
+    # Debian's kernel: busybox insmods the virtio modules, then execs `kvmc-agent --init`.
+    mkdir -p "$root"/{bin,lib/modules}
+    cp /bin/busybox "$root/bin/busybox"
+    cp "$here/initramfs/init" "$root/init"
+fi
 # Dependency order: modules.dep lists "mod: deps..." with the deepest dependency last.
 moddir="$work/kernel/lib/modules/$kver"
 declare -A seen=()
@@ -103,13 +110,13 @@ for m in "${modules[@]+"${modules[@]}"}"; do
     [ -n "$path" ] || { echo "images/build.sh: module $m not in $kver_pkg" >&2; exit 1; }
     add_module "$path"
 done
-: > "$root/modules.load"
+[ "$flavour" = kvmc ] || : > "$root/modules.load"
 for path in "${order[@]+"${order[@]}"}"; do
     cp "$moddir/$path" "$root/lib/modules/$(basename "$path")"
     basename "$path" >> "$root/modules.load"
 done
-# kvmc's kernel gets the cpio uncompressed: QEMU loads 3 MB as fast as 1.5 MB, while gunzip
-# under TCG costs the guest ~45 ms of boot. Debian's (with its modules) stays gzip-compressed.
+# kvmc's kernel gets the cpio uncompressed: QEMU loads 1 MB as fast as 0.5 MB, while gunzip
+# under TCG costs the guest boot time (~45 ms when busybox was in it). Debian's (with its modules) stays gzip-compressed.
 compress="gzip -1"
 [ "$flavour" = kvmc ] && compress=cat
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | $compress > "$work/initramfs.img"

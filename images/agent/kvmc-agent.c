@@ -906,11 +906,12 @@ fail:
 	return -1;
 }
 
-/* "@SERIAL": the virtio-blk disk whose /sys/block/vdX/serial reads SERIAL. */
-static int find_disk(const char *serial, char *dev, size_t devlen)
+/* "@SERIAL": the virtio-blk disk whose /sys/block/vdX/serial reads SERIAL; polled every 20 ms,
+ * up to `tries` times (a disk can still be probing when the agent looks). */
+static int find_disk(const char *serial, char *dev, size_t devlen, int tries)
 {
 	char path[300], buf[64];
-	for (int try = 0; try < 50; try++) { /* probed before the agent runs; covers a slow probe */
+	for (int try = 0; try < tries; try++) {
 		DIR *d = opendir("/sys/block");
 		struct dirent *e;
 		int found = 0;
@@ -1055,7 +1056,7 @@ static _Noreturn void setup_child(struct run_spec *s, const char *host_addr, int
 		*c1 = *c2 = *c3 = 0;
 		*m = (struct mount_item){ .fstype = s->mounts[i], .source = c1 + 1, .options = c2 + 1,
 					  .target = c3 + 1 };
-		if (m->source[0] == '@' && !find_disk(m->source + 1, m->dev, sizeof m->dev))
+		if (m->source[0] == '@' && !find_disk(m->source + 1, m->dev, sizeof m->dev, 50))
 			child_fail(efd, 126, "mount %s (%s %s): no disk with serial %s", m->target, m->fstype,
 				   m->source, m->source + 1);
 	}
@@ -1783,11 +1784,109 @@ static int open_port(const char *port_path, const char *port_name)
 	return -1;
 }
 
+/* ---------- --init: the agent as the initramfs's /init (kvmc's own kernel) ---------- */
+
+#define ROOT_SERIAL "kvmc-root"   /* kvmc/domain.py ROOT_SERIAL: the container's root disk */
+#define INIT_ROOT "/newroot"
+#define INIT_PORT "org.kvmc.agent"
+
+/* Ends the VM from init before the agent loop runs (no disk, a probe boot). */
+static _Noreturn void init_end(void)
+{
+	sync();
+	reboot(exit_by_reboot ? RB_AUTOBOOT : RB_POWER_OFF);
+	for (;;)
+		pause();
+}
+
+static void init_mount(const char *src, const char *target, const char *type, unsigned long flags,
+		       const char *data)
+{
+	mkdir(target, 0755);
+	if (mount(src, target, type, flags, data) < 0)
+		logmsg("init: mount %s on %s: %s", type, target, strerror(errno));
+}
+
+/* Whether the kernel command line has WORD (a whole, space-separated word). */
+static int cmdline_has(const char *cmdline, const char *word)
+{
+	size_t n = strlen(word);
+	for (const char *p = cmdline; (p = strstr(p, word)); p += n)
+		if ((p == cmdline || p[-1] == ' ') && (p[n] == ' ' || p[n] == '\n' || !p[n]))
+			return 1;
+	return 0;
+}
+
+/*
+ * What images/initramfs/init did with busybox, in C: measured under TCG, the shell init (exec of
+ * busybox, its applet symlinks, two greps, a mount per fork) cost ~125 ms of every boot and
+ * busybox itself 2 MB of initramfs to unpack. Mount /proc, /sys, /dev; read how this VM ends
+ * (kvmc.exit=reboot) and whether it is the accel probe (kvmc.probe) from the command line; find
+ * the root disk by its serial (virtio-mmio probe order need not follow the domain XML), mount it
+ * on /newroot with what docker gives every container (proc, sys, dev, pts, shm); bring up lo.
+ * Debian's kernel still starts from the busybox script (it must insmod its virtio modules
+ * first), which then execs `kvmc-agent --init`.
+ */
+static void init_guest(void)
+{
+	init_mount("proc", "/proc", "proc", 0, NULL);
+	init_mount("sysfs", "/sys", "sysfs", 0, NULL);
+	init_mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+	/* The kernel found no /dev/console in the initramfs: give stdio the console now. */
+	if (fcntl(1, F_GETFD) < 0 || fcntl(2, F_GETFD) < 0) {
+		int fd = open("/dev/console", O_RDWR);
+		for (int i = 0; fd >= 0 && i <= 2; i++)
+			if (fcntl(i, F_GETFD) < 0)
+				dup2(fd, i);
+		if (fd > 2)
+			close(fd);
+	}
+	char cmdline[4096] = "";
+	int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0) {
+		ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
+		cmdline[n > 0 ? n : 0] = 0;
+		close(fd);
+	}
+	if (cmdline_has(cmdline, "kvmc.exit=reboot"))
+		exit_by_reboot = 1;
+	if (cmdline_has(cmdline, "kvmc.probe")) { /* kvmc/accel.py: this kernel reaches user space */
+		printf("KVMC-PROBE-OK\n");
+		fflush(stdout);
+		init_end();
+	}
+	char dev[64];
+	if (!find_disk(ROOT_SERIAL, dev, sizeof dev, 250)) {
+		logmsg("init: no root disk (virtio-blk serial %s)", ROOT_SERIAL);
+		init_end();
+	}
+	mkdir(INIT_ROOT, 0755);
+	if (mount(dev, INIT_ROOT, "ext4", MS_NOATIME, NULL) < 0) {
+		logmsg("init: cannot mount rootfs %s: %s", dev, strerror(errno));
+		init_end();
+	}
+	init_mount("proc", INIT_ROOT "/proc", "proc", 0, NULL);
+	init_mount("sysfs", INIT_ROOT "/sys", "sysfs", 0, NULL);
+	init_mount("devtmpfs", INIT_ROOT "/dev", "devtmpfs", 0, NULL);
+	init_mount("devpts", INIT_ROOT "/dev/pts", "devpts", 0, "newinstance,ptmxmode=0666");
+	init_mount("shm", INIT_ROOT "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+	struct ifreq ifr = { .ifr_name = "lo" };
+	int sk = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sk < 0 || ioctl(sk, SIOCGIFFLAGS, &ifr) < 0 ||
+	    (ifr.ifr_flags |= IFF_UP | IFF_RUNNING, ioctl(sk, SIOCSIFFLAGS, &ifr) < 0))
+		logmsg("init: lo up: %s", strerror(errno));
+	if (sk >= 0)
+		close(sk);
+}
+
 int main(int argc, char **argv)
 {
 	const char *port_path = NULL, *port_name = NULL;
+	/* The kernel starts /init (this binary, in kvmc's initramfs) as PID 1 with no arguments. */
+	int init = getpid() == 1 && argc == 1;
 	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
+		if (!strcmp(argv[i], "--init")) init = 1;
+		else if (!strcmp(argv[i], "--root") && i + 1 < argc) root = argv[++i];
 		else if (!strcmp(argv[i], "--port") && i + 1 < argc) port_path = argv[++i];
 		else if (!strcmp(argv[i], "--port-name") && i + 1 < argc) port_name = argv[++i];
 		else if (!strcmp(argv[i], "--no-poweroff")) no_poweroff = 1;
@@ -1798,9 +1897,18 @@ int main(int argc, char **argv)
 			return 0;
 		} else {
 			fprintf(stderr, "usage: kvmc-agent --root DIR (--port-name NAME | --port SOCKET) "
-					"[--no-poweroff] [--exit-by-reboot] | --version\n");
+					"[--no-poweroff] [--exit-by-reboot] | --init [--exit-by-reboot] | --version\n");
 			return 2;
 		}
+	}
+	if (init) {
+		if (getpid() != 1) {
+			fprintf(stderr, "kvmc-agent: --init only as PID 1 of the guest\n");
+			return 2;
+		}
+		init_guest();
+		root = INIT_ROOT;
+		port_name = INIT_PORT;
 	}
 	if (!port_path == !port_name) {
 		fprintf(stderr, "kvmc-agent: give exactly one of --port-name and --port\n");

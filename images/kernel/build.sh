@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Build kvmc's own guest kernel into OUTDIR: `make tinyconfig` + images/kernel/kvmc.config,
 # everything built in, from Debian's linux-source-6.1 package (never sources from elsewhere).
+# Applies images/kernel/patches/*.patch (patch -p1, in name order) to the unpacked source.
 # Writes OUTDIR/bzImage, OUTDIR/vmlinux (uncompressed ELF with the PVH entry note),
 # OUTDIR/config and OUTDIR/kernel.release.
 #
 # Installs nothing itself. Needs these apt packages (ci/setup-host.sh installs them):
-#   linux-source-6.1 gcc make bc bison flex libelf-dev libssl-dev xz-utils
+#   linux-source-6.1 gcc make patch bc bison flex libelf-dev libssl-dev xz-utils
 #
-# Cached: skipped when sha256(fragment + this script + linux-source package version) equals
+# Cached: skipped when sha256(fragment + patches + this script + linux-source package version) equals
 # OUTDIR/inputs.sha256. KVMC_KERNEL_BUILD_DIR keeps the build tree there (for iterating on the
 # fragment: an existing tree of the same source version is reused, so make rebuilds
 # incrementally); by default a temporary directory is used and removed.
@@ -21,13 +22,16 @@ tarball=/usr/src/linux-source-6.1.tar.xz
 
 die() { echo "images/kernel/build.sh: $*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null || die "$1 is missing: run 'make setup' (apt-get install $2)"; }
-need gcc gcc; need make make; need bc bc; need bison bison; need flex flex; need xz xz-utils
+need gcc gcc; need make make; need patch patch; need bc bc; need bison bison; need flex flex; need xz xz-utils
 [ -f /usr/include/libelf.h ] || die "libelf.h is missing: run 'make setup' (apt-get install libelf-dev)"
 [ -f /usr/include/openssl/ssl.h ] || die "openssl headers are missing: run 'make setup' (apt-get install libssl-dev)"
 [ -f "$tarball" ] || die "$tarball is missing: run 'make setup' (apt-get install $src_pkg)"
 src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null) || die "$src_pkg is not installed"
 
-inputs=$( { echo "$src_pkg $src_ver"; cat "$fragment" "$here/build.sh"; } | sha256sum | cut -d' ' -f1)
+patches=("$here"/patches/*.patch)
+[ -e "${patches[0]}" ] || patches=()
+patches_sum=$(cat "${patches[@]+"${patches[@]}"}" </dev/null | sha256sum | cut -d' ' -f1)
+inputs=$( { echo "$src_pkg $src_ver"; cat "$fragment" "$here/build.sh" "${patches[@]+"${patches[@]}"}"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] \
         && [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
     echo "kvmc kernel up to date in $out"
@@ -43,11 +47,16 @@ else
 fi
 start=$(date +%s)
 tree="$work/linux-source-6.1"
-if [ ! -f "$work/source.version" ] || [ "$(cat "$work/source.version")" != "$src_ver" ] || [ ! -d "$tree" ]; then
+# A kept tree is reused only if it is the same source with the same patches applied.
+if [ ! -f "$work/source.version" ] || [ "$(cat "$work/source.version")" != "$src_ver patches=$patches_sum" ] || [ ! -d "$tree" ]; then
     echo "==> unpacking $tarball ($src_pkg $src_ver)"
-    rm -rf "$tree"
+    rm -rf "$tree" "$work/source.version"
     tar -xf "$tarball" -C "$work"
-    echo "$src_ver" > "$work/source.version"
+    for p in "${patches[@]+"${patches[@]}"}"; do
+        echo "==> applying $(basename "$p")"
+        patch -s -p1 -d "$tree" < "$p"
+    done
+    echo "$src_ver patches=$patches_sum" > "$work/source.version"
 fi
 
 # ARCH=x86_64 so that tinyconfig starts from a 64-bit base (ARCH=x86 would give i386).
