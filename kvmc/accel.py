@@ -64,7 +64,7 @@ def probe_kvm(hv: Hypervisor, guest: GuestArtefacts, work_dir: Path, templates_d
     spec = VMSpec(
         name=name, uuid=str(uuid.uuid4()), container_id="probe", container_name="accel-probe",
         domain_type="kvm", memory_mib=128, vcpus=1, kernel=guest.kernel, initrd=guest.initramfs,
-        console_log=console, extra_cmdline=("kvmc.probe",), tsc_khz=host_tsc_khz(),
+        console_log=console, extra_cmdline=(*guest.cmdline, "kvmc.probe"), tsc_khz=host_tsc_khz(),
         acpi=guest.acpi,
     )
     try:

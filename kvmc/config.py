@@ -78,6 +78,11 @@ class Config:
     # (a host directory shared by virtiofs: any number of running containers, as CI jobs and
     # their services share a build volume). kvmc/volumes.py.
     volume_driver: str = "kvmc-ext4"
+    # TCG's translation cache per VM in MiB (QEMU's -accel tcg,tb-size; 0: QEMU's own default,
+    # up to 1 GiB as the guest runs more code). A small cache makes idle containers cheap (an
+    # idle template clone used ~16 MiB of it; bench/density.py) at the price of
+    # retranslating when a busy guest fills it; docs/platform.md, "Density".
+    tcg_tb_cache_mib: int = 0
 
     @property
     def images_dir(self) -> Path:
@@ -125,6 +130,8 @@ class Config:
             raise UsageError(f"invalid volume_driver {self.volume_driver!r}: choose one of {', '.join(VOLUME_DRIVERS)}")
         if self.memory_mib < 64:
             raise UsageError(f"memory {self.memory_mib} MiB is too small: a kvmc VM needs at least 64 MiB")
+        if self.tcg_tb_cache_mib < 0:
+            raise UsageError(f"tcg_tb_cache_mib must be 0 (QEMU's default) or more, not {self.tcg_tb_cache_mib}")
         if self.cpus < 1:
             raise UsageError(f"cpus must be at least 1, not {self.cpus}")
         if self.auto_pool_kind not in AUTO_POOL_KINDS:

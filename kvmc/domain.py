@@ -151,6 +151,8 @@ class VMSpec:
     # itself (microvm auto-kernel-cmdline) and the guest ends the VM by reset (on_reboot=destroy).
     # Which one a guest kernel boots with is recorded in its guest.json (GuestArtefacts.acpi).
     acpi: bool = True
+    tcg_tb_cache_mib: int = 0
+    """TCG's translation cache in MiB (config key tcg_tb_cache_mib); 0: QEMU's default."""
     template_memory: TemplateMemory | None = None
     """Guest RAM in a template's file (kvmc/pool/template.py): shared for the template, private for a clone."""
     incoming_defer: bool = False
@@ -167,7 +169,7 @@ class VMSpec:
 
     @property
     def cmdline(self) -> str:
-        return kernel_cmdline(self.tsc_khz, self.extra_cmdline, acpi=self.acpi)
+        return kernel_cmdline(self.tsc_khz, self.extra_cmdline, acpi=self.acpi, tcg=self.domain_type == "qemu")
 
     @property
     def shared_memory(self) -> bool:
@@ -204,7 +206,7 @@ def container_vm(
     *, name: str, uuid: str, container_id: str, container_name: str, directory: Path, agent_socket: Path,
     image_disk: Path, guest: GuestArtefacts, domain_type: str, memory_mib: int, vcpus: int, state_root: str,
     network: bool = True, volume_disks: tuple[tuple[Path, bool], ...] = (), shares: tuple[ShareSpec, ...] = (),
-    network_taps: tuple[str, ...] = (),
+    network_taps: tuple[str, ...] = (), tcg_tb_cache_mib: int = 0,
 ) -> VMSpec:
     """The VM of one container, its files in ``directory`` (overlay, console log).
 
@@ -234,7 +236,8 @@ def container_vm(
         kernel=guest.kernel, initrd=guest.initramfs, console_log=directory / "console.log",
         disks=disks, channels=[ChannelSpec(socket=agent_socket)], network=network, shares=list(shares),
         nics=[NicSpec(tap=tap, mac=defined_mac(i)) for i, tap in enumerate(network_taps)],
-        tsc_khz=host_tsc_khz(), state_root=state_root, acpi=guest.acpi,
+        tsc_khz=host_tsc_khz(), state_root=state_root, acpi=guest.acpi, extra_cmdline=guest.cmdline,
+        tcg_tb_cache_mib=tcg_tb_cache_mib,
     )
 
 
@@ -249,7 +252,7 @@ def host_tsc_khz(cpuinfo: Path = CPUINFO) -> int | None:
     return None
 
 
-def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = (), acpi: bool = True) -> str:
+def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = (), acpi: bool = True, tcg: bool = False) -> str:
     """The guest kernel command line; every word is there for a reason given beside it."""
     words = [
         "console=ttyS0",  # the serial console log: boot failures are readable there
@@ -259,9 +262,18 @@ def kernel_cmdline(tsc_khz: int | None, extra: tuple[str, ...] = (), acpi: bool 
         "i8042.noaux",  # microvm has no PS/2 controller: skip probing for one
         "i8042.nokbd",
         "random.trust_cpu=on",  # RDRAND seeds the RNG at once: no wait for entropy
+        # Keep the SMP lock prefixes: patching them out on a 1-vCPU guest took 44-50 ms of
+        # every boot under TCG (and is wrong for a guest that gets more vCPUs anyway).
+        "noreplace-smp",
     ]
     if tsc_khz:
         words.append(f"tsc_early_khz={tsc_khz}")
+    if tcg:
+        # Under TCG the clocksource watchdog compares the TSC (host time) with jiffies (timer
+        # interrupts, late whenever the host is busy), declares the TSC unstable and falls back
+        # to refined-jiffies: no high-resolution timers, no tickless idle, so every idle guest
+        # took a timer interrupt 250 times a second for ever (docs/platform.md, "Density").
+        words.append("tsc=reliable")
     if not acpi:
         # Without ACPI the guest cannot power off, only halt: init and agent end the VM with a
         # reset instead, which on_reboot=destroy turns into the end of the domain.

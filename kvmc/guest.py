@@ -29,6 +29,9 @@ class GuestArtefacts:
     flavour: str = "debian"
     # Whether VMs booting this kernel get ACPI (VMSpec.acpi); see docs/platform.md.
     acpi: bool = True
+    # Words this kernel wants on its command line (guest.json "cmdline", written by
+    # images/build.sh), e.g. kvmc's kernel is told the local APIC timer's rate.
+    cmdline: tuple[str, ...] = ()
 
     @property
     def digest(self) -> str:
@@ -52,6 +55,7 @@ def load_guest(directory: Path) -> GuestArtefacts:
             kernel_release=meta.get("kernel_release", "unknown"),
             flavour=meta.get("kernel_flavour", "debian"),
             acpi=bool(meta.get("acpi", True)),
+            cmdline=tuple(str(word) for word in meta.get("cmdline", [])),
         )
     except (ValueError, KeyError) as exc:
         raise GuestError(f"{manifest} is unreadable ({exc})", hint=BUILD_HINT) from exc

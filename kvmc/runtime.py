@@ -280,7 +280,7 @@ class Runtime:
                 agent_socket=Path(record.agent_socket), image_disk=image.disk_path, guest=guest,
                 domain_type=accel.domain_type, memory_mib=memory_mib, vcpus=cpus,
                 state_root=str(self.config.data_dir), network=network == "user", **self._storage_devices(mounts),
-                network_taps=tuple(ep.tap for ep in endpoints),
+                network_taps=tuple(ep.tap for ep in endpoints), tcg_tb_cache_mib=self.config.tcg_tb_cache_mib,
             )
             xml = render_domain_xml(spec, self.config.templates_dir)
             (directory / "domain.xml").write_text(xml)
@@ -411,6 +411,7 @@ class Runtime:
             domain_type=type_match.group(1), memory_mib=updated.memory_mib, vcpus=updated.cpus,
             state_root=str(self.config.data_dir), network=updated.network == "user",
             **self._storage_devices(updated.mounts), network_taps=tuple(ep.tap for ep in updated.networks),
+            tcg_tb_cache_mib=self.config.tcg_tb_cache_mib,
         )
         xml = render_domain_xml(spec, self.config.templates_dir)
         self.hv.define(xml)

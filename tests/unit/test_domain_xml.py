@@ -223,7 +223,7 @@ def test_cpu_host_passthrough_only_for_kvm():
     kvm = render(make_spec("kvm"))
     assert kvm.find("cpu").get("mode") == "host-passthrough"
     tcg = render(make_spec("qemu"))
-    assert tcg.find("cpu") is None
+    assert tcg.find("cpu").get("mode") == "custom"  # qemu64 + ARAT, see below
 
 
 def test_lifecycle_actions_all_destroy(domain_type):
@@ -418,3 +418,40 @@ def test_network_nics_are_unmanaged_taps_after_the_user_mode_nic(domain_type):
         assert nic.find("model").get("type") == "virtio"
         assert nic.find("address").get("type") == "virtio-mmio"
     assert render(make_spec(domain_type, network=True)).findall("devices/interface[@type='ethernet']") == []
+
+
+def test_tcg_guests_trust_the_tsc():
+    # Under TCG the clocksource watchdog would drop the TSC for refined-jiffies: no tickless idle.
+    assert "tsc=reliable" in render(make_spec("qemu")).findtext("os/cmdline").split()
+    assert "tsc=reliable" not in render(make_spec("kvm")).findtext("os/cmdline").split()
+    assert "noreplace-smp" in render(make_spec("kvm")).findtext("os/cmdline").split()
+
+
+def test_the_guest_kernels_own_cmdline_words_and_tcg_cpu() -> None:
+    from kvmc.domain import container_vm
+    from kvmc.guest import GuestArtefacts
+
+    guest = GuestArtefacts(kernel=KERNEL, initramfs=INITRD, kernel_sha256="k", initramfs_sha256="i",
+                           agent_sha256="a", kernel_release="6.1", cmdline=("lapic_timer_khz=1000000",))
+    spec = container_vm(
+        name="kvmc-x", uuid="6f1c3f5e-8a5b-4c1e-9d2e-0f3a4b5c6d7e", container_id="c" * 64, container_name="n",
+        directory=OVERLAY.parent, agent_socket=SOCKET, image_disk=BASE, guest=guest, domain_type="qemu",
+        memory_mib=256, vcpus=1, state_root="/var/lib/kvmc",
+    )
+    root = render(spec)
+    assert "lapic_timer_khz=1000000" in root.findtext("os/cmdline").split()
+    # TCG: qemu64 plus ARAT, or the guest's only timer stops in idle and it never goes tickless.
+    assert root.find("cpu").get("mode") == "custom"
+    assert root.findtext("cpu/model") == "qemu64"
+    assert root.find("cpu/feature[@name='arat']").get("policy") == "require"
+
+
+def test_tcg_translation_cache_size_only_when_set_and_only_for_tcg():
+    assert render(make_spec("qemu")).find("features/tcg") is None
+    tcg = render(make_spec("qemu", tcg_tb_cache_mib=4))
+    assert tcg.find("features/tcg/tb-cache").text == "4"
+    assert tcg.find("features/tcg/tb-cache").get("unit") == "MiB"
+    assert tcg.find("features/acpi") is not None
+    assert render(make_spec("kvm", tcg_tb_cache_mib=4)).find("features/tcg") is None
+    no_acpi = render(make_spec("qemu", tcg_tb_cache_mib=4, acpi=False))
+    assert no_acpi.find("features/acpi") is None and no_acpi.find("features/tcg/tb-cache") is not None
