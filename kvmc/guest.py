@@ -15,6 +15,13 @@ from kvmc.errors import GuestError
 BUILD_HINT = 'build it with "make guest" (images/build.sh DIR)'
 
 
+VM_SHAPE = "s2"
+"""Bumped whenever kvmc/domain.py or templates/domain.xml.j2 change a VM's CPU or devices in a way
+a saved VM cannot be restored (or a template cloned) across: libvirt refuses a restore whose CPU
+or devices differ, so pool members and templates of the old shape must turn stale (s2: qemu64
+with ARAT under TCG, a virtio-serial controller with 2 ports)."""
+
+
 @dataclass(frozen=True)
 class GuestArtefacts:
     """The kernel and initramfs every kvmc VM boots, as recorded in guest.json."""
@@ -35,8 +42,9 @@ class GuestArtefacts:
 
     @property
     def digest(self) -> str:
-        """One short digest for the whole guest, for cache keys."""
-        return f"{self.kernel_sha256[:16]}-{self.initramfs_sha256[:16]}"
+        """One short digest for the whole guest, for cache keys (pool members and templates,
+        the accel probe's verdict), including the VM shape the guest runs in."""
+        return f"{self.kernel_sha256[:16]}-{self.initramfs_sha256[:16]}-{VM_SHAPE}"
 
 
 def load_guest(directory: Path) -> GuestArtefacts:

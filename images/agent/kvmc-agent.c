@@ -96,6 +96,7 @@ static int port_fd = -1, socket_mode, no_poweroff, is_pid1;
 /* --exit-by-reboot: end the VM with reboot(RB_AUTOBOOT), which the domain turns into destroy
  * (on_reboot=destroy). Without ACPI a guest cannot power the machine off, only halt it. */
 static int exit_by_reboot;
+static int boot_debug; /* kvmc.debug on the kernel command line: boot timestamps on the console */
 static int sig_pipe[2] = { -1, -1 };
 static int64_t port_pause_until;             /* device mode HUP backoff */
 static int main_started, main_exit_sent, main_acked;
@@ -1139,6 +1140,8 @@ static int setup_container(struct run_spec *s, char *err, size_t errlen)
 	}
 	if (s->net && (parse_net(s->net, &net, err, errlen) < 0 || config_net(&net, err, errlen) < 0))
 		return -1;
+	if (boot_debug)
+		logmsg("container setup: network done at %lld ms uptime", (long long)uptime_ms());
 	if (!s->nmounts && !s->ndns && !s->readonly_root && !s->net && !s->nnetifs && !s->nhosts && !s->ndns_search &&
 	    !s->ndns_options)
 		return 0;
@@ -1358,10 +1361,14 @@ static void do_run(uint16_t id, int flags, const unsigned char *payload, size_t 
 		logmsg("RUN %u: mount, readonly_root, net and dns apply to process 1 only: ignored", id);
 	} else if (setup) {
 		char why[600];
+		int64_t setup_ms = uptime_ms();
 		if (setup_container(&s, why, sizeof why) < 0) {
 			run_failed(id, why);
 			goto done;
 		}
+		if (boot_debug)
+			logmsg("RUN %u: container setup from %lld to %lld ms uptime", id, (long long)setup_ms,
+			       (long long)uptime_ms());
 	}
 	if (s.tty) {
 		/* One stream, as docker's TTY: the master is read as stdout, written as stdin (a
@@ -1829,6 +1836,7 @@ static int cmdline_has(const char *cmdline, const char *word)
  */
 static void init_guest(void)
 {
+	int64_t init_start_ms = uptime_ms();
 	init_mount("proc", "/proc", "proc", 0, NULL);
 	init_mount("sysfs", "/sys", "sysfs", 0, NULL);
 	init_mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
@@ -1850,6 +1858,10 @@ static void init_guest(void)
 	}
 	if (cmdline_has(cmdline, "kvmc.exit=reboot"))
 		exit_by_reboot = 1;
+	/* kvmc.debug: the agent's own boot timestamps on the console (bench/boot_profile.py). */
+	boot_debug = cmdline_has(cmdline, "kvmc.debug");
+	if (boot_debug)
+		logmsg("init: started at %lld ms uptime", (long long)init_start_ms);
 	if (cmdline_has(cmdline, "kvmc.probe")) { /* kvmc/accel.py: this kernel reaches user space */
 		printf("KVMC-PROBE-OK\n");
 		fflush(stdout);
@@ -1877,6 +1889,8 @@ static void init_guest(void)
 		logmsg("init: lo up: %s", strerror(errno));
 	if (sk >= 0)
 		close(sk);
+	if (boot_debug)
+		logmsg("init: root mounted, lo up at %lld ms uptime", (long long)uptime_ms());
 }
 
 int main(int argc, char **argv)
