@@ -97,18 +97,26 @@ def main() -> None:
         kvmc("pool", "warm", "--template", "-m", args.memory, args.image)
     t0 = time.perf_counter()
     try:
+        failures: list[str] = []
+
         def start(name: str) -> bool:
-            return kvmc("run", "-d", "--name", name, "-m", args.memory, *pool_args, args.image,
-                        "sleep", "1000000", check=False).returncode == 0
+            proc = kvmc("run", "-d", "--name", name, "-m", args.memory, *pool_args, args.image,
+                        "sleep", "1000000", check=False)
+            if proc.returncode != 0:
+                failures.append(f"{name}: {proc.stderr.strip()[-300:]}")
+            return proc.returncode == 0
 
         with ThreadPoolExecutor(args.parallel) as ex:
-            started = sum(ex.map(start, names))
+            up = [name for name, ok in zip(names, ex.map(start, names)) if ok]
+        started = len(up)
         start_s = time.perf_counter() - t0
+        for failure in failures[:3]:
+            print(f"start failed: {failure}", file=sys.stderr)
         time.sleep(args.settle)
         with ThreadPoolExecutor(args.parallel) as ex:
-            answering = sum(ex.map(lambda n: kvmc("exec", n, "true", check=False).returncode == 0, names))
+            answering = sum(ex.map(lambda n: kvmc("exec", n, "true", check=False).returncode == 0, up))
 
-        records = [json.loads(kvmc("inspect", *names, check=False).stdout or "[]")][0]
+        records = json.loads(kvmc("inspect", *up).stdout) if up else []
         by_domain = qemu_pids()
         facts = [r.get("Kvmc", {}) for r in records]
         qemus = [by_domain[f["Domain"]] for f in facts if f.get("Domain") in by_domain]
