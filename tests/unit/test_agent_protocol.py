@@ -645,6 +645,7 @@ def test_reattach_finds_its_table_after_any_bytes(before: bytes, garbage_after: 
         except (AgentProtocolError, GuestError):
             pass
 
+
 def test_init_mode_only_as_pid_1(agent_bin: Path) -> None:
     # --init mounts over /proc, /sys and /dev: outside a guest (not PID 1) it must refuse.
     res = subprocess.run([str(agent_bin), "--init"], capture_output=True, text=True)
