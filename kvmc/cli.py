@@ -45,6 +45,9 @@ app.add_typer(system_app, name="system")
 pool_app = typer.Typer(help="Pools of pre-booted, saved VMs (or VM templates) that 'run' restores (or "
                        "clones) instead of booting.", **_PLAIN)
 app.add_typer(pool_app, name="pool")
+host_app = typer.Typer(help="Container hosts as cattle: disposable VMs running their own Docker Engine, reached "
+                       "through a DOCKER_HOST socket.", **_PLAIN)
+app.add_typer(host_app, name="host")
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                      signal.SIGWINCH)
@@ -1011,6 +1014,77 @@ def system_prune(
         typer.echo(f"Deleted container: {name}")
     for image in deleted:
         typer.echo(f"Deleted image: {image}")
+
+
+@host_app.command("create")
+def host_create(
+    name: str = typer.Argument(..., help="Host name: letters, digits and _.-"),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Named volume for /var/lib/docker (created if "
+                                        "missing): images and build cache outlive the host."),
+    memory: Optional[str] = typer.Option(None, "-m", "--memory", help="VM memory, e.g. 2g (default 1g)."),
+    cpus: Optional[str] = typer.Option(None, "--cpus", help="Number of vCPUs (default from config: 1)."),
+    ttl: Optional[str] = typer.Option(None, "--ttl", help="Lifetime (e.g. 30m, 2h): 'kvmc host gc' removes the "
+                                      "host after it."),
+) -> None:
+    """Boot a host running Docker Engine, wait until the engine answers, and print its DOCKER_HOST
+    (a unix socket only you can use, forwarded over SSH) as the last line."""
+    from kvmc.options import parse_duration
+
+    record = _services().hosts.create(
+        name, cache=cache, memory_mib=parse_memory(memory) if memory else None,
+        cpus=parse_cpus(cpus) if cpus else None, ttl_s=parse_duration(ttl, "--ttl") if ttl else None,
+        progress=lambda m: typer.echo(m, err=True))
+    typer.echo(record.docker_host)
+
+
+@host_app.command("ls")
+def host_ls() -> None:
+    """List hosts: name, state, DOCKER_HOST, cache volume, age, TTL."""
+    import time
+
+    from kvmc.views import human_duration
+
+    now = time.time()
+    typer.echo(f"{'NAME':<20}{'STATE':<14}{'DOCKER_HOST':<44}{'CACHE':<16}{'AGE':<14}TTL")
+    for view in _services().hosts.list():
+        r = view.record
+        ttl = "-" if r.ttl_s is None else ("expired" if r.expired(now) else
+                                           f"{human_duration(r.created + r.ttl_s - now)} left")
+        typer.echo(f"{r.name:<20}{view.state:<14}{r.docker_host:<44}{r.cache or '-':<16}"
+                   f"{human_duration(now - r.created):<14}{ttl}")
+
+
+@host_app.command("ssh", context_settings={"allow_interspersed_args": False})
+def host_ssh(
+    name: str = typer.Argument(..., help="Host name."),
+    command: Optional[List[str]] = typer.Argument(None, help="Command to run (default: an interactive shell)."),
+) -> None:
+    """Run a command (or a shell) as root in a host, over SSH with its own key."""
+    import shlex
+
+    raise typer.Exit(_services().hosts.ssh(name, shlex.join(command) if command else None))
+
+
+@host_app.command("rm")
+def host_rm(names: List[str] = typer.Argument(..., help="Host names.")) -> None:
+    """Remove hosts: VM, forwarder, keys and socket (a cache volume stays)."""
+    _report_each(for_each(names, lambda n: _services().hosts.remove(n).name))
+
+
+@host_app.command("gc")
+def host_gc() -> None:
+    """Remove hosts past their TTL and what a crash left (unfinished creates, stopped VMs,
+    host VMs or sockets with no host)."""
+    for what in _services().hosts.gc():
+        typer.echo(f"removed {what}")
+
+
+@host_app.command("build")
+def host_build(force: bool = typer.Option(False, "--force", help="Rebuild even if up to date.")) -> None:
+    """Build the image kvmc/docker-host from Debian packages (mmdebstrap), unless the stored one
+    was built from the same package versions."""
+    image = _services().hosts.build_image(force=force, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(f"{', '.join(image.tags)}: {image.id}")
 
 
 DEFAULT_API_SOCKET = "unix:///run/kvmc/docker.sock"

@@ -39,6 +39,12 @@ def _default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "kvmc"
 
 
+def _default_cache_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/kvmc")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmc"
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a kvmc command may need to know about the host and its defaults."""
@@ -46,6 +52,9 @@ class Config:
     data_dir: Path = field(default_factory=_default_data_dir)
     # Unix sockets live here, not in data_dir: their paths must stay under 108 bytes.
     run_dir: Path = field(default_factory=_default_run_dir)
+    # Build results any state root on this machine may reuse (the kvmc/docker-host OCI layout,
+    # keyed by its inputs): outside data_dir, so a fresh state root imports instead of rebuilding.
+    cache_dir: Path = field(default_factory=_default_cache_dir)
     libvirt_uri: str = "qemu:///system"
     accel: str = "auto"
     memory_mib: int = 256

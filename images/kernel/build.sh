@@ -7,6 +7,7 @@
 #
 # Installs nothing itself. Needs these apt packages (ci/setup-host.sh installs them):
 #   linux-source-6.1 gcc make patch bc bison flex libelf-dev libssl-dev xz-utils
+# and downloads (never installs) docker.io for moby's check-config.sh, run on the .config.
 #
 # Cached: skipped when sha256(fragment + patches + this script + linux-source package version) equals
 # OUTDIR/inputs.sha256. KVMC_KERNEL_BUILD_DIR keeps the build tree there (for iterating on the
@@ -81,6 +82,30 @@ done < "$fragment"
 if [ ${#lost[@]} -gt 0 ]; then
     printf 'images/kernel/build.sh: option lost in the final .config: %s\n' "${lost[@]}" >&2
     exit 1
+fi
+
+# moby's contrib/check-config.sh, as Debian's docker.io (the engine kvmc/docker-host runs)
+# ships it, must pass on this .config: a kernel that lacks what it calls "generally necessary"
+# gives `kvmc host` a dockerd whose containers have no network. Taken from the package with
+# apt-get download + dpkg-deb (never installed). The script also looks at the machine it runs on
+# (its cgroup mounts, AppArmor), which says nothing about the guest: a non-zero exit fails the
+# build when a CONFIG_ of the "Generally Necessary" section (or overlayfs, overlay2's) is
+# missing, and is reported as a note when only the build machine's own state is to blame.
+echo "==> moby check-config.sh (docker.io) on the .config"
+(cd "$work" && apt-get download -q docker.io >/dev/null 2>&1) || die "apt-get download docker.io failed (for check-config.sh)"
+dpkg-deb --fsys-tarfile "$work"/docker.io_*.deb | tar -x -C "$work" ./usr/share/docker.io/contrib/check-config.sh
+rm -f "$work"/docker.io_*.deb
+if ! NO_COLOR=1 bash "$work/usr/share/docker.io/contrib/check-config.sh" "$tree/.config" > "$work/check-config.log" 2>&1; then
+    plain=$(sed 's/\x1b\[[0-9;]*m//g' "$work/check-config.log")
+    necessary_missing=$(echo "$plain" | sed -n '/^Generally Necessary:/,/^Optional Features:/p' | grep -E 'CONFIG_[A-Z0-9_]+: missing' || true)
+    storage_missing=
+    echo "$plain" | grep -q 'CONFIG_OVERLAY_FS: enabled' || storage_missing="CONFIG_OVERLAY_FS: missing (overlay2)"
+    if [ -n "$necessary_missing$storage_missing" ]; then
+        echo "$necessary_missing$storage_missing" >&2
+        die "moby's check-config.sh: the kernel config lacks what dockerd needs (see above)"
+    fi
+    echo "note: check-config.sh exits non-zero only for this build machine's own state:" \
+         "$(echo "$plain" | sed -n '/^Generally Necessary:/,/^Optional Features:/p' | grep -v 'CONFIG_' | grep -iE 'missing|nonexistent|single' | tr '\n' ' ')"
 fi
 
 echo "==> make -j$(nproc) bzImage"

@@ -16,6 +16,7 @@ Modules, one resource each (as moby's routers/backends and podman's ContainerEng
 * ``networks``   - create, list, inspect (with containers), connect, disconnect, rm (refusing networks in use), prune
 * ``pools``      - warm, list, remove, gc of pool members and templates
 * ``system``     - info, disk usage, prune, gc
+* ``hosts``      - ``kvmc host``: disposable VMs running Docker Engine (create, ls, ssh, rm, gc)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kvmc.context import HostContext
 from kvmc.service.containers import ContainerService
 from kvmc.service.execs import ExecService
 from kvmc.service.files import FileService
+from kvmc.service.hosts import HostService
 from kvmc.service.images import ImageService
 from kvmc.service.networks import NetworkService
 from kvmc.service.pools import PoolService
@@ -32,7 +34,7 @@ from kvmc.service.reports import ItemReport, for_each
 from kvmc.service.system import SystemService
 from kvmc.service.volumes import VolumeService
 
-__all__ = ["ContainerService", "ExecService", "FileService", "ImageService", "NetworkService", "ItemReport", "PoolService", "Services", "SystemService",
+__all__ = ["ContainerService", "ExecService", "FileService", "HostService", "ImageService", "NetworkService", "ItemReport", "PoolService", "Services", "SystemService",
            "VolumeService", "for_each"]
 
 
@@ -52,6 +54,7 @@ class Services:
         self.pools = PoolService(host)
         self.networks = NetworkService(self.engine)
         self.system = SystemService(self.engine)
+        self.hosts = HostService(self.containers, self.images, self.volumes)
 
     @classmethod
     def for_config(cls, config: Config, **host_options: object) -> Services:
