@@ -15,6 +15,7 @@ already depends on paramiko).
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
@@ -29,6 +30,10 @@ from paramiko.common import cMSG_CHANNEL_OPEN, DEFAULT_MAX_PACKET_SIZE, DEFAULT_
 from paramiko.message import Message
 
 GUEST_DOCKER_SOCKET = "/var/run/docker.sock"
+# paramiko logs a failed attempt (sshd not up yet while a host boots) with a traceback through
+# logging's last-resort handler; kvmc reports its own errors, so paramiko's go nowhere.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+logging.getLogger("paramiko").propagate = False
 CHUNK = 65536
 
 

@@ -330,9 +330,15 @@ class HostService:
             pass
         Path(record.socket).unlink(missing_ok=True)
         shutil.rmtree(self._dir(record.name), ignore_errors=True)
+        try:  # this state root's socket directory, once its last host is gone
+            self.sockets.rmdir()
+        except OSError:
+            pass
 
     def gc(self, now: float | None = None) -> list[str]:
-        """Remove hosts past their TTL and a crash's leftovers; what was removed, as words."""
+        """Remove hosts past their TTL and a crash's leftovers (hosts whose create died or whose VM
+        is gone or stopped, host containers and forwarders without a host, stray sockets); what
+        was removed, as words."""
         now = time.time() if now is None else now
         removed = []
         for view in self.list():
@@ -348,11 +354,32 @@ class HostService:
             if owner and owner not in known:
                 self.containers.remove(container.id, force=True)
                 removed.append(f"container {container.name} (no host record)")
+        for pid, sock_path in _forwarder_processes(self.sockets):
+            if Path(sock_path).stem not in known:
+                os.kill(pid, signal.SIGTERM)
+                removed.append(f"forwarder {pid} ({sock_path})")
         for sock in self.sockets.glob("*.sock") if self.sockets.is_dir() else []:
             if sock.stem not in known:
                 sock.unlink(missing_ok=True)
                 removed.append(f"socket {sock}")
         return removed
+
+
+def _forwarder_processes(sockets: Path) -> list[tuple[int, str]]:
+    """(pid, socket) of every running forwarder (kvmc/sshfwd.py) serving a socket in ``sockets``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "kvmc.sshfwd" in [a.decode(errors="replace") for a in argv[1:3]] and len(argv) > 3:
+            sock = argv[3].decode(errors="replace")
+            if Path(sock).parent == sockets:
+                found.append((int(proc.name), sock))
+    return found
 
 
 def _make_key_pair(path: Path) -> str:

@@ -124,3 +124,19 @@ def test_host_lifecycle_with_cache(kvmc: Kvmc, host_image: str, tmp_path: Path, 
     leftovers = [p for p in sock.parent.iterdir()] if sock.parent.exists() else []
     assert leftovers == [], leftovers
     assert not [p for p in os.listdir(kvmc.data_dir / "containers") if p != "names"]
+
+
+def test_engine_that_does_not_come_up(kvmc: Kvmc, host_image: str) -> None:
+    # A cache whose overlay2 directory is a file: dockerd cannot start its storage driver.
+    kvmc("volume", "create", "badcache", check=True)
+    kvmc("run", "--rm", "-v", "badcache:/d", "kvmc/busybox", "sh", "-c", "echo not-a-dir > /d/overlay2", check=True)
+    proc = kvmc("host", "create", "hbad", "--cache", "badcache", timeout=900)
+    assert proc.returncode != 0
+    err = proc.stderr.decode()
+    assert "host hbad: its VM stopped before Docker Engine answered; the log ends:" in err, err
+    assert "failed to start daemon: error initializing graphdriver" in err, err
+    assert "Traceback" not in err
+    assert not (_hosts_dir(kvmc) / "hbad").exists()
+    assert not kvmc.domains()
+    assert "hbad" not in kvmc("host", "ls", check=True).stdout.decode()
+    kvmc("volume", "rm", "badcache", check=True)
