@@ -2,7 +2,8 @@
 
 Two host boots in all (the guest is heavy under TCG): the first host loads an image, runs
 nested containers on the engine's bridge and on a user network (by name, over veth + bridge +
-netfilter in kvmc's kernel), builds an image onto its cache volume and is removed; the second,
+netfilter in kvmc's kernel), publishes a port inside, reaches this machine's loopback through
+the VM's NAT, builds an image onto its cache volume and is removed; the second,
 on the same cache, runs the built image without building and is then collected by `host gc`
 once past its TTL. Bad input (unknown host, a cache in use) costs no boot. The image
 kvmc/docker-host comes from the machine's layout cache that "make setup" filled
@@ -11,10 +12,14 @@ kvmc/docker-host comes from the machine's layout cache that "make setup" filled
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import stat
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,6 +48,30 @@ def _hosts_dir(kvmc: Kvmc) -> Path:
 def _forwarders(socket: Path) -> list[str]:
     out = subprocess.run(["pgrep", "-af", "kvmc.sshfwd"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(socket) in line]
+
+
+@contextmanager
+def _loopback_http_server(body: bytes) -> Iterator[int]:
+    """An HTTP server on 127.0.0.1 answering ``body``; its port."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_unknown_host_is_an_error(kvmc: Kvmc) -> None:
@@ -92,6 +121,20 @@ def test_host_lifecycle_with_cache(kvmc: Kvmc, host_image: str, tmp_path: Path, 
                      "for i in $(seq 30); do wget -q -O - http://web:8080/ && exit 0; sleep 1; done; exit 1",
                      timeout=300, check=True).stdout.decode()
     assert "hello-from-web" in out
+
+    # -p inside the nested engine, and outbound NAT through the VM: a server on this machine's
+    # loopback, reached as slirp's 10.0.2.2 from a nested container on the default bridge.
+    run_docker(env, "run", "-d", "-p", "8081:8080", "test/bb:1", "sh", "-c",
+               "mkdir -p /www && echo published > /www/index.html && exec httpd -f -p 8080 -h /www",
+               timeout=300, check=True)
+    out = run_docker(env, "run", "--rm", "--network", "host", "test/bb:1", "sh", "-c",
+                     "for i in $(seq 30); do wget -q -O - http://127.0.0.1:8081/ && exit 0; sleep 1; done; exit 1",
+                     timeout=300, check=True).stdout.decode()
+    assert "published" in out
+    with _loopback_http_server(b"from-the-machine") as port:
+        out = run_docker(env, "run", "--rm", "test/bb:1", "wget", "-q", "-O", "-", f"http://10.0.2.2:{port}/",
+                         timeout=300, check=True).stdout.decode()
+    assert out == "from-the-machine"
 
     context = tmp_path / "ctx"
     context.mkdir()
