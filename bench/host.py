@@ -9,7 +9,7 @@ host with --cache is always a cold boot (see docs: a saved VM has no volume disk
 virtio-mmio has no hotplug to add one after the restore). The builds run `FROM` an image loaded
 with `docker load`, on host 1 and then on host 2 over the same cache volume.
 
---kernel-cost BASE_DIR HOST_DIR: median guest uptime at process start of `kvmc run IMAGE true`
+--kernel-cost BASE_DIR HOST_DIR: median and minimum guest uptime at process start of `kvmc run IMAGE true`
 (an ordinary busybox container) on two guest directories, e.g. /var/lib/kvmc/guest-kvmc (no host
 block) and a build with it; ratio HOST/BASE (target <= 1.05: the issue's 5 %).
 
@@ -102,7 +102,10 @@ def uptime_ms(kvmc: Kvmc, image: str) -> float:
     record = json.loads(kvmc("inspect", name)[1])
     kvmc("rm", "-f", name)
     record = record[0] if isinstance(record, list) else record
-    return float(record["guest_uptime_ms"])
+    uptime = record.get("guest_uptime_ms") or (record.get("Kvmc") or {}).get("GuestUptimeMs")
+    if uptime is None:
+        sys.exit(f"no guest uptime in `kvmc inspect {name}`")
+    return float(uptime)
 
 
 def main() -> None:
@@ -134,13 +137,16 @@ def main() -> None:
                 k("image", "build-default")
                 uptime_ms(k, "kvmc/busybox")  # warm-up: accel probe, page cache
             ups: dict[str, list[float]] = {"base": [], "host": []}
-            for _ in range(args.runs):  # alternate, so host noise hits both alike
-                ups["base"].append(uptime_ms(base, "kvmc/busybox"))
-                ups["host"].append(uptime_ms(host, "kvmc/busybox"))
-            b, h = statistics.median(ups["base"]), statistics.median(ups["host"])
-            rows += [(f"guest uptime at process start, {Path(base_dir).name}", b / 1000, 1.0, "-"),
-                     (f"guest uptime at process start, {Path(host_dir).name}", h / 1000, h / b,
-                      f"<= {TARGETS['kernel']}")]
+            for i in range(args.runs):  # alternate (and swap who goes first), so host noise hits both alike
+                for key in (("base", "host") if i % 2 == 0 else ("host", "base")):
+                    ups[key].append(uptime_ms(base if key == "base" else host, "kvmc/busybox"))
+            # Median and minimum: under TCG the guest's clock runs with the host's load, and the
+            # minimum is the figure other VMs on a shared machine disturb least.
+            for stat_name, stat in (("median", statistics.median), ("min", min)):
+                b, h = stat(ups["base"]), stat(ups["host"])
+                rows += [(f"uptime at process start ({stat_name}), {Path(base_dir).name}", b / 1000, 1.0, "-"),
+                         (f"uptime at process start ({stat_name}), {Path(host_dir).name}", h / 1000, h / b,
+                          f"<= {TARGETS['kernel']}")]
     finally:
         for sub in ("engine", "kbase", "khost"):
             if (root / sub).exists():
