@@ -11,6 +11,7 @@ setup:                       ## install packages, start libvirtd, build guest + 
 guest:                       ## (re)build the guest kernel, initramfs and agent only
 	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest --kernel debian
 	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest-kvmc --kernel kvmc
+	images/build.sh $${KVMC_DATA_DIR:-/var/lib/kvmc}/guest-kvmc-host --kernel kvmc-host
 
 demo: setup                  ## boot the default image in a microVM and run a command in it
 	$(KVMC) run --rm kvmc/busybox -- sh -c 'echo "hello from $$(hostname), a microVM running $$(uname -sr)"; cat /proc/cpuinfo | grep -m1 "model name"'

@@ -134,6 +134,9 @@ chmod 0755 "$KVMC_DATA_DIR"
 images/build.sh "$KVMC_DATA_DIR/guest" --kernel debian
 # kvmc's own kernel (config key `kernel: kvmc`); compiled once, then cached (a few minutes).
 images/build.sh "$KVMC_DATA_DIR/guest-kvmc" --kernel kvmc
+# kvmc host's flavour: the same kernel with netfilter, bridge, veth... (images/kernel/kvmc-host.config),
+# checked by moby's check-config.sh during the build; a second compile of a few minutes, cached.
+images/build.sh "$KVMC_DATA_DIR/guest-kvmc-host" --kernel kvmc-host
 
 echo "==> default image"
 .venv/bin/kvmc image build-default >/dev/null

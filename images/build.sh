@@ -3,19 +3,21 @@
 # (as /init for kvmc's kernel; after busybox's init script, which loads the kernel's virtio
 # modules in dependency order, for Debian's), and guest.json naming them with their digests.
 #
-#   images/build.sh OUTDIR [--kernel debian|kvmc]
+#   images/build.sh OUTDIR [--kernel debian|kvmc|kvmc-host]
 #
 # --kernel debian (the default): Debian's linux-image-cloud-amd64, extracted with dpkg-deb,
 #   never installed into the host's /boot; virtio drivers are modules loaded by the init.
 # --kernel kvmc: kvmc's own kernel (images/kernel/build.sh, tinyconfig + kvmc.config), built
 #   into OUTDIR/kernel/ with everything built in: the initramfs is the agent alone (/init).
+# --kernel kvmc-host: the same with kvmc-host.config on top (netfilter, bridge, veth...: what
+#   Docker Engine needs), the kernel of `kvmc host` VMs only.
 #
 # The build is cached: it is skipped when the inputs (kernel package version or kernel build
 # digest, agent source, init script, this script) hash to the digest in OUTDIR/inputs.sha256.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-usage="usage: images/build.sh OUTDIR [--kernel debian|kvmc]"
+usage="usage: images/build.sh OUTDIR [--kernel debian|kvmc|kvmc-host]"
 out=${1:?$usage}
 shift
 flavour=debian
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
         *) echo "$usage" >&2; exit 2 ;;
     esac
 done
-case $flavour in debian|kvmc) ;; *) echo "images/build.sh: unknown kernel '$flavour' ($usage)" >&2; exit 2 ;; esac
+case $flavour in debian|kvmc|kvmc-host) ;; *) echo "images/build.sh: unknown kernel '$flavour' ($usage)" >&2; exit 2 ;; esac
 kpkg=${KVMC_KERNEL_PACKAGE:-linux-image-cloud-amd64}
 # Which of kvmc's kernel images the guest boots: vmlinux (QEMU enters it at its PVH entry point,
 # no decompression) or bzImage (boot protocol + gzip decompressor). See docs/platform.md.
@@ -41,9 +43,9 @@ modules=(virtio_mmio virtio_blk virtio_console virtio_net virtio-rng virtiofs)
 need() { command -v "$1" >/dev/null || { echo "images/build.sh: $1 is missing: run 'make setup' (apt-get install $2)" >&2; exit 1; }; }
 need dpkg-deb dpkg; need cpio cpio; need depmod kmod; need gcc gcc; need /bin/busybox busybox-static
 
-if [ "$flavour" = kvmc ]; then
+if [ "$flavour" != debian ]; then
     # The kernel build has its own cache (images/kernel/build.sh); its digest is our input.
-    "$here/kernel/build.sh" "$out/kernel"
+    "$here/kernel/build.sh" "$out/kernel" $( [ "$flavour" = kvmc-host ] && echo --host )
     kver_pkg=kvmc-kernel
     kver_deb="$(cat "$out/kernel/inputs.sha256") $kvmc_image acpi=$kvmc_acpi"
     acpi=$kvmc_acpi
@@ -123,7 +125,7 @@ done
 # kvmc's kernel gets the cpio uncompressed: QEMU loads 1 MB as fast as 0.5 MB, while gunzip
 # under TCG costs the guest boot time (~45 ms when busybox was in it). Debian's (with its modules) stays gzip-compressed.
 compress="gzip -1"
-[ "$flavour" = kvmc ] && compress=cat
+[ "$flavour" != debian ] && compress=cat
 (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | $compress > "$work/initramfs.img"
 
 if [ "$flavour" = debian ]; then

@@ -24,6 +24,8 @@ AUTO_POOL_KINDS = ("clone", "hot")
 """What kvmc serve's automatic pools keep: clone (hot template clones: one template per image
 and size, its clones waiting paused) or hot (hot members: each restored from its own save
 file, waiting paused)."""
+# `kvmc host` VMs boot kvmc's kernel with the host fragment (images/kernel/kvmc-host.config).
+HOST_GUEST_SUBDIR = "guest-kvmc-host"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,6 +66,9 @@ class Config:
     # guest_dir, when set, overrides the directory whatever the kernel.
     kernel: str = "kvmc"
     guest_dir: Path | None = None
+    # The guest of `kvmc host` VMs (netfilter, bridge, veth for Docker Engine): data_dir/
+    # guest-kvmc-host unless set.
+    host_guest_dir: Path | None = None
     templates_dir: Path = REPO_ROOT / "templates"
     # After a run claims a pool member, warm a replacement in the background (kvmc pool warm).
     pool_refill: bool = False
@@ -127,6 +132,10 @@ class Config:
         from kvmc.process import size_bytes
 
         return size_bytes(value, "auto_pool_budget") / (1 << 20)
+
+    @property
+    def host_guest_artefacts_dir(self) -> Path:
+        return self.host_guest_dir or self.data_dir / HOST_GUEST_SUBDIR
 
     def validate(self) -> Config:
         if self.accel not in ACCEL_CHOICES:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from kvmc.config import Config
@@ -101,8 +102,11 @@ class HostContext:
         if self.verbose:
             self.notice(message)
 
-    def guest(self) -> GuestArtefacts:
-        """The guest artefacts, read once per process (create, accel and pool all need them)."""
+    def guest(self, directory: Path | str | None = None) -> GuestArtefacts:
+        """The guest artefacts, read once per process (create, accel and pool all need them);
+        ``directory``: another guest's (a container's own, ContainerRecord.guest_dir)."""
+        if directory:
+            return load_guest(Path(directory))
         if self._guest is None:
             self._guest = load_guest(self.config.guest_artefacts_dir)
         return self._guest

@@ -129,6 +129,9 @@ class RunOptions:
     pull: str | None = None
     """docker's --pull (missing | always | never), for the service layer; None: never pull."""
     platform: str | None = None
+    guest_dir: Path | None = None
+    """Boot these guest artefacts instead of the configured ones (``kvmc host``); never pooled:
+    pool members and templates are made with the configured guest."""
 
 
 def pool_source(offer: Offer | None) -> str:
@@ -202,7 +205,9 @@ class Runtime:
         if endpoints and cold_reason is None:
             cold_reason = (f"network {endpoints[0].network} needs a NIC of its own, which pool members and "
                            "templates are not made with")
-        guest = self.host.guest()
+        if opts.guest_dir is not None and cold_reason is None:
+            cold_reason = f"it boots the guest in {opts.guest_dir}, and pool members are made with the configured one"
+        guest = self.host.guest(opts.guest_dir)
         accel = self.host.accel(opts.accel)
         self.host.say(f"accelerator: {accel.accel} ({accel.reason})")
         self.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -259,7 +264,7 @@ class Runtime:
             stdin_once=docker.stdin_once, entrypoint=docker.entrypoint, cmd=docker.cmd,
             stop_signal=docker.stop_signal or image.config.stop_signal, stop_timeout=docker.stop_timeout,
             log_opts=log_opts,
-            options=options,
+            options=options, guest_dir=str(opts.guest_dir or ""),
         )
         try:
             self.state.save(record)
@@ -407,7 +412,7 @@ class Runtime:
         spec = container_vm(
             name=updated.domain, uuid=uuid_match.group(1), container_id=updated.id, container_name=updated.name,
             directory=directory, agent_socket=Path(updated.agent_socket),
-            image_disk=self.images.get(updated.image_id).disk_path, guest=self.host.guest(),
+            image_disk=self.images.get(updated.image_id).disk_path, guest=self.host.guest(updated.guest_dir),
             domain_type=type_match.group(1), memory_mib=updated.memory_mib, vcpus=updated.cpus,
             state_root=str(self.config.data_dir), network=updated.network == "user",
             **self._storage_devices(updated.mounts), network_taps=tuple(ep.tap for ep in updated.networks),

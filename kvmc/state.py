@@ -152,6 +152,9 @@ class ContainerRecord:
     """Stopped (or killed) by a user: unless-stopped containers stay down at ``system boot``."""
     health: Health | None = None
     """State.Health while a health check runs (kvmc/health.py), kept after the container ends."""
+    guest_dir: str = ""
+    """Guest artefacts this container boots when not the configured ones (a ``kvmc host``: the
+    kvmc-host kernel flavour); empty: the configuration's."""
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

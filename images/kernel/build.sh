@@ -2,22 +2,30 @@
 # Build kvmc's own guest kernel into OUTDIR: `make tinyconfig` + images/kernel/kvmc.config,
 # everything built in, from Debian's linux-source-6.1 package (never sources from elsewhere).
 # Applies images/kernel/patches/*.patch (patch -p1, in name order) to the unpacked source.
+# --host: the host flavour (kvmc host's VMs, which run Docker Engine): kvmc-host.config merged
+# after kvmc.config, and moby's check-config.sh must pass on the result.
 # Writes OUTDIR/bzImage, OUTDIR/vmlinux (uncompressed ELF with the PVH entry note),
 # OUTDIR/config and OUTDIR/kernel.release.
 #
 # Installs nothing itself. Needs these apt packages (ci/setup-host.sh installs them):
 #   linux-source-6.1 gcc make patch bc bison flex libelf-dev libssl-dev xz-utils
-# and downloads (never installs) docker.io for moby's check-config.sh, run on the .config.
+# and, for --host, downloads (never installs) docker.io for moby's check-config.sh.
 #
-# Cached: skipped when sha256(fragment + patches + this script + linux-source package version) equals
+# Cached: skipped when sha256(fragments + patches + this script + linux-source package version) equals
 # OUTDIR/inputs.sha256. KVMC_KERNEL_BUILD_DIR keeps the build tree there (for iterating on the
 # fragment: an existing tree of the same source version is reused, so make rebuilds
 # incrementally); by default a temporary directory is used and removed.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: images/kernel/build.sh OUTDIR}
-fragment="$here/kvmc.config"
+out=${1:?usage: images/kernel/build.sh OUTDIR [--host]}
+fragments=("$here/kvmc.config")
+host_flavour=false
+case ${2:-} in
+    --host) host_flavour=true; fragments+=("$here/kvmc-host.config") ;;
+    "") ;;
+    *) echo "usage: images/kernel/build.sh OUTDIR [--host]" >&2; exit 2 ;;
+esac
 src_pkg=linux-source-6.1
 tarball=/usr/src/linux-source-6.1.tar.xz
 
@@ -32,7 +40,7 @@ src_ver=$(dpkg-query -W -f='${Version}' "$src_pkg" 2>/dev/null) || die "$src_pkg
 patches=("$here"/patches/*.patch)
 [ -e "${patches[0]}" ] || patches=()
 patches_sum=$(cat "${patches[@]+"${patches[@]}"}" </dev/null | sha256sum | cut -d' ' -f1)
-inputs=$( { echo "$src_pkg $src_ver"; cat "$fragment" "$here/build.sh" "${patches[@]+"${patches[@]}"}"; } | sha256sum | cut -d' ' -f1)
+inputs=$( { echo "$src_pkg $src_ver"; cat "${fragments[@]}" "$here/build.sh" "${patches[@]+"${patches[@]}"}"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out/inputs.sha256" ] && [ "$(cat "$out/inputs.sha256")" = "$inputs" ] \
         && [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
     echo "kvmc kernel up to date in $out"
@@ -62,9 +70,9 @@ fi
 
 # ARCH=x86_64 so that tinyconfig starts from a 64-bit base (ARCH=x86 would give i386).
 kmake() { make -s -C "$tree" ARCH=x86_64 "$@"; }
-echo "==> tinyconfig + $(basename "$fragment")"
+echo "==> tinyconfig + $(for f in "${fragments[@]}"; do basename "$f"; done | paste -sd+)"
 kmake tinyconfig >/dev/null
-(cd "$tree" && ARCH=x86_64 scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null)
+(cd "$tree" && ARCH=x86_64 scripts/kconfig/merge_config.sh -m .config "${fragments[@]}" >/dev/null)
 kmake olddefconfig >/dev/null
 
 # Every line of the fragment must be in the final .config: a symbol whose dependencies are not
@@ -78,7 +86,7 @@ while IFS= read -r line; do
             sym=${line#\# }; sym=${sym%% *}
             ! grep -q "^$sym=" "$tree/.config" || lost+=("$line (final: $(grep "^$sym=" "$tree/.config"))") ;;
     esac
-done < "$fragment"
+done < <(cat "${fragments[@]}")
 if [ ${#lost[@]} -gt 0 ]; then
     printf 'images/kernel/build.sh: option lost in the final .config: %s\n' "${lost[@]}" >&2
     exit 1
@@ -91,6 +99,7 @@ fi
 # (its cgroup mounts, AppArmor), which says nothing about the guest: a non-zero exit fails the
 # build when a CONFIG_ of the "Generally Necessary" section (or overlayfs, overlay2's) is
 # missing, and is reported as a note when only the build machine's own state is to blame.
+if $host_flavour; then
 echo "==> moby check-config.sh (docker.io) on the .config"
 (cd "$work" && apt-get download -q docker.io >/dev/null 2>&1) || die "apt-get download docker.io failed (for check-config.sh)"
 dpkg-deb --fsys-tarfile "$work"/docker.io_*.deb | tar -x -C "$work" ./usr/share/docker.io/contrib/check-config.sh
@@ -108,6 +117,7 @@ if [ "$check_rc" -ne 0 ]; then
     fi
     echo "note: check-config.sh exited $check_rc for this build machine's own state (its cgroup mounts," \
          "AppArmor, key limits); every generally necessary CONFIG_ option is set"
+fi
 fi
 
 echo "==> make -j$(nproc) bzImage"

@@ -1,7 +1,9 @@
 """Container hosts as cattle (``kvmc host``): disposable VMs that run their own Docker Engine.
 
 A host is a kvmc container of ``kvmc/docker-host`` (kvmc/images/dockerhost.py), privileged
-inside its VM, with sshd published on 127.0.0.1 only, plus what kvmc keeps for it:
+inside its VM, booting the kvmc-host kernel flavour (config ``host_guest_dir``; netfilter,
+bridge, veth: images/kernel/kvmc-host.config), with sshd published on 127.0.0.1 only, plus what
+kvmc keeps for it:
 
 * ``data_dir/hosts/NAME/``: ``host.json`` (container, cache volume, TTL, state), the per-host
   SSH key pair (``id_ed25519``, its ``.pub`` is root's only authorized key in the guest), the
@@ -145,6 +147,11 @@ class HostService:
             raise UsageError("--ttl must be a positive duration such as 30m or 2h")
         if self._dir(name).exists():
             raise Conflict(f"host {name} already exists", hint=f"kvmc host rm {name} first")
+        guest_dir = self.containers.engine.config.host_guest_artefacts_dir
+        if not (guest_dir / "guest.json").is_file():
+            raise KvmcError(f"no host guest in {guest_dir}: kvmc host VMs boot kvmc's kernel with the host "
+                            "fragment (netfilter, bridge, veth)",
+                            hint=f"build it: images/build.sh {guest_dir} --kernel kvmc-host (make setup does)")
         image = self._image(progress)
         if cache is not None:
             self._claim_cache(cache)
@@ -158,7 +165,7 @@ class HostService:
             self._save(record)
             public_key = _make_key_pair(directory / "id_ed25519")
             progress(f"booting host {name} ({image})")
-            self._start_container(record, image, public_key, memory_mib, cpus)
+            self._start_container(record, image, public_key, memory_mib, cpus, guest_dir)
             port = self._ssh_port(record)
             progress(f"waiting for Docker Engine in {name} (ssh on 127.0.0.1:{port})")
             self._wait_engine(record, port, timeout_s)
@@ -181,7 +188,7 @@ class HostService:
             raise Conflict(f"cache volume {cache} is in use by {what}: a cache serves one host at a time")
 
     def _start_container(self, record: HostRecord, image: str, public_key: str, memory_mib: int | None,
-                         cpus: int | None) -> None:
+                         cpus: int | None, guest_dir: Path) -> None:
         from kvmc.images.dockerhost import AUTHORIZED_KEY_ENV
         from kvmc.options import ContainerOptions
         from kvmc.process import ProcessOptions
@@ -194,7 +201,7 @@ class HostService:
             publish=[f"127.0.0.1::{SSH_PORT}"],
             volumes=[f"{record.cache}:/var/lib/docker"] if record.cache else [],
             docker=DockerFields(labels={HOST_LABEL: record.name}),
-            options=ContainerOptions(privileged=True),
+            options=ContainerOptions(privileged=True), guest_dir=guest_dir,
         )
         self.containers.create(opts)
         self.containers.start(record.container)

@@ -29,6 +29,9 @@ DEFAULT_IMAGE = "kvmc/busybox:latest"
 # KVMC_TEST_GUEST_DIR points the suite at other artefacts (a branch's own agent build).
 GUEST_DIR = Path(os.environ.get("KVMC_TEST_GUEST_DIR") or
                  SHARED_DATA / {"debian": "guest", "kvmc": "guest-kvmc"}[os.environ.get("KVMC_KERNEL", "kvmc")])
+# `kvmc host` VMs boot the kvmc-host flavour (images/build.sh DIR --kernel kvmc-host);
+# KVMC_TEST_HOST_GUEST_DIR points them at other artefacts.
+HOST_GUEST_DIR = Path(os.environ.get("KVMC_TEST_HOST_GUEST_DIR") or SHARED_DATA / "guest-kvmc-host")
 
 
 @dataclass
@@ -77,7 +80,8 @@ def kvmc() -> Kvmc:
     os.chmod(TEST_ROOT, 0o755)
     data_dir = Path(tempfile.mkdtemp(prefix="session-", dir=TEST_ROOT))
     os.chmod(data_dir, 0o755)
-    env = {**os.environ, "KVMC_DATA_DIR": str(data_dir), "KVMC_GUEST_DIR": str(GUEST_DIR)}
+    env = {**os.environ, "KVMC_DATA_DIR": str(data_dir), "KVMC_GUEST_DIR": str(GUEST_DIR),
+           "KVMC_HOST_GUEST_DIR": str(HOST_GUEST_DIR)}
     tool = Kvmc(env=env, data_dir=data_dir)
     tool("image", "build-default", check=True)
     yield tool

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import GUEST_DIR, Kvmc
+from tests.e2e.conftest import HOST_GUEST_DIR, Kvmc
 from tests.e2e.docker_clients import busybox_layout, docker_env, docker_save_tarball, run_docker  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(1800)
@@ -90,7 +90,7 @@ def test_host_lifecycle_with_cache(kvmc: Kvmc, host_image: str, tmp_path: Path, 
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert len(_forwarders(sock)) == 1
 
-    release = json.loads((GUEST_DIR / "guest.json").read_text())["kernel_release"]
+    release = json.loads((HOST_GUEST_DIR / "guest.json").read_text())["kernel_release"]
     proc = kvmc("host", "ssh", "h1", "uname", "-r", timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().strip() == release

@@ -27,7 +27,8 @@ NEW_KEYS = {"labels": {}, "tty": False, "open_stdin": False, "stdin_once": False
             "log_opts": {}}
 """What schema 2 added (and typed fields added since, with defaults: ``networks``,
 ``console_size``, ``log_opts``), with the value a migrated record gets (docker's defaults)."""
-NEW_KEYS.update({"restart_count": 0, "manually_stopped": False, "health": None, "pool_source": ""})
+NEW_KEYS.update({"restart_count": 0, "manually_stopped": False, "health": None, "pool_source": "",
+                 "guest_dir": ""})
 TYPED_NEW_KEYS = {"options": ContainerOptions()}
 """Typed fields added since (issue 16: restart policy, health check, DNS, ulimits... as one
 object), with defaults: a record without them loads with none of those settings."""
