@@ -81,7 +81,7 @@ DAEMON_JSON = """{
 """
 
 # mmdebstrap customize hooks (run on the host with the root as $1). iptables-legacy: kvmc's
-# kernel has xtables but no nf_tables (images/kernel/kvmc.config, host block).
+# kernel has xtables but no nf_tables (images/kernel/kvmc-host.config).
 _HOOKS = [
     'chroot "$1" update-alternatives --quiet --set iptables /usr/sbin/iptables-legacy',
     'chroot "$1" update-alternatives --quiet --set ip6tables /usr/sbin/ip6tables-legacy',
