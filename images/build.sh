@@ -90,7 +90,7 @@ echo "==> assembling the initramfs"
 root="$work/initramfs"
 mkdir -p "$root"/{dev,proc,sys,newroot}
 cp "$work/kvmc-agent" "$root/kvmc-agent"
-if [ "$flavour" = kvmc ]; then
+if [ "$flavour" != debian ]; then
     # The agent is /init itself (kvmc-agent --init, run as PID 1 with no arguments): no
     # busybox, no shell. Measured under TCG: ~70 ms less boot, a third of the initramfs.
     ln -s kvmc-agent "$root/init"
@@ -117,7 +117,7 @@ for m in "${modules[@]+"${modules[@]}"}"; do
     [ -n "$path" ] || { echo "images/build.sh: module $m not in $kver_pkg" >&2; exit 1; }
     add_module "$path"
 done
-[ "$flavour" = kvmc ] || : > "$root/modules.load"
+[ "$flavour" != debian ] || : > "$root/modules.load"
 for path in "${order[@]+"${order[@]}"}"; do
     cp "$moddir/$path" "$root/lib/modules/$(basename "$path")"
     basename "$path" >> "$root/modules.load"
