@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from kvmc.errors import Conflict, KvmcError, NotFound, UsageError
 from kvmc.names import NAME_RE
+from kvmc.vmlife import pid_alive
 
 if TYPE_CHECKING:
     from kvmc.service.containers import ContainerService
@@ -285,7 +286,7 @@ class HostService:
 
     def _state(self, record: HostRecord) -> str:
         if not record.ready:
-            return "creating" if _alive(record.creator_pid) else "failed"
+            return "creating" if pid_alive(record.creator_pid) else "failed"
         try:
             container = self.containers.get(record.container)
         except NotFound:
@@ -438,25 +439,15 @@ def _ping_unix(path: str) -> bool:
     return _ping(sock.sendall, sock.recv, sock.close)
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_gone(pid: int, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _alive(pid):
-        try:  # our own child (the create that started it) must be reaped to disappear
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-    if _alive(pid):
+    try:  # our own child (the create that started it): a zombie is not alive, but wants reaping
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    if pid_alive(pid):
         os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,29 @@ class Kvmc:
         """libvirt domains of this state root's pool members."""
         members = {json.loads(m.read_text())["domain"] for m in (self.data_dir / "pool").glob("*/member.json")}
         return self._libvirt_domains() & members
+
+
+@pytest.fixture(autouse=True)
+def _containers_a_test_leaves(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A warning naming the test after which containers of the session's state root are left
+    (a removal racing something else shows up in the summary with its culprit, not only in a
+    later test's "nothing left" check)."""
+    if "kvmc" not in request.fixturenames:
+        yield
+        return
+    containers = request.getfixturevalue("kvmc").data_dir / "containers"
+    before = {p.parent.name for p in containers.glob("*/record.json")}
+    yield
+    left = [p for p in containers.glob("*/record.json") if p.parent.name not in before]
+    if left:
+        details = []
+        for path in left:
+            try:
+                record = json.loads(path.read_text())
+                details.append(f"{record['name']} ({record['state']}, {record['process']['args']})")
+            except (OSError, ValueError, KeyError):
+                details.append(path.parent.name[:12])
+        warnings.warn(f"{request.node.nodeid} left containers: {', '.join(details)}", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
