@@ -52,7 +52,8 @@ from kvmc.vmlife import CLONE_XML, VMLife, is_monitor, pid_alive, process_limits
 HOST_ARCH = "amd64"
 ACTIVE_VM_STATES = ("running", "paused", "blocked")
 REATTACH_LOCK = ".monitor.lock"
-"""Taken while a new monitor is spawned for a running container whose monitor died."""
+"""Taken while a new monitor is spawned for a running container whose monitor died, while a
+vanished domain is defined again, and while rm takes the container apart."""
 MONITOR_DIED = "kvmc's monitor for this container died"
 
 SignalForwarder = Callable[[Callable[[int], None]], AbstractContextManager]
@@ -833,17 +834,23 @@ class Runtime:
         a stopped container whose domain vanished is defined again."""
         if self._monitor_lost(record) and self._outlives_monitor(record):
             return self._reattach(record)
-        if self._monitor_lost(record):
-            if self.hv.state(record.domain) in ACTIVE_VM_STATES:
-                self.hv.destroy(record.domain)  # unmonitored: its output and exit are lost anyway
-            repaired = self.observe(record)
-            self.state.update(record, state=repaired.state, finished_at=repaired.finished_at,
-                              exit_code=repaired.exit_code, error=repaired.error, monitor_pid=None)
-            self.life.leave_networks(record)  # its monitor never did
-        elif record.state in (State.CREATED, State.EXITED) and self.hv.state(record.domain) is None:
-            xml = self.state.container_dir(record.id) / "domain.xml"
-            if xml.exists():
-                self.hv.define(xml.read_text())  # the domain vanished from libvirt: define it again
+        try:
+            if self._monitor_lost(record):
+                if self.hv.state(record.domain) in ACTIVE_VM_STATES:
+                    self.hv.destroy(record.domain)  # unmonitored: its output and exit are lost anyway
+                repaired = self.observe(record)
+                self.state.update(record, state=repaired.state, finished_at=repaired.finished_at,
+                                  exit_code=repaired.exit_code, error=repaired.error, monitor_pid=None)
+                self.life.leave_networks(record)  # its monitor never did
+            elif record.state in (State.CREATED, State.EXITED) and self.hv.state(record.domain) is None:
+                # The domain vanished from libvirt: define it again. Not while rm takes the container
+                # apart (it undefines the domain, then deletes the record, under this lock).
+                with self.state.locked(record.id, REATTACH_LOCK):
+                    xml = self.state.container_dir(record.id) / "domain.xml"
+                    if self.state.load(record.id) is not None and xml.exists() and self.hv.state(record.domain) is None:
+                        self.hv.define(xml.read_text())
+        except FileNotFoundError:
+            pass  # removed meanwhile: nothing to repair
         return record
 
     def reattach_lost(self) -> list[ContainerRecord]:
@@ -859,7 +866,7 @@ class Runtime:
         """Spawn a monitor that takes over the running VM (Monitor._take_over) and wait until it
         has recorded itself. One at a time per container: concurrent commands find the first
         one's monitor. Not start()'s lock: start() repairs while holding it."""
-        with self.state.locked(record.id, REATTACH_LOCK):
+        with self.state.locked(record.id, REATTACH_LOCK, missing_ok=True):
             current = self.state.load(record.id)
             if current is None or not self._monitor_lost(current) or not self._outlives_monitor(current):
                 return self.observe(current) if current is not None else record
@@ -881,9 +888,15 @@ class Runtime:
         record = self.observe(self.state.resolve(ref))
         if record.is_live and not force:
             raise ContainerRunning(f"container {record.name} is running: stop it first or use rm -f")
-        self._end_monitor(record)
-        self.life.discard(record)
+        self._take_apart(record)
         return record
+
+    def _take_apart(self, record: ContainerRecord) -> None:
+        """End the container's monitor and discard its VM and files, holding the lock a repair
+        or a re-attach takes: neither defines the domain again nor spawns a monitor meanwhile."""
+        with self.state.locked(record.id, REATTACH_LOCK, missing_ok=True):
+            self._end_monitor(record)
+            self.life.discard(record)
 
     def orphan_domains(self) -> list[str]:
         """kvmc domains of this state root that no container record owns (e.g. after a crash)."""
@@ -977,8 +990,7 @@ class Runtime:
         removed = []
         for record in map(self.repair, self.state.list()):
             if not record.is_live:
-                self._end_monitor(record)
-                self.life.discard(record)
+                self._take_apart(record)
                 removed.append(record)
         return removed
 

@@ -292,7 +292,7 @@ class StateStore:
         Read-modify-write under the record's own lock, so writers of different fields in
         different processes (a monitor recording the end, a rename) never undo each other:
         each call writes only its fields onto what is stored now. A container removed
-        meanwhile raises FileNotFoundError (an OSError, as writing into its directory did).
+        meanwhile raises FileNotFoundError (an OSError): its record is never written back.
         """
         # The directory itself is the lock (flock works on a directory's descriptor): no file
         # of its own, and not the ``.lock`` that start() holds while it updates the record.
@@ -300,10 +300,11 @@ class StateStore:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             stored = self.load(record.id)
-            if stored is not None:
-                for field_ in fields(ContainerRecord):
-                    if field_.name not in changes:
-                        setattr(record, field_.name, getattr(stored, field_.name))
+            if stored is None:  # removed meanwhile (rm holds this lock while it deletes): never resurrect it
+                raise FileNotFoundError(f"container {record.id} was removed")
+            for field_ in fields(ContainerRecord):
+                if field_.name not in changes:
+                    setattr(record, field_.name, getattr(stored, field_.name))
             for key, value in changes.items():
                 setattr(record, key, value)
             self.save(record)
@@ -335,10 +336,19 @@ class StateStore:
         return matches[0]
 
     @contextmanager
-    def locked(self, container_id: str, name: str = ".lock") -> Iterator[None]:
+    def locked(self, container_id: str, name: str = ".lock", missing_ok: bool = False) -> Iterator[None]:
         """An exclusive fcntl lock on one container, for read-check-write sequences (``name``:
-        another of its locks, for a sequence that may run while this one is held)."""
-        with (self.container_dir(container_id) / name).open("a") as f:
+        another of its locks, for a sequence that may run while this one is held).
+        ``missing_ok``: a container whose directory is gone (removed) runs the sequence unlocked;
+        otherwise that raises FileNotFoundError."""
+        try:
+            f = (self.container_dir(container_id) / name).open("a")
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+            yield
+            return
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
@@ -410,8 +420,20 @@ class StateStore:
         return found[0] if found else 0
 
     def release(self, container_id: str, name: str | None) -> None:
-        """Delete a container directory and release its name, for a record never saved."""
-        shutil.rmtree(self.container_dir(container_id), ignore_errors=True)
+        """Delete a container directory and release its name, for a record never saved.
+        Under the directory's lock (:meth:`update`'s): a writer that comes after finds no record
+        and fails, instead of writing one back into the half-deleted directory."""
+        try:
+            fd = os.open(self.container_dir(container_id), os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            shutil.rmtree(self.container_dir(container_id), ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if name:
             try:
                 if (self.names / name).read_text().strip() == container_id:
