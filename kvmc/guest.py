@@ -15,11 +15,12 @@ from kvmc.errors import GuestError
 BUILD_HINT = 'build it with "make guest" (images/build.sh DIR)'
 
 
-VM_SHAPE = "s2"
+VM_SHAPE = "s3"
 """Bumped whenever kvmc/domain.py or templates/domain.xml.j2 change a VM's CPU or devices in a way
 a saved VM cannot be restored (or a template cloned) across: libvirt refuses a restore whose CPU
 or devices differ, so pool members and templates of the old shape must turn stale (s2: qemu64
-with ARAT under TCG, a virtio-serial controller with 2 ports)."""
+with ARAT under TCG, a virtio-serial controller with 2 ports; s3: kvmc's kernel boots
+without ACPI, its virtio-mmio devices on the command line)."""
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,35 @@ def test_dns_replaces_resolv_conf_symlink(agent_bin: Path, root: Path) -> None:
     assert sorted(p.name for p in (root / "etc").iterdir()) == ["group", "hosts", "passwd", "resolv.conf"]
 
 
+@pytest.mark.parametrize("readonly_root", [False, True], ids=["rw", "read-only"])
+def test_resolv_conf_and_hosts_are_bound_over_the_images_files(agent_bin: Path, root: Path,
+                                                               readonly_root: bool) -> None:
+    """Where the image has regular files, the container gets kvmc's resolv.conf, hosts and
+    hostname as docker gives them: tmpfs files bind-mounted over the image's, which stay untouched on the
+    root disk (no write into it: issue 17). The container can write to them, unless its root
+    is read-only; then they are read-only too."""
+    (root / "etc/resolv.conf").write_text("image's resolv.conf\n")
+    (root / "etc/hosts").write_text("image's hosts\n")
+    (root / "etc/hostname").write_text("image's hostname\n")
+    script = ("cat /etc/hostname /etc/resolv.conf /etc/hosts; echo '192.0.2.9 extra' >> /etc/hosts && "
+              "tail -n 1 /etc/hosts")
+    with agent_in_namespaces(agent_bin, root) as a:
+        res, out, err = a.run(["sh", "-c", script], dns=["192.0.2.53"], hosts=["192.0.2.7 db"],
+                              readonly_root=readonly_root, hostname="box1")
+    assert res.error is None
+    kvmc_files = ("box1\nnameserver 192.0.2.53\n127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+                  "192.0.2.7 db\n")
+    if readonly_root:
+        assert (res.exit_code, out.decode()) == (1, kvmc_files)
+        assert b"Read-only file system" in err
+    else:
+        assert (res.exit_code, out.decode()) == (0, kvmc_files + "192.0.2.9 extra\n")
+    assert (root / "etc/resolv.conf").read_text() == "image's resolv.conf\n"
+    assert (root / "etc/hosts").read_text() == "image's hosts\n"
+    assert (root / "etc/hostname").read_text() == "image's hostname\n"
+    assert sorted(p.name for p in (root / "etc").iterdir()) == ["group", "hostname", "hosts", "passwd", "resolv.conf"]
+
+
 @pytest.fixture
 def veth() -> None:
     probe = subprocess.run(["unshare", "--net", "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
