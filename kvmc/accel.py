@@ -53,6 +53,39 @@ def _cache_key(guest: GuestArtefacts) -> str:
     return f"{guest.digest}/{qemu_id}/{os.uname().release}"
 
 
+MAX_VERDICTS = 16
+"""Verdicts accel.json keeps (the newest): one per guest kernel in use (kvmc's, Debian's, the
+host flavour's) times the QEMU and host kernel seen lately."""
+
+
+def _read_verdicts(cache: Path) -> dict[str, dict[str, str]]:
+    """key -> {"accel", "reason"} from accel.json (empty if it is missing or unreadable; the
+    older shape held one verdict at the top level)."""
+    try:
+        data = json.loads(cache.read_text())
+        verdicts = data.get("verdicts", {})
+        if "key" in data:  # the older shape: its one verdict stands
+            verdicts = {data["key"]: {"accel": data.get("accel"), "reason": data.get("reason")}}
+        return {k: v for k, v in verdicts.items()
+                if isinstance(v, dict) and v.get("accel") in ("kvm", "tcg") and isinstance(v.get("reason"), str)}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _write_verdict(cache: Path, key: str, choice: AccelChoice) -> None:
+    """Add one verdict, keeping the others: with one verdict per file, two guests in use (kvmc
+    run's kernel and kvmc host's, or bench/boot.py's two kernels) made every switch between them
+    probe again, 20 s each on a host whose KVM hangs. Two probes writing at once may lose one
+    verdict; it is probed again later."""
+    verdicts = _read_verdicts(cache)
+    verdicts.pop(key, None)
+    verdicts[key] = {"accel": choice.accel, "reason": choice.reason}
+    kept = dict(list(verdicts.items())[-MAX_VERDICTS:])
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"verdicts": kept}))
+    tmp.replace(cache)
+
+
 def probe_kvm(hv: Hypervisor, guest: GuestArtefacts, work_dir: Path, templates_dir: Path) -> AccelChoice:
     """Boot the guest kernel under KVM; 'kvm' if it reaches user space within the deadline."""
     if not os.path.exists("/dev/kvm"):
@@ -103,16 +136,11 @@ def choose_accel(
         raise UsageError(f"invalid --accel {requested!r}: choose auto, kvm or tcg")
     cache = data_dir / "accel.json"
     key = _cache_key(guest)
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return AccelChoice(cached["accel"], cached["reason"])
-    except (OSError, ValueError, KeyError):
-        pass
+    verdicts = _read_verdicts(cache)
+    if key in verdicts:
+        return AccelChoice(verdicts[key]["accel"], verdicts[key]["reason"])
     choice = probe_kvm(hv, guest, data_dir / "tmp", templates_dir)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "accel": choice.accel, "reason": choice.reason}))
-    tmp.replace(cache)
+    _write_verdict(cache, key, choice)
     if choice.accel == "tcg":
         notice(f"KVM is not usable here: {choice.reason}. Using TCG (software emulation, slower); "
                "force a choice with --accel kvm|tcg.")

@@ -25,7 +25,7 @@ from enum import IntEnum
 from typing import BinaryIO, Callable
 
 from kvmc.detach import DetachScanner
-from kvmc.errors import AgentProtocolError, GuestError
+from kvmc.errors import AgentProtocolError, AgentSilent, GuestError
 
 PROTOCOL_VERSION = 3
 RUN_TTY = 0x01
@@ -792,7 +792,7 @@ def attach_process(
                 if watch is not None:
                     watch.check()
                 if timeout is not None and time.monotonic() - last >= timeout:
-                    raise GuestError(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
+                    raise AgentSilent(f"no word from the guest agent about process {proc_id} for {timeout:g}s")
                 continue
             last = time.monotonic()
             if frame.type == FrameType.READY:

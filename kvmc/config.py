@@ -97,6 +97,15 @@ class Config:
     # idle template clone used ~16 MiB of it; bench/density.py) at the price of
     # retranslating when a busy guest fills it; docs/platform.md, "Density".
     tcg_tb_cache_mib: int = 0
+    # Containers' monitors are forked by one resident server per user (kvmc/forkserver.py), so
+    # they share its interpreter's memory (5 MiB each instead of 21.5 MiB: bench/density.py);
+    # false: each is forked from the CLI that starts it (or a fresh interpreter for kvmc serve).
+    monitor_forkserver: bool = True
+
+    @property
+    def template_cache_dir(self) -> Path:
+        """Compiled domain XML templates (kvmc.domain: jinja2's bytecode cache)."""
+        return self.cache_dir / "templates"
 
     @property
     def images_dir(self) -> Path:

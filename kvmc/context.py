@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from kvmc.config import Config
+from kvmc.errors import KvmcError
 from kvmc.guest import GuestArtefacts, load_guest
 from kvmc.images import ImageStore
 from kvmc.net.store import NetworkStore
@@ -24,6 +26,7 @@ from kvmc.volumes import VolumeStore
 
 if TYPE_CHECKING:
     from kvmc.accel import AccelChoice
+    from kvmc.domain import VMSpec
     from kvmc.hypervisor import Hypervisor
 
 
@@ -59,6 +62,7 @@ class HostContext:
     """Whether runs may claim from the automatic pools (``kvmc serve``'s, for the images it
     runs): True in the server only; the CLI's runs use the pools warmed by hand."""
     _hv: Hypervisor | None = field(default=None, init=False, repr=False)
+    _hv_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _guest: GuestArtefacts | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,9 +76,25 @@ class HostContext:
     @property
     def hv(self) -> Hypervisor:
         """The hypervisor connection, opened on first use (``kvmc ps`` may never need it)."""
-        if self._hv is None:
-            self._hv = self.hypervisor_factory(self.config)
-        return self._hv
+        with self._hv_lock:  # a monitor opens it in a thread of its own (connect_hv)
+            if self._hv is None:
+                self._hv = self.hypervisor_factory(self.config)
+            return self._hv
+
+    def connect_hv(self) -> None:
+        """Open the hypervisor's connection now, ahead of its first use (a monitor, in a
+        thread of its own, while its guest runs); a failure is left to that use to report."""
+        try:
+            self.hv.connect()
+        except KvmcError:
+            pass
+
+    @property
+    def monitors_from_forkserver(self) -> bool:
+        """Whether containers' monitors are forked by the user's fork server (kvmc/forkserver.py):
+        when configured, and only over libvirt (a fork server's child cannot inherit a test's
+        fake hypervisor)."""
+        return self.config.monitor_forkserver and self.hypervisor_factory is _libvirt_hypervisor
 
     def after_fork(self) -> None:
         """In a forked child (a monitor, a pool refill): leave the parent's libvirt connection
@@ -86,6 +106,7 @@ class HostContext:
         if self._hv is not None:
             _INHERITED.append(self._hv)
         self._hv = None
+        self._hv_lock = threading.Lock()  # a copy of one another thread of the parent might hold
 
     def reap_children(self) -> None:
         """Collect the exit status of ended monitors (a server lives long: no zombies)."""
@@ -110,6 +131,13 @@ class HostContext:
         if self._guest is None:
             self._guest = load_guest(self.config.guest_artefacts_dir)
         return self._guest
+
+    def domain_xml(self, spec: VMSpec) -> str:
+        """libvirt's domain XML for ``spec``, from kvmc's templates (compiled ones kept in the
+        cache directory: Config.template_cache_dir)."""
+        from kvmc.domain import render_domain_xml
+
+        return render_domain_xml(spec, self.config.templates_dir, self.config.template_cache_dir)
 
     def accel(self, requested: str | None = None) -> AccelChoice:
         from kvmc.accel import choose_accel

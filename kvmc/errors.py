@@ -109,9 +109,21 @@ class AgentProtocolError(GuestError):
     """The guest agent sent something outside the protocol (oversized or unknown frame)."""
 
 
+class AgentSilent(GuestError):
+    """No frame about a process came from the guest agent within the caller's timeout."""
+
+
 # ----------------------------------------------------------------- containers
 class ContainerNotFound(NotFound):
     """No container matches the given name or id prefix."""
+
+
+class AmbiguousContainer(ContainerNotFound):
+    """An id prefix that matches more than one container: said as such, never as "no such
+    container" (``inspect`` falls back to images only for a reference that matches nothing).
+    An invalid parameter (400) to API clients, as moby's ErrAmbiguousPrefix."""
+
+    kind = INVALID
 
 
 class NameInUse(Conflict, UsageError):

@@ -8,6 +8,7 @@ silenced here and turned into :class:`HypervisorError` with a sentence the user 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -49,10 +50,19 @@ class Hypervisor:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._conn: Any = None
+        self._lock = threading.Lock()
+
+    def connect(self) -> None:
+        """Open the connection now rather than at the first call (HostContext.connect_hv)."""
+        _ = self.conn
 
     @property
     def conn(self) -> Any:
         """The connection, reopened if libvirtd restarted since it was opened."""
+        with self._lock:  # opened in one thread while another may need it (HostContext.connect_hv)
+            return self._open()
+
+    def _open(self) -> Any:
         if self._conn is not None:
             try:
                 alive = self._conn.isAlive()

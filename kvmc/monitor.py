@@ -23,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from kvmc.agent import (
     CLIENT_TO_MONITOR,
@@ -50,7 +50,7 @@ from kvmc.logs import LOG_FILE, LogOptions, LogWriter, log_options, resolve_log_
 from kvmc.options import restart_delay, signal_number
 from kvmc.space import free_bytes, mount_point, resume_threshold, to_disk_full
 from kvmc.state import ContainerRecord, State, now_iso
-from kvmc.vmlife import VMLife, process_limits
+from kvmc.vmlife import VMLife, pid_alive, process_limits
 
 ATTACH_WAIT_S = 30.0
 DISK_CHECK_S = 2.0
@@ -657,7 +657,9 @@ class Monitor:
         vm_failed = result is None
         removing = record.auto_remove or (vm_failed and not record.started_at and self.discard_on_failure)
         has_volumes = bool(record.volume_names)
-        quick = removing and not has_volumes
+        # A failed VM is ended before anyone hears, even when it goes with its container: the
+        # failure's caller (run, start, docker's API) finds nothing of it left when it returns.
+        quick = removing and not has_volumes and not vm_failed
         powering_off = not removing and not vm_failed and not has_volumes
         try:
             if quick:
@@ -705,14 +707,13 @@ class Monitor:
             pass  # removed meanwhile
 
     def _freeze(self, domain: str) -> None:
-        """Pause a running VM (ms); one that is not running, or cannot pause, is destroyed."""
-        if self.host.hv.state(domain) in ("running", "blocked"):
-            try:
-                self.host.hv.pause(domain)
-                return
-            except KvmcError:
-                pass
-        self.host.hv.destroy(domain)
+        """Pause a running VM (ms); one that cannot be paused (it stopped meanwhile) is destroyed.
+        No state query first: each libvirt call is a round trip on the exit's path, and a pause
+        refuses a VM that does not run; one paused already stays paused until reap destroys it."""
+        try:
+            self.host.hv.pause(domain)
+        except KvmcError:
+            self.host.hv.destroy(domain)
 
 
 def say(message: str) -> None:
@@ -750,11 +751,16 @@ def serve(host: HostContext, container_id: str, wait_attach: bool, discard_on_fa
 
 @dataclass
 class MonitorProcess:
-    """A monitor forked by :func:`spawn`; ``poll`` as subprocess.Popen's (None while it runs)."""
+    """A monitor started by :func:`spawn`; ``poll`` as subprocess.Popen's (None while it runs).
+    ``child``: whether the caller forked it (and can collect its exit status) or the fork
+    server did (then only whether it lives is known)."""
 
     pid: int
+    child: bool = True
 
     def poll(self) -> int | None:
+        if not self.child:
+            return None if pid_alive(self.pid) else 0
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -764,41 +770,78 @@ class MonitorProcess:
 
 def spawn(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
           discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
-    """Start the container's monitor: a new session that outlives the caller. Forked from a
-    CLI (:func:`fork_monitor`); a fresh interpreter from a threaded process such as the API
-    server (:func:`exec_monitor`), where a fork could inherit a lock another thread holds."""
-    if host.monitor_start == "exec":
-        child = exec_monitor(container_id, control_socket, log_path, wait_attach=wait_attach,
-                             discard_on_failure=discard_on_failure, reattach=reattach)
-        host.children.add(child.pid)  # a long-lived caller reaps it (HostContext.reap_children)
-        return child
-    return fork_monitor(host, container_id, control_socket, log_path, wait_attach=wait_attach,
-                        discard_on_failure=discard_on_failure, reattach=reattach)
-
-
-def exec_monitor(container_id: str, control_socket: Path, log_path: Path, *, wait_attach: bool,
-                 discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
-    """``python -m kvmc.monitor`` in a new session, handed the control socket already
-    listening (so an attach right after this returns connects at once). It reads the same
-    configuration as the caller, from the environment and config files."""
-    import subprocess
-
+    """Start the container's monitor: a new session that outlives the caller. Forked by the
+    user's fork server (kvmc/forkserver.py: monitors share its memory) when one answers; else
+    forked from a CLI (:func:`fork_monitor`), or a fresh interpreter from a threaded process
+    such as the API server (:func:`exec_monitor`), where a fork could inherit a lock another
+    thread holds. The control socket is bound and listening before any of them starts (an
+    attach right after this returns connects at once); the caller's copy is closed here."""
     listener = listen_control(control_socket)
     try:
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kvmc.monitor", container_id, "--listen-fd", str(listener.fileno()),
-                 *(["--wait-attach"] if wait_attach else []), *(["--discard-on-failure"] if discard_on_failure else []),
-                 *(["--reattach"] if reattach else [])],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(listener.fileno(),),
-                start_new_session=True,
-            )
+        if host.monitors_from_forkserver:
+            served = _forkserver_monitor(host, container_id, listener, log_path, wait_attach=wait_attach,
+                                         discard_on_failure=discard_on_failure, reattach=reattach)
+            if served is not None:
+                return served
+        if host.monitor_start == "exec":
+            child = exec_monitor(container_id, listener, log_path, wait_attach=wait_attach,
+                                 discard_on_failure=discard_on_failure, reattach=reattach)
+            host.children.add(child.pid)  # a long-lived caller reaps it (HostContext.reap_children)
+            return child
+        return fork_monitor(host, container_id, listener, log_path, wait_attach=wait_attach,
+                            discard_on_failure=discard_on_failure, reattach=reattach)
     finally:
         listener.close()
+
+
+def _forkserver_monitor(host: HostContext, container_id: str, listener: socket.socket, log_path: Path, *,
+                        wait_attach: bool, discard_on_failure: bool, reattach: bool) -> MonitorProcess | None:
+    """The monitor forked by the fork server, or None when none answered (one is started
+    then, for the next container)."""
+    from kvmc import forkserver
+
+    request = forkserver.Request(config=host.config, container_id=container_id, log_path=str(log_path),
+                                 wait_attach=wait_attach, discard_on_failure=discard_on_failure, reattach=reattach,
+                                 env=dict(os.environ), cwd=_cwd(), umask=_umask())
+    try:
+        return MonitorProcess(forkserver.fork_monitor(request, listener), child=False)
+    except forkserver.ForkServerUnavailable as exc:
+        host.say(str(exc))
+        return None
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:
+        return "/"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def exec_monitor(container_id: str, listener: socket.socket, log_path: Path, *, wait_attach: bool,
+                 discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
+    """``python -m kvmc.monitor`` in a new session, handed the control socket ``listener``
+    already listening. It reads the same configuration as the caller, from the environment and
+    config files."""
+    import subprocess
+
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmc.monitor", container_id, "--listen-fd", str(listener.fileno()),
+             *(["--wait-attach"] if wait_attach else []), *(["--discard-on-failure"] if discard_on_failure else []),
+             *(["--reattach"] if reattach else [])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, pass_fds=(listener.fileno(),),
+            start_new_session=True,
+        )
     return MonitorProcess(proc.pid)
 
 
-def fork_monitor(host: HostContext, container_id: str, control_socket: Path, log_path: Path, *,
+def fork_monitor(host: HostContext, container_id: str, listener: socket.socket, log_path: Path, *,
                  wait_attach: bool, discard_on_failure: bool, reattach: bool = False) -> MonitorProcess:
     """Fork the container's monitor: a new session that outlives the CLI.
 
@@ -807,35 +850,59 @@ def fork_monitor(host: HostContext, container_id: str, control_socket: Path, log
     of every run and start. The child keeps nothing of the parent but its code: it closes every
     inherited descriptor (the CLI's libvirt connection, the container lock it holds while
     spawning) and opens its own, except the control socket: it is bound and listening before
-    the fork, so the CLI's attach connects at once instead of polling for it to appear.
+    the fork (``listener``), so the CLI's attach connects at once instead of polling for it.
     """
-    listener = listen_control(control_socket)
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        pid = os.fork()
-    except OSError:
-        listener.close()
-        raise
+    pid = os.fork()
     if pid:
-        listener.close()
         return MonitorProcess(pid)
+    keep = listener.fileno()
+
+    def close_inherited() -> None:
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+
+    def own_host() -> HostContext:
+        host.after_fork()  # its libvirt connection was the parent's, closed by close_inherited
+        return host
+
+    run_forked(own_host, container_id, log_path, wait_attach=wait_attach, discard_on_failure=discard_on_failure,
+               listener=listener, reattach=reattach, prepare=close_inherited)
+
+
+def _title(container_id: str) -> None:
+    """What ps shows for this monitor: ``kvmc-monitor ID`` (command line) and ``kvmc-monitor``
+    (comm, what top and pgrep see), not the command of the process it was forked from."""
+    import setproctitle
+
+    setproctitle.setproctitle(f"kvmc-monitor {container_id[:12]}")
+    setproctitle.setthreadtitle("kvmc-monitor")
+
+
+def run_forked(make_host: Callable[[], HostContext], container_id: str, log_path: Path | str, *, wait_attach: bool,
+               discard_on_failure: bool, listener: socket.socket, reattach: bool,
+               prepare: Callable[[], None]) -> NoReturn:
+    """The life of a monitor just forked (by the CLI or by the fork server): a session of its
+    own, ``prepare`` (drop what the parent had open), stdio on /dev/null and the monitor's
+    log, default signals, then :func:`serve`. Never returns into the parent's code."""
     code = 1
     try:
         os.setsid()
-        keep = listener.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        prepare()
+        _title(container_id)
         devnull = os.open(os.devnull, os.O_RDWR)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.dup2(log, 2)
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
-        host.after_fork()  # its libvirt connection was the parent's, closed above
-        code = serve(host, container_id, wait_attach, discard_on_failure, listener, reattach)
-    except BaseException:  # noqa: BLE001 - a forked child must never return into the CLI
+        for fd in {devnull, log} - {0, 1, 2}:
+            os.close(fd)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        code = serve(make_host(), container_id, wait_attach, discard_on_failure, listener, reattach)
+    except BaseException:  # noqa: BLE001 - a forked child must never return into its parent's code
         traceback.print_exc()
     finally:
         try:
@@ -853,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reattach", action="store_true", help="Take over the running VM of a monitor that died.")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.listen_fd) if args.listen_fd is not None else None
+    _title(args.container_id)
     return serve(HostContext(load_config()), args.container_id, args.wait_attach, args.discard_on_failure, listener,
                  args.reattach)
 

@@ -32,7 +32,7 @@ from kvmc.agent import (MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResu
 from kvmc.detach import parse_detach_keys
 from kvmc.context import HostContext
 from kvmc.disks import create_overlay
-from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, container_vm, render_domain_xml
+from kvmc.domain import DOMAIN_PREFIX, METADATA_NS, OVERLAY_FILE, ShareSpec, container_vm
 from kvmc.errors import (CommandNotFound, CommandNotInvokable, Conflict, ContainerNotRunning, ContainerRunning,
                          GaveUpWaiting, GuestError,
                          ImageError, KvmcError, UsageError, VolumeInUse)
@@ -288,11 +288,10 @@ class Runtime:
                 state_root=str(self.config.data_dir), network=network == "user", **self._storage_devices(mounts),
                 network_taps=tuple(ep.tap for ep in endpoints), tcg_tb_cache_mib=self.config.tcg_tb_cache_mib,
             )
-            xml = render_domain_xml(spec, self.config.templates_dir)
+            xml = self.host.domain_xml(spec)
             (directory / "domain.xml").write_text(xml)
             if template is not None:  # the live definition of the first start only (VMLife.boot)
-                (directory / CLONE_XML).write_text(render_domain_xml(clone_spec(spec, template),
-                                                                     self.config.templates_dir))
+                (directory / CLONE_XML).write_text(self.host.domain_xml(clone_spec(spec, template)))
             if not hot:  # for a pool member: the same domain, redefined with this container's paths
                 # A hot member's VM runs already: its persistent definition is replaced at its
                 # first cold start (boot). Not here: libvirt's define waits for any other
@@ -338,7 +337,8 @@ class Runtime:
         if opts.publish and network == "none":
             raise UsageError("-p needs a network with outbound access: it cannot be combined with --network none "
                              "or only internal networks")
-        ports = allocate_ports([parse_publish(p) for p in opts.publish], self.published_ports())
+        wanted = [parse_publish(p) for p in opts.publish]
+        ports = allocate_ports(wanted, self.published_ports()) if wanted else []
         for i, mount in enumerate(mounts):
             if mount.kind == "volume":
                 volume = self.host.volumes.create(mount.source, exist_ok=True, driver=self.config.volume_driver)
@@ -419,7 +419,7 @@ class Runtime:
             **self._storage_devices(updated.mounts), network_taps=tuple(ep.tap for ep in updated.networks),
             tcg_tb_cache_mib=self.config.tcg_tb_cache_mib,
         )
-        xml = render_domain_xml(spec, self.config.templates_dir)
+        xml = self.host.domain_xml(spec)
         self.hv.define(xml)
         (directory / "domain.xml").write_text(xml)
         return self.state.update(record, **changes)
@@ -463,8 +463,10 @@ class Runtime:
                               "a kvmc volume is an ext4 disk and can be mounted by one running container at a time")
 
     def check_host_resources(self, record: ContainerRecord) -> None:
-        """Before a VM starts: its host ports are free and its volumes are not mounted elsewhere."""
-        allocate_ports(record.ports, self.published_ports(exclude=record.id))
+        """Before a VM starts: its host ports are free and its volumes are not mounted elsewhere.
+        (Every running container's record is read for the ports: only when there are some.)"""
+        if record.ports:
+            allocate_ports(record.ports, self.published_ports(exclude=record.id))
         for volume in record.volume_names:
             self.volumes.get(volume)  # removed meanwhile: say so rather than fail in QEMU
             self.check_volume_free(volume, exclude=record.name)
@@ -483,13 +485,43 @@ class Runtime:
                 raise ContainerRunning(f"container {record.name} is already running")
             self.wait_powered_off(current)
             self.check_host_resources(current)
+            resumed = self._resume_claimed(current)
             # A start by hand: the restart policy starts over (docker resets RestartCount) and
             # an unless-stopped container is no longer "stopped by a user".
             self.state.update(record, state=State.STARTING, started_at=None, finished_at=None, exit_code=None,
-                              error=None, monitor_pid=None, restart_count=0, manually_stopped=False)
-            return spawn_monitor(self.host, record.id, Path(record.control_socket),
-                                 self.state.container_dir(record.id) / "monitor.log",
-                                 wait_attach=wait_attach, discard_on_failure=discard_on_failure)
+                              error=None, monitor_pid=None, restart_count=0, manually_stopped=False, **resumed)
+            try:
+                return spawn_monitor(self.host, record.id, Path(record.control_socket),
+                                     self.state.container_dir(record.id) / "monitor.log",
+                                     wait_attach=wait_attach, discard_on_failure=discard_on_failure)
+            except BaseException:
+                if resumed.get("vm_resumed"):  # paused again: the next start resumes it as before
+                    self._pause_unclaimed(record)
+                raise
+
+    def _resume_claimed(self, record: ContainerRecord) -> dict[str, bool]:
+        """Resume a claimed hot member's paused VM here, before its monitor exists, and say so
+        in the record the monitor reads (the changes to record).
+
+        Why here and not in the monitor: the caller's libvirt connection is open already (the
+        claim used it), where a new monitor would first open its own (~17 ms) and then resume
+        (~8 ms) before it hands the agent the process; here both leave the run's path, and the
+        guest's first moments after the resume overlap the monitor's start. The guest waits
+        idle for its process: its clock and RNG are set by the process's RUN, as before. A VM
+        that cannot be resumed is destroyed: the monitor restores the save file or boots cold."""
+        if not record.resume_paused:
+            return {}
+        return {"resume_paused": False, "vm_resumed": self.life.resume_hot(record)}
+
+    def _pause_unclaimed(self, record: ContainerRecord) -> None:
+        """Undo :meth:`_resume_claimed` when no monitor could be started (destroyed if it cannot
+        pause: the next start restores or boots cold)."""
+        try:
+            self.hv.pause(record.domain)
+            self.state.update(record, resume_paused=True, vm_resumed=False)
+        except KvmcError:
+            self.hv.destroy(record.domain)
+            self.state.update(record, vm_resumed=False)
 
     def wait_powered_off(self, record: ContainerRecord) -> None:
         """An exited container's monitor may still be waiting for its guest to power off (see
@@ -514,23 +546,24 @@ class Runtime:
     def wait_started(self, record: ContainerRecord, monitor: MonitorProcess | None = None) -> ContainerRecord:
         """Wait until a detached start's process runs (or failed); raise on failure."""
         deadline = time.monotonic() + self.config.boot_timeout_s + 10
-        while time.monotonic() < deadline:
-            current = self.state.load(record.id)
-            if current is None:  # removed already: its tombstone says whether it ran
-                ended = self.state.tombstone(record.id)
-                if ended is not None and not ended[1]:
-                    return record  # it ran and ended before we looked (an --rm container)
-                if ended is not None:  # removed on failure (run -d, --rm)
-                    raise_for(ProcessResult(exit_code=ended[0] if ended[0] in (126, 127) else 125, error=ended[1]))
-                raise KvmcError(f"container {record.name} failed to start and was removed")
-            if current.started_at or current.state in (State.EXITED, State.RESTARTING):
-                break
-            if monitor is not None and monitor.poll() is not None:
-                raise KvmcError(f"the monitor of container {record.name} died: see "
-                                f"{self.state.container_dir(record.id) / 'monitor.log'}")
-            time.sleep(0.05)
-        else:
-            raise KvmcError(f"container {record.name} did not start within {self.config.boot_timeout_s:.0f}s")
+        with self.state.watch(record.id) as changed:  # woken by the monitor's writes
+            while time.monotonic() < deadline:
+                current = self.state.load(record.id)
+                if current is None:  # removed already: its tombstone says whether it ran
+                    ended = self.state.tombstone(record.id)
+                    if ended is not None and not ended[1]:
+                        return record  # it ran and ended before we looked (an --rm container)
+                    if ended is not None:  # removed on failure (run -d, --rm)
+                        raise_for(ProcessResult(exit_code=ended[0] if ended[0] in (126, 127) else 125, error=ended[1]))
+                    raise KvmcError(f"container {record.name} failed to start and was removed")
+                if current.started_at or current.state in (State.EXITED, State.RESTARTING):
+                    break
+                if monitor is not None and monitor.poll() is not None:
+                    raise KvmcError(f"the monitor of container {record.name} died: see "
+                                    f"{self.state.container_dir(record.id) / 'monitor.log'}")
+                changed(0.05)
+            else:
+                raise KvmcError(f"container {record.name} did not start within {self.config.boot_timeout_s:.0f}s")
         if current.state == State.EXITED and current.error:
             raise_for(ProcessResult(exit_code=current.exit_code or 125, error=current.error))  # 125/126/127
         return current
@@ -792,11 +825,12 @@ class Runtime:
     def wait_exited(self, record: ContainerRecord, timeout: float | None = None) -> bool:
         """Wait until the container is no longer live (or removed); False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while deadline is None or time.monotonic() < deadline:
-            current = self.state.load(record.id)
-            if current is None or not self.observe(current).is_live:
-                return True
-            time.sleep(0.1)
+        with self.state.watch(record.id) as changed:
+            while deadline is None or time.monotonic() < deadline:
+                current = self.state.load(record.id)
+                if current is None or not self.observe(current).is_live:
+                    return True
+                changed(0.1)
         return False
 
     # ---------------------------------------------------- observe and repair

@@ -13,22 +13,23 @@ import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from kvmc.errors import ContainerNotFound, NameInUse, UsageError
+from kvmc.errors import AmbiguousContainer, ContainerNotFound, NameInUse, UsageError
 from kvmc.health import Health
 from kvmc.mounts import Mount
 from kvmc.names import generate_name, valid_name
 from kvmc.net.plan import Endpoint
 from kvmc.network import PortMapping
 from kvmc.options import ContainerOptions
+from kvmc.watch import record_changes
 
 ID_PREFIX_MIN = 1
 TOMBSTONE_TTL_S = 600.0
@@ -112,6 +113,9 @@ class ContainerRecord:
     resume_paused: bool = False
     """A claimed hot pool member: the first start resumes its paused, already restored VM (and
     restores from ``restore_from`` only if that VM is gone)."""
+    vm_resumed: bool = False
+    """That VM was resumed by the start itself (Runtime.start), before the monitor existed: the
+    monitor only hands its agent the process."""
     clone_from: str = ""
     """A pool template's directory: the first start clones it instead of booting (kvmc/pool/)."""
     pool_source: str = ""
@@ -332,8 +336,14 @@ class StateStore:
             raise ContainerNotFound(f"no such container: {ref}")
         if len(matches) > 1:
             ids = ", ".join(r.short_id for r in matches[:5])
-            raise ContainerNotFound(f'container prefix "{ref}" is ambiguous: it matches {ids}')
+            raise AmbiguousContainer(f'container prefix "{ref}" is ambiguous: it matches {ids}')
         return matches[0]
+
+    def watch(self, container_id: str) -> AbstractContextManager[Callable[[float], bool]]:
+        """A sleep for wait loops that returns early once the container's record is written or
+        the container removed (kvmc/watch.py): ``with store.watch(id) as changed: ... changed(0.1)``
+        (True if woken by a change, False after the timeout)."""
+        return record_changes(self.container_dir(container_id))
 
     @contextmanager
     def locked(self, container_id: str, name: str = ".lock", missing_ok: bool = False) -> Iterator[None]:

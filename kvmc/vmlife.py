@@ -10,6 +10,7 @@ reach only the leaves in :class:`kvmc.context.HostContext`.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -247,30 +248,35 @@ class VMLife:
         """Start the domain, connect to its agent and hand it the main process (monitor side).
         ``keep_last_exit``: a restart by the restart policy, whose record keeps the last run's
         end (docker's FinishedAt and exit code stay until the next exit)."""
-        from kvmc.pool import Pool  # the clone path only
-
         host = self.host
         started = time.monotonic()
         directory = host.state.container_dir(record.id)
         cloned = bool(record.clone_from)
         self.create_taps(record)
-        # A hot member (restored or cloned ahead of time, waiting paused) resumes; one whose
-        # VM is gone restores its save file, or boots cold if it has none (a hot template clone).
-        resumed = record.resume_paused and self._resume_hot(record)
+        # A hot member (restored or cloned ahead of time, waiting paused) resumes, or was resumed
+        # by the start already (Runtime.start); one whose VM is gone restores its save file, or
+        # boots cold if it has none (a hot template clone).
+        resumed = record.vm_resumed or (record.resume_paused and self.resume_hot(record))
         restored = resumed or bool(record.restore_from)
+        done: dict = {}  # written with the state below: one write of the record, not two
+        spent: Path | None = None  # a save file no longer needed, removed once the process is asked for
+        if record.vm_resumed:  # the monitor needs libvirt only when the process has ended: connect meanwhile
+            threading.Thread(target=host.connect_hv, name="kvmc-connect", daemon=True).start()
         if restored:
             if record.restore_from:
                 save = Path(record.restore_from)
                 if not resumed:
                     host.hv.restore(save, (directory / "domain.xml").read_text())
-                save.unlink(missing_ok=True)  # ~the guest's RAM in size: no longer needed
-            host.state.update(record, restore_from="", resume_paused=False)
+                spent = save  # ~the guest's RAM in size: freeing its blocks took ~8 ms before RUN
+            done = {"restore_from": "", "resume_paused": False, "vm_resumed": False}
         elif cloned:
             # Started from the clone definition as this start's live definition; the persistent
             # definition stays the cold one, so a later start boots from the container's overlay.
+            from kvmc.pool import Pool  # here only: its import (~14 ms) is on every monitor's path
+
             Pool(host).start_clone(record.domain, (directory / CLONE_XML).read_text(), Path(record.clone_from))
             (directory / CLONE_XML).unlink(missing_ok=True)
-            host.state.update(record, clone_from="")
+            done = {"clone_from": ""}
         else:
             if record.resume_paused:
                 host.state.update(record, resume_paused=False)
@@ -278,29 +284,33 @@ class VMLife:
             host.hv.define((directory / "domain.xml").read_text())  # a hot claim's is the member's still
             host.hv.start(record.domain)
         if keep_last_exit:
-            host.state.update(record, state=State.RUNNING, started_at=None, error=None)
+            host.state.update(record, state=State.RUNNING, started_at=None, error=None, **done)
         else:
             host.state.update(record, state=State.RUNNING, started_at=None, finished_at=None, exit_code=None,
-                              error=None)
-        self.publish_ports(record)
-        netifs = self.join_networks(record)
-        conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
-        proc = record.process
-        networked = record.network == "user"
-        # The networks' DNS servers first (they answer their containers' names, NXDOMAIN for
-        # other plain names, and refuse dotted names, which the resolver then asks the next
-        # server for), then slirp's proxy to the host's resolvers.
-        nameservers = list(dict.fromkeys(ep.gateway for ep in record.networks if ep.gateway))
-        nameservers += [DNS_SERVER] if networked else []
-        # A restored or cloned guest's clock is as old as its save file or template, and every
-        # clone of one save or template shares its RNG state: the agent sets the clock and
-        # reseeds from these first.
-        conn.run(MAIN_PROCESS_ID, ProcessSpec(
-            args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
-            hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
-            tty=record.tty, winsize=tuple(record.console_size) if record.console_size else None,
-            net=guest_net_config() if networked else None, netifs=netifs, **container_setup(record, nameservers),
-        ))
+                              error=None, **done)
+        try:
+            self.publish_ports(record)
+            netifs = self.join_networks(record)
+            conn = AgentConnection.connect(record.agent_socket, timeout=host.config.boot_timeout_s)
+            proc = record.process
+            networked = record.network == "user"
+            # The networks' DNS servers first (they answer their containers' names, NXDOMAIN for
+            # other plain names, and refuse dotted names, which the resolver then asks the next
+            # server for), then slirp's proxy to the host's resolvers.
+            nameservers = list(dict.fromkeys(ep.gateway for ep in record.networks if ep.gateway))
+            nameservers += [DNS_SERVER] if networked else []
+            # A restored or cloned guest's clock is as old as its save file or template, and every
+            # clone of one save or template shares its RNG state: the agent sets the clock and
+            # reseeds from these first.
+            conn.run(MAIN_PROCESS_ID, ProcessSpec(
+                args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
+                hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
+                tty=record.tty, winsize=tuple(record.console_size) if record.console_size else None,
+                net=guest_net_config() if networked else None, netifs=netifs, **container_setup(record, nameservers),
+            ))
+        finally:  # after RUN: the guest sets up the process meanwhile
+            if spent is not None:
+                spent.unlink(missing_ok=True)
         # started_at is recorded by the monitor when the agent reports the process STARTED
         # (Monitor._relay): a command that cannot be executed never counts as started.
         if restored or cloned:  # its READY went to the connection that warmed it
@@ -390,7 +400,7 @@ class VMLife:
             raise KvmcError(f"cannot run {args[0]} in container {record.name}'s VM: {labelled(result.error)}")
         return result.exit_code
 
-    def _resume_hot(self, record: ContainerRecord) -> bool:
+    def resume_hot(self, record: ContainerRecord) -> bool:
         """Resume a claimed hot member's paused VM; False (VM destroyed) if it cannot be."""
         try:
             self.host.hv.resume(record.domain)

@@ -29,15 +29,17 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmc.errors import ImageError, ImageNotFound
-from kvmc.images import layout as oci
 from kvmc.images.disk import make_ext4
 from kvmc.images.layers import scan_layers
 from kvmc.images.model import Image, ImageConfig
 from kvmc.images.refs import insecure_registry, normalize_name, parse_reference, pull_source
 from kvmc.images.tools import run_tool, skopeo_copy, umoci_args
+
+if TYPE_CHECKING:
+    from kvmc.images import layout as oci
 
 INDEX_VERSION = 1
 SCRATCH_TAG = "kvmc"
@@ -237,6 +239,8 @@ class ImageStore:
         ``name`` picks the image in a multi-image source and is the tag to store it under;
         without it the source's recorded name is used.
         """
+        from kvmc.images import layout as oci  # here: hashlib and tarfile are not every command's
+
         path = Path(path)
         if not path.exists():
             raise ImageError(f"{path} does not exist")
@@ -263,6 +267,8 @@ class ImageStore:
 
     def pull(self, ref: str, timeout: float | None = None) -> Image:
         """Pull ``ref`` from its registry (``alpine`` means docker.io/library/alpine:latest)."""
+        from kvmc.images import layout as oci  # here: hashlib and tarfile are not every command's
+
         parsed = parse_reference(ref)
         name = None if parsed.digest and not parsed.tag else parsed.familiar()
         with self._scratch() as scratch:
@@ -288,6 +294,8 @@ class ImageStore:
         timeout: float | None = None,
         tls_verify: bool = True,
     ) -> Image:
+        from kvmc.images import layout as oci  # here: hashlib and tarfile are not every command's
+
         copied = scratch / "layout"
         skopeo_copy(source.skopeo_ref, f"oci:{copied}:{SCRATCH_TAG}", what=what, scratch=scratch, timeout=timeout,
                     source_tls_verify=tls_verify)

@@ -82,6 +82,9 @@ class VMSource(Protocol):
     def gc(self) -> int:
         """Remove what :meth:`stale` finds; how many."""
 
+    def remove_abandoned(self) -> int:
+        """Remove only the abandoned warm-ups :meth:`stale` finds; how many."""
+
     def summary_rows(self, tags: dict[str, str]) -> list[dict]:
         """``pool ls`` rows (``tags``: image id to the name to show)."""
 
@@ -191,6 +194,10 @@ class Pool:
     def gc(self) -> tuple[int, int]:
         """Remove stale members and templates: (members, templates)."""
         return self.saved.gc(), self.template.gc()
+
+    def remove_abandoned(self) -> int:
+        """Remove the warm-ups whose maker ended (with the VMs they left running); how many."""
+        return sum(source.remove_abandoned() for source in self.sources)
 
     def summary(self) -> list[dict]:
         """One row per pool key, mode and origin (save: ready/stale members; clone: hot template

@@ -3,8 +3,10 @@
 A pool directory holds one subdirectory per record (``<root>/<id>/``, the record's JSON in it).
 One is made under a hidden name (``.warming-<id>``: listings skip dot names, so nothing
 unfinished is ever claimed or offered) and published by ``rename()`` once complete. A warming
-directory older than any warm-up takes (``STALE_WARMING_S``) is a crashed ``pool warm``'s: it
-is abandoned, listed stale and removed by ``pool gc`` with the VM it may have left.
+directory whose owner (the process that warms it, named in its ``.owner`` file) has ended, or
+older than any warm-up takes (``STALE_WARMING_S``), is a crashed ``pool warm``'s or ``kvmc
+serve``'s: it is abandoned, listed stale and removed by ``pool gc`` (and by a starting ``kvmc
+serve``) with the VM it may have left.
 
 Every record holds the :class:`PoolKey` it was made for, digests included: one made from an
 image or guest that has since changed is stale, never used, and removed by ``pool gc``.
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 
 WARMING_PREFIX = ".warming-"
 STALE_WARMING_S = 600
+OWNER_FILE = ".owner"
+"""In a warming directory: the process that warms it, as "PID START" (its start time in clock
+ticks since boot, so that a process that reused the pid is not taken for it)."""
 AUTO_ORIGIN = "auto:"
 """A record's ``origin`` is empty for ``kvmc pool warm``'s, ``auto:<pid>`` for the automatic
 pool of the ``kvmc serve`` with that pid (kvmc/service/autopool.py)."""
@@ -145,11 +150,47 @@ def published(root: Path, record_file: str, kind: type) -> list:
     return found
 
 
+def _start_ticks(pid: int) -> str | None:
+    """A live (not zombie) process's start time (field 22 of /proc/PID/stat), None if none runs."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def own_warming(directory: Path) -> None:
+    """Name this process as the one warming ``directory``, until :func:`disown_warming`."""
+    (directory / OWNER_FILE).write_text(f"{os.getpid()} {_start_ticks(os.getpid())}")
+
+
+def disown_warming(directory: Path) -> None:
+    """Before a warming directory is published (or handed back): a published one has no owner."""
+    (directory / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _owner_ended(directory: Path) -> bool:
+    """The process named in the directory's owner file has ended (False when none is named)."""
+    try:
+        pid, start = (directory / OWNER_FILE).read_text().split()
+        return _start_ticks(int(pid)) != start
+    except (OSError, ValueError):
+        return False
+
+
 def abandoned(root: Path) -> Iterator[tuple[Path, None]]:
-    """Warm-ups under ``root`` older than any warm-up takes: a crashed ``pool warm``'s."""
+    """Warm-ups under ``root`` whose owner ended (a killed ``pool warm``, or a ``kvmc serve``
+    killed while its automatic pool made a member: its VM runs on), or older than any warm-up
+    takes (one made before owners were named)."""
     if root.is_dir():
         for path in root.iterdir():
-            if path.name.startswith(WARMING_PREFIX) and time.time() - path.stat().st_mtime > STALE_WARMING_S:
+            if not path.name.startswith(WARMING_PREFIX):
+                continue
+            try:
+                old = time.time() - path.stat().st_mtime > STALE_WARMING_S
+            except OSError:
+                continue  # published or removed meanwhile
+            if old or _owner_ended(path):
                 yield path, None
 
 
@@ -227,6 +268,7 @@ class PoolDirectory(Generic[R]):
                     os.rename(path, hidden)
                 except OSError:
                     continue  # claimed (or removed) meanwhile
+                own_warming(hidden)
                 self._remove(hidden, record)
                 removed += 1
         return removed
@@ -238,6 +280,13 @@ class PoolDirectory(Generic[R]):
             self._remove(path, record)
             removed += 1
         return removed
+
+    def remove_abandoned(self) -> int:
+        """Remove abandoned warm-ups only (with their VMs); how many."""
+        found = list(abandoned(self.root))
+        for path, _ in found:
+            self._remove(path, None)
+        return len(found)
 
     def _remove(self, path: Path, record: R | None) -> None:
         """Remove a record, or (``record`` None) an abandoned warm-up, with what it holds outside."""
@@ -292,6 +341,7 @@ class PoolDirectory(Generic[R]):
         ident: str = record.id  # type: ignore[attr-defined]
         warming = self._warming(ident)
         warming.mkdir(parents=True, mode=0o755)
+        own_warming(warming)
         self.host.config.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         sock = self.socket_for(ident)
         running = False
@@ -303,6 +353,7 @@ class PoolDirectory(Generic[R]):
                                 check=lambda: check_vm_disk(self.host.hv, self.domain_for(ident), warming))
             running = self._capture(record, warming, image_disk, **options)
             (warming / self.RECORD_FILE).write_text(record.to_json())  # type: ignore[attr-defined]
+            disown_warming(warming)
             os.rename(warming, self.root / ident)
         except BaseException:
             self._release(ident, unfinished=True)

@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmc.domain import OVERLAY_FILE, TemplateMemory, VMSpec, render_domain_xml
+from kvmc.domain import OVERLAY_FILE, TemplateMemory, VMSpec
 from kvmc.errors import HypervisorError, KvmcError
 from kvmc.pool.common import KeyedRecord, Offer, PoolDirectory, PoolKey, pool_domain, pool_vm
 from kvmc.state import now_iso
@@ -163,7 +163,7 @@ class Templates(PoolDirectory[Template]):
                        guest=self.host.guest(), state_root=str(self.host.config.data_dir))
         spec = dataclasses.replace(spec, template_memory=TemplateMemory(
             Path(template.mem_path), template.key.memory_mib, shared=True))
-        self.host.hv.create_transient(render_domain_xml(spec, self.host.config.templates_dir))
+        self.host.hv.create_transient(self.host.domain_xml(spec))
 
     def _capture(self, template: Template, directory: Path, image_disk: Path) -> bool:  # type: ignore[override]
         """Capture the device state, destroy the VM and freeze the overlay; the VM is gone."""

@@ -112,6 +112,7 @@ class AutoPool:
         try:
             removed = self._remove(lambda origin: origin_pid(origin) is not None
                                    and origin != self.origin and not is_monitor(origin_pid(origin)))
+            removed += self.pool.remove_abandoned()  # a member a killed server was making, its VM running
             for state in read_states(self.pool.root):
                 if state.pid != os.getpid() and not is_monitor(state.pid):
                     state_file(self.pool.root, state.pid).unlink(missing_ok=True)

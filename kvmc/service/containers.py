@@ -277,16 +277,18 @@ class ContainerService:
             raise UsageError(f'invalid condition "{condition}": use one of {", ".join(WAIT_CONDITIONS)}')
         first = self.engine.repair(self.state.resolve(ref))  # its monitor died: a new one records the exit
         baseline = (first.finished_at, first.restart_count)
-        while not cancelled():
-            current = self.state.load(first.id)
-            if current is None:  # removed: every condition holds; its exit code outlives it
-                return self.state.tombstone_exit_code(first.id)
-            seen = self.engine.observe(current)
-            if condition == "not-running" and not seen.is_live:
-                return seen.exit_code or 0
-            # next-exit: an exit after this call, also one the restart policy follows with a restart
-            ended = seen.state in (State.EXITED, State.RESTARTING) or seen.restart_count != baseline[1]
-            if condition == "next-exit" and ended and seen.finished_at and (seen.finished_at, seen.restart_count) != baseline:
-                return seen.exit_code or 0
-            time.sleep(POLL_S)
+        with self.state.watch(first.id) as changed:
+            while not cancelled():
+                current = self.state.load(first.id)
+                if current is None:  # removed: every condition holds; its exit code outlives it
+                    return self.state.tombstone_exit_code(first.id)
+                seen = self.engine.observe(current)
+                if condition == "not-running" and not seen.is_live:
+                    return seen.exit_code or 0
+                # next-exit: an exit after this call, also one the restart policy follows with a restart
+                ended = seen.state in (State.EXITED, State.RESTARTING) or seen.restart_count != baseline[1]
+                if (condition == "next-exit" and ended and seen.finished_at
+                        and (seen.finished_at, seen.restart_count) != baseline):
+                    return seen.exit_code or 0
+                changed(POLL_S)  # woken by the record's next write, or its removal
         return None

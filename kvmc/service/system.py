@@ -50,11 +50,12 @@ class SystemService:
 
     def gc(self, force: bool) -> list[str]:
         """Orphan VMs and half-created containers, then network leftovers (taps, namespaces,
-        DNS servers) of VMs that no longer run."""
+        DNS servers) of VMs that no longer run, and sockets of monitor fork servers that died."""
+        from kvmc import forkserver
         from kvmc.service.networks import NetworkService
 
         found = self.engine.gc(force)
-        return found + NetworkService(self.engine).leftovers(force)
+        return found + NetworkService(self.engine).leftovers(force) + forkserver.sweep_stale(force)
 
     def boot(self) -> list:  # noqa: ANN201 - list[ItemReport[ContainerRecord]]
         """Start the containers whose restart policy wants them running (after a host or libvirtd

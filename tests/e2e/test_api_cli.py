@@ -198,9 +198,11 @@ def test_detached_container_full_lifecycle(kvmc_serve: KvmcServe, tmp_path: Path
         assert _status(srv, "api-web") == "exited"
         srv.docker("start", "api-web", check=True)
         assert _status(srv, "api-web") == "running"
+        # The port first: its server starts once the command has rewritten /www (start returns
+        # when the command runs, and `echo hello > /www` empties the file before it writes it).
+        assert _fetch(port) == b"hello\n"
         proc = srv.docker("exec", "api-web", "sh", "-c", "cat /root/in.txt /www", check=True)
         assert proc.stdout == b"copied in\nhello\n"
-        assert _fetch(port) == b"hello\n"
 
         srv.docker("pause", "api-web", check=True)
         assert _status(srv, "api-web") == "paused"

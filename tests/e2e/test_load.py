@@ -9,6 +9,7 @@ through the shared reader, and inspect's LogPath and LogConfig.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,17 +76,18 @@ def test_parallel_runs_through_both_doors(kvmc: Kvmc, kvmc_serve: KvmcServe) -> 
 
 
 def monitors_of(data_dir: Path) -> list[str]:
-    """kvmc processes on this data dir other than the server: its containers' monitors (forked
-    from a CLI, or ``python -m kvmc.monitor`` from the server)."""
+    """Monitors of containers on this data dir: processes titled ``kvmc-monitor`` (however they
+    were started: by the fork server, from a CLI, or ``python -m kvmc.monitor``) whose stderr is
+    a monitor.log under the data dir."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            env = (proc / "environ").read_bytes()
+            argv = (proc / "cmdline").read_bytes()
+            log = os.readlink(proc / "fd" / "2")
         except OSError:
             continue
-        if b"kvmc" in b" ".join(argv) and b"serve" not in argv and f"KVMC_DATA_DIR={data_dir}".encode() in env:
-            found.append(f"{proc.name}: {b' '.join(argv)[:80]!r}")
+        if argv.startswith(b"kvmc-monitor") and log.startswith(f"{data_dir}/containers/"):
+            found.append(f"{proc.name}: {argv[:80]!r}")
     return found
 
 

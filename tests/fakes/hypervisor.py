@@ -463,6 +463,9 @@ class FakeHypervisor:
         URI). Every instance, the forked monitor's too, sees the same domains."""
         return lambda _config_or_uri: FakeHypervisor(self.root, self.rootfs, self.agent_bin)
 
+    def connect(self) -> None:
+        """Nothing to open: the fake's state is files."""
+
     # ------------------------------------------------------------ internals
     def _require(self, name: str) -> dict[str, Any]:
         rec = self.store.load(name)

@@ -207,7 +207,7 @@ CREATE_STEPS: dict[str, Callable[[pytest.MonkeyPatch], list[tuple]]] = {
     "state.save": lambda mp: inject(mp, StateStore, "save", OSError(28, "No space left on device")),
     "create_overlay": lambda mp: inject(mp, runtime_mod, "create_overlay", KvmcError("injected: qemu-img")),
     "container_vm": lambda mp: inject(mp, runtime_mod, "container_vm", ValueError("injected: container_vm")),
-    "render_domain_xml": lambda mp: inject(mp, runtime_mod, "render_domain_xml", KvmcError("injected: render")),
+    "domain_xml": lambda mp: inject(mp, HostContext, "domain_xml", KvmcError("injected: render")),
     "hv.define": lambda mp: inject(mp, FakeHypervisor, "define", HypervisorError("injected: libvirt refused")),
     # libvirt defined the domain, then the caller was interrupted (Ctrl-C) before create returned.
     "hv.define, then interrupted": lambda mp: inject(mp, FakeHypervisor, "define", KeyboardInterrupt(),
@@ -510,8 +510,17 @@ def test_rm_force_of_a_running_container_leaves_nothing(env: Env) -> None:
 
 def test_run_whose_vm_cannot_boot_is_removed(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fail_boots(monkeypatch, tmp_path / "fail-boots")
+    real_destroy = FakeHypervisor.destroy
+
+    def slow_destroy(self: FakeHypervisor, name: str) -> None:  # libvirt's takes >= 0.2 s
+        time.sleep(0.3)
+        real_destroy(self, name)
+
+    monkeypatch.setattr(FakeHypervisor, "destroy", slow_destroy)
     with pytest.raises(KvmcError, match="injected"):
         env.svc.run(env.opts("true", name="stillborn"), None, io.BytesIO(), io.BytesIO())
+    # Ended before the caller heard, not reaped afterwards (CI's e2e test found a marker left).
+    assert not list(env.config.run_dir.glob("*.reaping"))
     env.wait_monitors()
     [gone] = [p.name for p in (env.config.containers_dir / "names" / ".exited").iterdir()]
     assert env.state.tombstone_exit_code(gone) == 125

@@ -28,7 +28,7 @@ NEW_KEYS = {"labels": {}, "tty": False, "open_stdin": False, "stdin_once": False
 """What schema 2 added (and typed fields added since, with defaults: ``networks``,
 ``console_size``, ``log_opts``), with the value a migrated record gets (docker's defaults)."""
 NEW_KEYS.update({"restart_count": 0, "manually_stopped": False, "health": None, "pool_source": "",
-                 "guest_dir": ""})
+                 "guest_dir": "", "vm_resumed": False})
 TYPED_NEW_KEYS = {"options": ContainerOptions()}
 """Typed fields added since (issue 16: restart policy, health check, DNS, ulimits... as one
 object), with defaults: a record without them loads with none of those settings."""

@@ -353,3 +353,78 @@ def test_remove_leaves_other_containers(store):
     store.remove(a)
     assert [r.id for r in store.list()] == [b.id]
     assert store.resolve("b").id == b.id
+
+
+# ------------------------------------------------------------------ watch
+WOKEN_WITHIN_S = 20.0
+"""A bound far above any wake-up: ``changed`` says whether it was woken or timed out."""
+
+
+def _in_thread(action) -> threading.Event:
+    """Run ``action`` in a thread once released; the event says it ran."""
+    done = threading.Event()
+
+    def run() -> None:
+        action()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done
+
+
+def test_watch_wakes_at_a_record_write_and_at_removal(store: StateStore) -> None:
+    record = new_container(store, "watched")
+    with store.watch(record.id) as changed:
+        written = _in_thread(lambda: store.update(record, exit_code=3))
+        assert changed(WOKEN_WITHIN_S)
+        written.wait(WOKEN_WITHIN_S)
+        assert store.load(record.id).exit_code == 3
+        # A monitor keeps its log in the directory open until it exits: the removal still wakes.
+        log = (store.container_dir(record.id) / "monitor.log").open("w")
+        try:
+            removed = _in_thread(lambda: store.remove(record))
+            assert changed(WOKEN_WITHIN_S)
+            removed.wait(WOKEN_WITHIN_S)
+            assert store.load(record.id) is None
+        finally:
+            log.close()
+
+
+def test_watch_is_not_woken_by_other_containers(store: StateStore) -> None:
+    mine, other = new_container(store, "mine"), new_container(store, "other")
+    with store.watch(mine.id) as changed:
+        store.update(other, exit_code=1)
+        store.remove(other)
+        assert not changed(0.2)  # nothing of its own changed
+        assert store.load(mine.id) is not None
+        store.update(mine, exit_code=0)
+        assert changed(WOKEN_WITHIN_S)  # the write before this call is not missed
+
+
+def test_watch_of_a_removed_container_sleeps(store: StateStore) -> None:
+    record = new_container(store, "gone")
+    store.remove(record)
+    with store.watch(record.id) as changed:
+        assert not changed(0.01)
+
+
+def test_cli_inspect_of_an_ambiguous_prefix_says_ambiguous(three, tmp_path, monkeypatch):
+    """`kvmc inspect PREFIX` falls back to images only when no container matches: a prefix that
+    matches two containers is said to be ambiguous, not "no such container or image" (seen in CI
+    when two random ids shared their first digit)."""
+    from typer.testing import CliRunner
+
+    from kvmc.cli import app
+
+    monkeypatch.setenv("KVMC_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KVMC_RUN_DIR", str(tmp_path / "run"))
+    from kvmc.errors import AmbiguousContainer
+
+    result = CliRunner().invoke(app, ["inspect", "abc"])
+    assert isinstance(result.exception, AmbiguousContainer)  # main() prints it and exits 125
+    assert 'container prefix "abc" is ambiguous' in str(result.exception)
+    result = CliRunner().invoke(app, ["inspect", "--type", "container", "abc"])
+    assert isinstance(result.exception, AmbiguousContainer)
+    result = CliRunner().invoke(app, ["inspect", "zzz"])
+    assert isinstance(result.exception, ContainerNotFound)
+    assert str(result.exception) == "no such container or image: zzz"
