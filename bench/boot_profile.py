@@ -38,6 +38,7 @@ def qemu_args(guest_dir: Path, rootfs: Path, sock: Path, console: Path, append: 
     return [
         EMULATOR, "-machine", f"microvm,usb=off,acpi={'on' if guest.acpi else 'off'}", "-accel", f"tcg,tb-size={tb_mib}" if tb_mib else "tcg",
         "-cpu", "qemu64,+arat", "-m", str(memory_mib), "-smp", "1", "-display", "none", "-no-user-config", "-nodefaults",
+        "-no-reboot",  # a guest without ACPI ends by reset (kvmc.exit=reboot), as on_reboot=destroy
         "-kernel", str(guest.kernel), "-initrd", str(guest.initramfs), "-append", cmdline,
         "-device", "virtio-serial-device",
         "-drive", f"file={rootfs},if=none,id=root,format=raw,snapshot=on",
@@ -117,6 +118,10 @@ def main() -> None:
             numbers, log = one_boot(guest_dir, rootfs, append, args.memory, tb)
             results[(guest_dir, tb)].append(numbers)
             print(f"{guest_dir} tb={tb}: " + "  ".join(f"{k} {v:7.1f}" for k, v in numbers.items()), flush=True)
+            if "kvmc.debug" in append:  # the agent's own timestamps
+                for line in log.splitlines():
+                    if "kvmc-agent:" in line:
+                        print("    " + line.strip()[:140])
     for (guest_dir, tb), runs in results.items():
         print(f"median {guest_dir} tb={tb}: " +
               "  ".join(f"{k} {statistics.median(r[k] for r in runs):7.1f}" for k in runs[0]))

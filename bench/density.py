@@ -4,7 +4,7 @@ Starts N detached containers running ``sleep`` (by default clones of a pool temp
 `kvmc pool warm --template`, the cheapest way measured: they share the template's RAM file;
 ``--mode cold`` boots each VM instead), checks that every one answers ``kvmc exec NAME true``,
 then measures over ``--seconds``: the PSS of every container's QEMU plus kvmc's own process
-per container (its monitor), and the CPU time both use; removes the containers and prints the
+per container (its monitor, and the fork server its monitors share), and the CPU time both use; removes the containers and prints the
 table with the targets beside it (100 answering, <= 35 MiB, <= 0.5 % of a core each), and a
 breakdown by process kind. Memory is PSS (/proc/PID/smaps_rollup): pages shared between
 clones (the template's file, QEMU's binary and libraries) count once, split among them.
@@ -25,6 +25,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from kvmc_bytecode import compile_kvmc
 
 TARGETS = {"answering": 100, "memory": 35.0, "cpu": 0.5}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -51,6 +53,29 @@ def qemu_pids() -> dict[str, int]:
             name = args[args.index(b"-name") + 1].decode().split(",")[0].removeprefix("guest=")
             found[name] = int(entry.name)
     return found
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def fork_servers(monitors: list[int]) -> list[int]:
+    """The monitor fork servers (kvmc/forkserver.py) that forked these monitors: kvmc's own
+    memory, split by PSS among them. Not every fork server that runs: another one (an earlier
+    run's, with another environment) may end idle during the window, and is no container's."""
+    parents = {parent_pid(pid) for pid in monitors}
+    return sorted(pid for pid in parents if pid is not None and comm(pid) == "kvmc-forkserver")
 
 
 def pss_kib(pid: int) -> int:
@@ -88,6 +113,7 @@ def main() -> None:
                         help="TCG translation cache MiB per VM (config tcg_tb_cache_mib; default 4, 0: QEMU's)")
     parser.add_argument("--keep", action="store_true", help="leave the containers running")
     args = parser.parse_args()
+    compile_kvmc()  # as an installed kvmc is (bench/kvmc_bytecode.py)
     os.environ["KVMC_TCG_TB_CACHE_MIB"] = str(args.tb_cache)
 
     prefix = f"density-{os.getpid()}"
@@ -121,6 +147,9 @@ def main() -> None:
         facts = [r.get("Kvmc", {}) for r in records]
         qemus = [by_domain[f["Domain"]] for f in facts if f.get("Domain") in by_domain]
         monitors = [f["MonitorPid"] for f in facts if f.get("MonitorPid")]
+        servers = fork_servers(monitors)
+        served = sum(parent_pid(pid) in servers for pid in monitors)
+        monitors += servers  # shared by the monitors it forked: its PSS is theirs
         time.sleep(2)  # let the execs' traces settle
         before = {pid: cpu_ticks(pid) for pid in qemus + monitors}
         t_measure = time.perf_counter()
@@ -139,7 +168,7 @@ def main() -> None:
                 kvmc("rm", "-f", *names[i:i + 20], check=False)
     n = args.n
     print(f"{args.n} containers ({args.mode}, {args.memory}, {args.image}, tb-cache {args.tb_cache or 'default'} MiB), started {started} in {start_s:.0f} s; "
-          f"{len(qemus)} QEMUs, {len(monitors)} monitors; measured over {window:.0f} s; {ksm}")
+          f"{len(qemus)} QEMUs, {len(monitors) - len(servers)} monitors ({served} forked by a fork server); measured over {window:.0f} s; {ksm}")
     print(f"{'measure':<44}{'value':>10}{'target':>10}")
     rows = (
         ("containers answering exec", f"{answering}", f">= {max(n, TARGETS['answering'])}",

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from kvmc.process import parse_memory
 
+from kvmc_bytecode import compile_kvmc
+
 
 def kvmc(*args: str) -> tuple[float, bytes]:
     start = time.perf_counter()
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--image", default="kvmc/busybox")
     parser.add_argument("--memory", default="128m")
     args = parser.parse_args()
+    compile_kvmc()  # as an installed kvmc is (bench/kvmc_bytecode.py)
     image, memory, n = args.image, args.memory, args.runs
     memory_mib = parse_memory(memory)
 
