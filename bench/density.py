@@ -119,8 +119,10 @@ def main() -> None:
     prefix = f"density-{os.getpid()}"
     names = [f"{prefix}-{i}" for i in range(args.n)]
     pool_args = ["--no-pool"] if args.mode == "cold" else []
-    if args.mode == "template":
-        kvmc("pool", "warm", "--template", "-m", args.memory, args.image)
+    # A template this run made is removed at the end (its RAM file stays in tmpfs otherwise);
+    # one that was there before is left alone, as bench/startup.py does.
+    made_template = args.mode == "template" and " made " in kvmc(
+        "pool", "warm", "--template", "-m", args.memory, args.image).stdout
     t0 = time.perf_counter()
     try:
         failures: list[str] = []
@@ -166,6 +168,8 @@ def main() -> None:
         if not args.keep:
             for i in range(0, len(names), 20):
                 kvmc("rm", "-f", *names[i:i + 20], check=False)
+            if made_template:
+                kvmc("pool", "rm", args.image, "--mode", "template", check=False)
     n = args.n
     print(f"{args.n} containers ({args.mode}, {args.memory}, {args.image}, tb-cache {args.tb_cache or 'default'} MiB), started {started} in {start_s:.0f} s; "
           f"{len(qemus)} QEMUs, {len(monitors) - len(servers)} monitors ({served} forked by a fork server); measured over {window:.0f} s; {ksm}")
