@@ -68,6 +68,7 @@ PRIVATE_SOCKET = "agent.sock"
 that no path length limit applies to it."""
 GUEST_SETUP = """set -e
 ip link set lo up
+mount -t tmpfs -o mode=0755 run /run
 mkdir -p "$1/proc" "$1/sys" "$1/dev"
 mount --bind "$1" "$1"
 mount -t proc proc "$1/proc"
@@ -91,7 +92,9 @@ shift
 exec "$@"
 """
 """What images/initramfs/init gives the container root, run in the VM's private namespaces:
-proc, sys, a dev with pts and shm, lo up. /dev is a tmpfs with the usual nodes, not devtmpfs
+proc, sys, a dev with pts and shm, lo up; and a /run of the VM's own (the agent keeps files
+in its root's /run, the initramfs in a VM, the host's here; the agent's cwd, the domain's run
+directory, stays reachable under it). /dev is a tmpfs with the usual nodes, not devtmpfs
 (that would be the host's own /dev): it has no disks."""
 NIC_SETUP = "ip link add eth0 type veth peer name eth1\n"
 """A stand-in for the virtio-net NIC on slirp: an eth0 for the agent to configure."""

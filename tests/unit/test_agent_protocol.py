@@ -361,7 +361,11 @@ def test_host_disconnect_kills_processes(agent: Agent) -> None:
 def test_hostname_in_own_uts_namespace(agent_bin: Path, rootfs: Path) -> None:
     if not shutil.which("unshare"):
         pytest.fail("unshare (util-linux) is missing: it is part of every Debian base system")
-    with start_agent(agent_bin, rootfs, wrapper=("unshare", "--uts")) as a:
+    # A mount namespace with a /run of its own too: the agent keeps the container's /etc/hostname
+    # in its root's /run (in a VM, the initramfs), which here is the host's.
+    wrapper = ("unshare", "--uts", "--mount", "--propagation", "private",
+               "sh", "-c", 'mount -t tmpfs tmpfs /run && exec "$@"', "sh")
+    with start_agent(agent_bin, rootfs, wrapper=wrapper) as a:
         res, out, _ = a.run(["sh", "-c", 'echo "$(hostname) $HOSTNAME"'], hostname="box1", seed=b"\x12\x34")
         assert (res.exit_code, out) == (0, b"box1 box1\n")
 
@@ -429,7 +433,8 @@ def test_agent_refuses_a_protocol_1_host(agent: Agent) -> None:
 @contextmanager
 def tty_agent(agent_bin: Path, rootfs: Path) -> Iterator[Agent]:
     """The agent with a devpts instance of its own at ROOT/dev/pts, as the guest's init mounts it."""
-    script = ('mount --bind "$1" "$1" && mkdir -p "$1/dev/pts" && mount -t proc proc "$1/proc" && '
+    script = ('mount -t tmpfs tmpfs /run && '  # the agent's /run/kvmc-etc, not the host's
+              'mount --bind "$1" "$1" && mkdir -p "$1/dev/pts" && mount -t proc proc "$1/proc" && '
               'mount -t devpts -o newinstance,ptmxmode=0666 devpts "$1/dev/pts" && shift && exec "$@"')
     (rootfs / "proc").mkdir(exist_ok=True)
     wrapper = ("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(rootfs))

@@ -53,7 +53,10 @@ def agent_in_namespaces(
     ``root_opts`` extra flags for the rootfs mount (e.g. nosuid); ``pid1``: in a PID namespace
     of its own too, as PID 1 (as in the VM)."""
     remount = f'mount -o remount,bind,{root_opts} "$1" && ' if root_opts else ""
-    script = f'{before}mount --bind "$1" "$1" && {remount}mount -t proc proc "$1/proc" && shift && exec "$@"'
+    # /run is a tmpfs of the namespace's own: the agent keeps files in its root's /run (in a VM,
+    # the initramfs), which here is the host's.
+    script = (f'{before}mount -t tmpfs tmpfs /run && mount --bind "$1" "$1" && {remount}'
+              f'mount -t proc proc "$1/proc" && shift && exec "$@"')
     pid_ns = ("--pid", "--fork", "--kill-child") if pid1 else ()
     wrapper = ("unshare", "--mount", "--uts", "--net", *pid_ns, "--propagation", "private",
                "sh", "-c", script, "sh", str(root))
