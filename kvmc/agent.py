@@ -381,6 +381,13 @@ class AgentTable:
     """The same for every other process."""
 
 
+FIRST_WORD_S = 15.0
+"""How long kvmc waits for the agent's first word on its first connection to a just restored or
+cloned VM before it connects once more. Seen under load (3 of 7 runs of five e2e files in
+parallel, two warm-ups at a time): QEMU 7.2 left that first connection unanswered while its
+chardev said "disconnected"; a second connection to the same socket was answered at once
+(docs/platform.md). The agent normally answers a RUN in well under a second."""
+
 TABLE_STATES = ("starting", "running", "exited")
 MAX_TABLE_PAYLOAD = 64 * 1024
 MAX_REATTACH_SKIP = 64 << 20
@@ -578,6 +585,15 @@ class AgentConnection:
         if frame.type == FrameType.READY:
             self.ready_uptime_ms = parse_ready(frame.payload)
         return frame
+
+    def heard_within(self, timeout: float) -> bool:
+        """Whether the agent says anything within ``timeout`` seconds; what it said is kept for
+        the next :meth:`read_frame`."""
+        frame = self.read_frame(timeout)
+        if frame is None:
+            return False
+        self._backlog.appendleft(frame)
+        return True
 
     def reattach(self, timeout: float | None, check: Callable[[], None] | None = None) -> tuple[AgentTable, int]:
         """Take over a running VM's agent from a host that left (a monitor that died): send

@@ -29,6 +29,7 @@ from kvmc.agent import (
     CLIENT_TO_MONITOR,
     MAIN_PROCESS_ID,
     AgentConnection,
+    AgentTable,
     Frame,
     FrameReader,
     FrameType,
@@ -351,26 +352,31 @@ class Monitor:
         (connection, None) to relay on, or (connection, result) if process 1 ended meanwhile.
         What the container lost while nobody read its output goes into its log and ours."""
         conn, table, skipped = self.life.reattach(self.record)
-        for proc_id, entry in table.processes.items():
-            if entry.state != "exited":  # execs whose clients died with the old monitor: orphans
-                procs.adopt(proc_id, started=entry.state != "starting")
         say(f"re-attached to the running VM after its monitor died: processes {sorted(table.processes)}; "
             f"the agent dropped {table.dropped} bytes of the container's output and {table.dropped_other} of "
             f"other processes while no monitor read them; {skipped} bytes in transit were skipped")
         if table.dropped or skipped:
             self.log.note("stderr", f"kvmc: output lost while kvmc's monitor was away: {table.dropped} bytes "
                                     f"dropped by the guest, up to {skipped} bytes in transit")
+        return conn, self._adopt(conn, table, procs)
+
+    def _adopt(self, conn: AgentConnection, table: AgentTable, procs: ProcessTable) -> ProcessResult | None:
+        """Take the processes in the agent's ``table`` as this monitor's (after a re-attach):
+        None while process 1 runs, its result if it ended; GuestError if it is not there."""
+        for proc_id, entry in table.processes.items():
+            if entry.state != "exited":  # execs whose clients died with the old monitor: orphans
+                procs.adopt(proc_id, started=entry.state != "starting")
         main = table.processes.get(MAIN_PROCESS_ID)
         if main is None:
             conn.close()
             raise GuestError("the container's process ended while kvmc's monitor was away; its exit code was lost")
         if main.state != "exited":
-            return conn, None
+            return None
         conn.ack_exit(MAIN_PROCESS_ID)
         code = main.exit_code if main.exit_code is not None else -1
         self.pending_exit = Frame(FrameType.EXIT, MAIN_PROCESS_ID, struct.pack(">BI", 1, main.signal)
                                   if main.signal else encode_exit(code))
-        return conn, ProcessResult(exit_code=code, signal=main.signal)
+        return ProcessResult(exit_code=code, signal=main.signal)
 
     # ------------------------------------------------------------- disk full
     def _disk_paths(self) -> list[Path]:
@@ -452,21 +458,26 @@ class Monitor:
         result: ProcessResult | None = None
         ended = self.ended = threading.Event()
         procs = ProcessTable()  # a new VM: nothing it may speak for yet
+        adopted = False
         try:
             if taking_over:
                 conn, result = self._take_over(procs)
             else:
                 if not restarting and self.wait_attach and not self.first_attach.wait(ATTACH_WAIT_S):
                     raise KvmcError("no client attached to the container within 30 s")
-                conn = self.life.boot(record, keep_last_exit=True) if restarting else self.life.boot(record)
-                procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
+                conn, table = self.life.boot(record, keep_last_exit=restarting)
+                if table is None:
+                    procs.requested(MAIN_PROCESS_ID)  # boot sent its RUN
+                else:  # the RUN was heard, its answer lost with the first connection (VMLife.first_word)
+                    adopted = True
+                    result = self._adopt(conn, table, procs)
             with self.lock:
                 self.conn, self.procs, self.running = conn, procs, result is None
             self.conn_ready.set()
             if result is None:
                 threading.Thread(target=self._watch_disk, args=(ended,), daemon=True).start()
-                if taking_over and procs.started(MAIN_PROCESS_ID):
-                    self._started(conn, record_it=False)
+                if (taking_over or adopted) and procs.started(MAIN_PROCESS_ID):
+                    self._started(conn, record_it=adopted)  # a take-over's started long ago
                 result = self._relay(conn)
         except AgentProtocolError as exc:
             # The guest is not trusted: one frame outside the protocol and its VM is stopped

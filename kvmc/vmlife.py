@@ -9,6 +9,7 @@ reach only the leaves in :class:`kvmc.context.HostContext`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from kvmc.agent import (
+    FIRST_WORD_S,
     MAIN_PROCESS_ID,
     AgentConnection,
     AgentTable,
@@ -244,10 +246,12 @@ class VMLife:
                 f"last lines of {GUEST_OUTPUT_LABEL}:\n{self.console_tail(record)}")
 
     # ------------------------------------------------------------------ boot
-    def boot(self, record: ContainerRecord, keep_last_exit: bool = False) -> AgentConnection:
-        """Start the domain, connect to its agent and hand it the main process (monitor side).
-        ``keep_last_exit``: a restart by the restart policy, whose record keeps the last run's
-        end (docker's FinishedAt and exit code stay until the next exit)."""
+    def boot(self, record: ContainerRecord, keep_last_exit: bool = False) -> tuple[AgentConnection, AgentTable | None]:
+        """Start the domain, connect to its agent and hand it the main process (monitor side):
+        the connection, and the agent's table when it had to be asked whether the process
+        started (:meth:`first_word`; the monitor adopts it then). ``keep_last_exit``: a restart
+        by the restart policy, whose record keeps the last run's end (docker's FinishedAt and
+        exit code stay until the next exit)."""
         host = self.host
         started = time.monotonic()
         directory = host.state.container_dir(record.id)
@@ -302,21 +306,23 @@ class VMLife:
             # A restored or cloned guest's clock is as old as its save file or template, and every
             # clone of one save or template shares its RNG state: the agent sets the clock and
             # reseeds from these first.
-            conn.run(MAIN_PROCESS_ID, ProcessSpec(
+            spec = ProcessSpec(
                 args=proc.args, env=proc.env, cwd=proc.cwd, user=proc.user,
                 hostname=proc.hostname, stdin=proc.stdin, time_ns=time.time_ns(), seed=os.urandom(64),
                 tty=record.tty, winsize=tuple(record.console_size) if record.console_size else None,
                 net=guest_net_config() if networked else None, netifs=netifs, **container_setup(record, nameservers),
-            ))
+            )
+            conn.run(MAIN_PROCESS_ID, spec)
         finally:  # after RUN: the guest sets up the process meanwhile
             if spent is not None:
                 spent.unlink(missing_ok=True)
         # started_at is recorded by the monitor when the agent reports the process STARTED
         # (Monitor._relay): a command that cannot be executed never counts as started.
         if restored or cloned:  # its READY went to the connection that warmed it
+            answered = self.first_word(record, conn, spec)
             host.say(f"{'restored pool member' if restored else 'cloned template'} in "
                      f"{time.monotonic() - started:.2f}s")
-            return conn
+            return answered
         try:
             conn.wait_ready(host.config.boot_timeout_s, check=lambda: check_vm_disk(host.hv, record.domain, directory))
         except DiskFull:
@@ -327,7 +333,33 @@ class VMLife:
             raise GuestError(f"the VM did not come up: {exc}; last lines of {GUEST_OUTPUT_LABEL}:\n"
                              f"{self.console_tail(record)}") from exc
         host.say(f"agent ready {time.monotonic() - started:.2f}s after start (guest uptime {conn.ready_uptime_ms} ms)")
-        return conn
+        return conn, None
+
+    def first_word(self, record: ContainerRecord, conn: AgentConnection,
+                   spec: ProcessSpec) -> tuple[AgentConnection, AgentTable | None]:
+        """Make sure a just restored or cloned VM's agent heard the container's RUN (``spec``,
+        sent on ``conn``): its first word within FIRST_WORD_S, or else one more connection,
+        where the agent's TABLE (REATTACH) says whether the RUN reached it. Not reached: the
+        same RUN again, with the clock read anew (``(conn, None)``). Reached (the agent was only
+        slow, and what it said went to the first connection): the table, for the monitor to
+        adopt process 1 as after its own death. Never a second process 1, never a wait
+        without end (QEMU 7.2 left such a first connection unanswered: docs/platform.md)."""
+        if conn.heard_within(FIRST_WORD_S):
+            return conn, None
+        conn.close()
+        self.host.say(f"no answer from the agent of container {record.name}'s VM on the first connection; "
+                      "connecting again")
+        timeout = self.host.config.boot_timeout_s
+        again = AgentConnection.connect(record.agent_socket, timeout=timeout)
+        try:
+            table, _skipped = again.reattach(timeout)
+            if MAIN_PROCESS_ID in table.processes:
+                return again, table
+            again.run(MAIN_PROCESS_ID, dataclasses.replace(spec, time_ns=time.time_ns()))
+        except BaseException:
+            again.close()
+            raise
+        return again, None
 
     def reattach(self, record: ContainerRecord) -> tuple[AgentConnection, AgentTable, int]:
         """Connect to a running VM's agent whose monitor died (monitor side): the agent's

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvmc.agent import AgentConnection, GuestOutput, ProcessResult, ProcessSpec, attach_process, labelled
+from kvmc.agent import FIRST_WORD_S, AgentConnection, GuestOutput, ProcessResult, ProcessSpec, attach_process, labelled
 from kvmc.domain import OVERLAY_FILE, VMSpec
 from kvmc.errors import AgentSilent, GuestError
 from kvmc.guest import GuestArtefacts
@@ -54,12 +54,9 @@ WARM_UP_IMAGE_ARGS = ["/bin/true"]
 code, which TCG translated anew in every claim (``true`` of kvmc/busybox: STARTED to EXIT
 25-33 ms, 5-10 ms once busybox's start-up ran in the member). ``true`` because it changes
 nothing by definition; an image without one (distroless) just gets no second warm-up."""
-WARM_UP_FIRST_WORD_S = 15.0
+WARM_UP_FIRST_WORD_S = FIRST_WORD_S
 """How long a warm-up waits for the agent on its first connection to a just restored VM before
-it connects once more. Seen under load (3 of 7 runs of five e2e files in parallel, two warm-ups
-at a time): QEMU 7.2 left that first connection unanswered while its chardev said
-"disconnected"; a second connection to the same socket was answered at once (docs/platform.md).
-The warm-up normally answers in well under a second."""
+it connects once more (kvmc.agent.FIRST_WORD_S)."""
 
 
 @dataclass

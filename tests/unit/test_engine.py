@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 import kvmc.runtime as runtime_mod
+import kvmc.vmlife as vmlife_mod
 from kvmc.config import Config
 from kvmc.context import HostContext
 from kvmc.errors import HypervisorError, ImageNotFound, KvmcError, UsageError
@@ -40,6 +41,7 @@ from kvmc.runtime import MONITOR_DIED, RunOptions, Runtime
 from kvmc.service import ContainerService
 from kvmc.state import ContainerRecord, State, StateStore
 from kvmc.vmlife import VMLife, pid_alive
+from tests.fakes.hypervisor import MUTE_FIRST_HOST_ENV
 from tests.fakes import FakeHypervisor, agent_bin, fake_hypervisor, root  # noqa: F401 (fixtures)
 
 IMAGE = "kvmc/busybox:latest"
@@ -612,6 +614,34 @@ def test_default_log_cap_comes_from_the_config(env: Env) -> None:
     record = env.svc.create(env.opts("true", name="quiet"))
     assert record.log_opts == {"max-size": "20m", "max-file": "5"}
     env.svc.remove("quiet")
+
+
+# ---------------------------------------------------- a restore's first connection
+def test_restored_member_unheard_on_the_first_connection_is_adopted(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU 7.2 once left the first connection to a just restored VM unanswered: the RUN sent on
+    it reaches the agent, but nothing comes back. kvmc connects again after FIRST_WORD_S and
+    the agent's table says process 1 runs: the monitor adopts it (no second process 1, no wait
+    without end) and the attached client hears it to the end."""
+    Pool(env.host).warm(IMAGE, 1, env.config.memory_mib, env.config.cpus, "tcg")
+    monkeypatch.setattr(vmlife_mod, "FIRST_WORD_S", 0.3)
+    monkeypatch.setenv(MUTE_FIRST_HOST_ENV, "1")  # read by the fake's restore, in the forked monitor
+    said = env.config.data_dir / "said.log"  # the monitor is a fork: its remarks go to a file
+
+    def note(message: str) -> None:
+        with said.open("a") as f:
+            f.write(message + "\n")
+
+    monkeypatch.setattr(env.host, "verbose", True)
+    monkeypatch.setattr(env.host, "notice", note)
+    out, err = io.BytesIO(), io.BytesIO()
+    record, code = env.svc.run(env.opts("sh", "-c", "sleep 2; echo hi; exit 4", name="muted"), None, out, err)
+    log = said.read_text() if said.exists() else ""
+    assert (code, out.getvalue(), err.getvalue()) == (4, b"hi\n", b""), log
+    assert "restored pool member" in log and "no answer from the agent" in log, log
+    assert env.state.load(record.id).started_at, "adopted, the start is recorded"
+    env.svc.remove("muted")
+    env.wait_monitors()
+    env.nothing_left(tombstones=[record.id])
 
 
 # ------------------------------------------------------------------ full disk

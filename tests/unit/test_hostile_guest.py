@@ -251,9 +251,9 @@ class ScriptedLife:
         self.host = host
         self.host_end = host_end
 
-    def boot(self, record: ContainerRecord) -> AgentConnection:
+    def boot(self, record: ContainerRecord, keep_last_exit: bool = False) -> tuple[AgentConnection, None]:
         self.host.state.update(record, state=State.RUNNING, started_at="2024-01-01T00:00:00.000Z")
-        return AgentConnection(self.host_end)
+        return AgentConnection(self.host_end), None
 
     def vm_lost_reason(self, record: ContainerRecord, what: str) -> str:
         return f"the VM stopped unexpectedly ({what})"
