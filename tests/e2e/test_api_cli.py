@@ -214,6 +214,11 @@ def test_detached_container_full_lifecycle(kvmc_serve: KvmcServe, tmp_path: Path
         header, *rows = stats.splitlines()
         assert "CPU %" in header and "MEM USAGE" in header, stats
         assert len(rows) == 1 and rows[0].split()[:2] == [cid[:12], "api-web"], stats
+        # BLOCK I/O is QEMU's count of the disk traffic: the guest read its command from the image.
+        block_io = _out(srv.docker("stats", "--no-stream", "--format", "{{.BlockIO}}", "api-web",
+                                   check=True, timeout=60)).strip()
+        read, written = (part.strip() for part in block_io.split("/"))
+        assert read not in ("0B", "0"), block_io
 
         top = _out(srv.docker("top", "api-web", check=True))
         assert top.split()[0] == "PID", top

@@ -780,7 +780,8 @@ class FakeHypervisor:
                 cpu_ticks += int(fields[11]) + int(fields[12])  # utime, stime
                 rss_kib += int(fields[21]) * os.sysconf("SC_PAGE_SIZE") // 1024
         return {"cpu_ns": cpu_ticks * 10**9 // os.sysconf("SC_CLK_TCK"), "memory_kib": memory_kib,
-                "rss_kib": rss_kib, "vcpus": int(root.findtext("vcpu") or 1)}
+                "rss_kib": rss_kib, "vcpus": int(root.findtext("vcpu") or 1),
+                "block_read_bytes": 0, "block_write_bytes": 0}  # no disk is read: the rootfs is a directory
 
     def metadata(self, name: str, namespace: str) -> str | None:
         from xml.dom import minidom

@@ -313,7 +313,8 @@ def test_metadata_monitor_commands_and_errors(fake_hypervisor: FakeHypervisor, m
     with pytest.raises(HypervisorError, match="libvirt refused the domain"):
         hv.define("<domain><name>broken")
 
-    assert hv.stats(vm.name) == {"cpu_ns": 0, "memory_kib": 256 * 1024, "rss_kib": 0, "vcpus": 1}
+    assert hv.stats(vm.name) == {"cpu_ns": 0, "memory_kib": 256 * 1024, "rss_kib": 0, "vcpus": 1,
+                                 "block_read_bytes": 0, "block_write_bytes": 0}
     hv.start(vm.name)
     assert hv.stats(vm.name)["rss_kib"] > 0
     with pytest.raises(HypervisorError, match="already running"):
