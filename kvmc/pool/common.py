@@ -124,13 +124,15 @@ def pool_domain(tag: str, ident: str) -> str:
 
 
 def pool_vm(key: PoolKey, *, name: str, uuid: str, ident: str, label: str, directory: Path, agent_socket: Path,
-            image_disk: Path, guest: GuestArtefacts, state_root: str) -> VMSpec:
-    """A pool VM of ``key``'s size, accelerator and network, named ``<label>-<id12>``."""
+            image_disk: Path, guest: GuestArtefacts, state_root: str, tcg_tb_cache_mib: int = 0) -> VMSpec:
+    """A pool VM of ``key``'s size, accelerator and network, named ``<label>-<id12>``; its TCG
+    translation cache sized as the containers' (config tcg_tb_cache_mib): a hot member's or hot
+    clone's QEMU is the one the container later runs in."""
     return container_vm(
         name=name, uuid=uuid, container_id=ident, container_name=f"{label}-{ident[:12]}",
         directory=directory, agent_socket=agent_socket, image_disk=image_disk, guest=guest,
         domain_type="kvm" if key.accel == "kvm" else "qemu", memory_mib=key.memory_mib,
-        vcpus=key.cpus, state_root=state_root, network=key.network == "user",
+        vcpus=key.cpus, state_root=state_root, network=key.network == "user", tcg_tb_cache_mib=tcg_tb_cache_mib,
     )
 
 

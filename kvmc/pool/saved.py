@@ -77,11 +77,11 @@ class Member(KeyedRecord):
 
 
 def member_vm(member: Member, directory: Path, agent_socket: Path, image_disk: Path, guest: GuestArtefacts,
-              state_root: str) -> VMSpec:
+              state_root: str, tcg_tb_cache_mib: int = 0) -> VMSpec:
     """The VM a member is while it waits in the pool (a claim redefines it, see Runtime.create)."""
     return pool_vm(member.key, name=member.domain, uuid=member.uuid, ident=member.id, label="pool",
                    directory=directory, agent_socket=agent_socket, image_disk=image_disk, guest=guest,
-                   state_root=state_root)
+                   state_root=state_root, tcg_tb_cache_mib=tcg_tb_cache_mib)
 
 
 class SavedMembers(PoolDirectory[Member]):
@@ -168,10 +168,15 @@ class SavedMembers(PoolDirectory[Member]):
 
     def _boot(self, member: Member, directory: Path, agent_socket: Path, image_disk: Path) -> None:
         """Define the member's persistent domain and start it."""
-        xml = self.host.domain_xml(member_vm(member, directory, agent_socket, image_disk, self.host.guest(),
-                                             str(self.host.config.data_dir)))
+        xml = self.host.domain_xml(self._member_vm(member, directory, agent_socket, image_disk))
         self.host.hv.define(xml)
         self.host.hv.start(member.domain)
+
+    def _member_vm(self, member: Member, directory: Path, agent_socket: Path, image_disk: Path) -> VMSpec:
+        """:func:`member_vm` with this host's guest, state root and translation-cache size."""
+        config = self.host.config
+        return member_vm(member, directory, agent_socket, image_disk, self.host.guest(), str(config.data_dir),
+                         tcg_tb_cache_mib=config.tcg_tb_cache_mib)
 
     def _capture(self, member: Member, directory: Path, image_disk: Path, hot: bool = False) -> bool:  # type: ignore[override]
         """Save the VM into ``directory`` (and with ``hot`` restore it paused): True if hot."""
@@ -211,7 +216,7 @@ class SavedMembers(PoolDirectory[Member]):
         try:
             shutil.copyfile(template_dir / TEMPLATE_DISK, warming / OVERLAY_FILE)
             os.chmod(warming / OVERLAY_FILE, 0o644)
-            spec = member_vm(member, warming, sock, image_disk, self.host.guest(), str(self.host.config.data_dir))
+            spec = self._member_vm(member, warming, sock, image_disk)
             self.host.hv.define(self.host.domain_xml(spec))
             self.host.hv.create_transient(self.host.domain_xml(clone_spec(spec, template)), paused=True)
             load_template_state(self.host.hv, member.domain, template_dir / TEMPLATE_STATE)
@@ -229,8 +234,7 @@ class SavedMembers(PoolDirectory[Member]):
     def _restore_paused(self, member: Member, directory: Path, image_disk: Path) -> None:
         """Make a saved member hot: its QEMU started from the save file in ``directory`` (a
         warming directory: claims cannot see it meanwhile), warmed up and left paused."""
-        xml = self.host.domain_xml(member_vm(member, directory, self.socket_for(member.id), image_disk,
-                                             self.host.guest(), str(self.host.config.data_dir)))
+        xml = self.host.domain_xml(self._member_vm(member, directory, self.socket_for(member.id), image_disk))
         self.host.hv.restore(directory / SAVE_FILE, xml, paused=True)
         self._warm_up(member)
 

@@ -160,7 +160,8 @@ class Templates(PoolDirectory[Template]):
         its capture."""
         spec = pool_vm(template.key, name=template.domain, uuid=str(uuid.uuid4()), ident=template.id,
                        label="template", directory=directory, agent_socket=agent_socket, image_disk=image_disk,
-                       guest=self.host.guest(), state_root=str(self.host.config.data_dir))
+                       guest=self.host.guest(), state_root=str(self.host.config.data_dir),
+                       tcg_tb_cache_mib=self.host.config.tcg_tb_cache_mib)
         spec = dataclasses.replace(spec, template_memory=TemplateMemory(
             Path(template.mem_path), template.key.memory_mib, shared=True))
         self.host.hv.create_transient(self.host.domain_xml(spec))

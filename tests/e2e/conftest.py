@@ -69,9 +69,13 @@ class Kvmc:
         return self._libvirt_domains() & ours
 
     def pool_domains(self) -> set[str]:
-        """libvirt domains of this state root's pool members."""
-        members = {json.loads(m.read_text())["domain"] for m in (self.data_dir / "pool").glob("*/member.json")}
-        return self._libvirt_domains() & members
+        """libvirt domains of this state root's pool members, and of its templates (a template
+        VM is transient and lives only while its template is made: one still running is a leak)."""
+        pool = self.data_dir / "pool"
+        members = {json.loads(m.read_text())["domain"] for m in pool.glob("*/member.json")}
+        templates = {f"kvmc-tmpl-{p.name.removeprefix('.warming-')[:16]}"
+                     for p in (pool / "templates").glob("*") if p.is_dir()}
+        return self._libvirt_domains() & (members | templates)
 
 
 @pytest.fixture(autouse=True)

@@ -230,3 +230,17 @@ def test_a_warm_up_whose_first_connection_is_never_answered_connects_again(tmp_p
     assert calls == ["resume", "say", "pause"] and len(held) == 1
     assert [proc_id for proc_id, _ in answered] == [2, 3]
     assert b"arg=/proc/self/exe" in answered[0][1] and b"arg=/bin/true" in answered[1][1]
+
+
+def test_pool_vms_get_the_containers_translation_cache(tmp_path: Path) -> None:
+    """A hot member's or hot clone's QEMU is the one its container runs in: its TCG translation
+    cache is sized by the config key tcg_tb_cache_mib as a cold container's is."""
+    from kvmc.guest import GuestArtefacts
+
+    guest = GuestArtefacts(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd", kernel_sha256="k",
+                           initramfs_sha256="i", agent_sha256="a", kernel_release="6.1")
+    config = SimpleNamespace(data_dir=tmp_path, run_dir=tmp_path / "run", tcg_tb_cache_mib=4)
+    members = Pool(SimpleNamespace(config=config, hv=None, guest=lambda: guest)).saved
+    member = Member(id="c" * 64, domain="kvmc-pool-c", uuid="u", key=KEY, created="now")
+    spec = members._member_vm(member, tmp_path, tmp_path / "agent.sock", tmp_path / "image.ext4")
+    assert spec.tcg_tb_cache_mib == 4 and spec.domain_type == "qemu"
