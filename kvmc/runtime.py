@@ -25,7 +25,7 @@ import uuid
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Mapping, Protocol
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Protocol
 
 from kvmc.agent import (MAIN_PROCESS_ID, AgentConnection, FrameType, ProcessResult, ProcessSpec, SignalWatch,
                         attach_process, labelled, parse_exit)
@@ -41,7 +41,7 @@ from kvmc.monitor import EXEC_ID_MAX, SHUTOFF_WAIT_S, MonitorProcess
 from kvmc.monitor import spawn as spawn_monitor
 from kvmc.mounts import Mount, check_targets, parse_tmpfs, parse_volume, share_tag
 from kvmc.health import Healthcheck, merge as merge_healthcheck
-from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, tap_name, valid_dns_name
+from kvmc.net.plan import MAX_NETWORKS_PER_CONTAINER, Endpoint, guest_ifname, tap_name, valid_dns_name
 from kvmc.network import NETWORK_MODES, PortMapping, allocate_ports, parse_network, parse_publish
 from kvmc.options import ContainerOptions, signal_number
 from kvmc.pool import SAVE_FILE, TEMPLATE_DISK, Offer, Pool, clone_spec
@@ -781,10 +781,16 @@ class Runtime:
     def is_paused(self, record: ContainerRecord) -> bool:
         return record.state == State.RUNNING and self.hv.state(record.domain) == "paused"
 
-    def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, int]]:
-        """The VM's CPU time and memory as libvirt counts them."""
+    def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, Any]]:
+        """The VM's CPU time, memory and disk traffic (Hypervisor.stats), and under ``networks``
+        each kvmc network NIC's traffic by its guest interface name (eth1, ...). The user-mode
+        NIC (eth0) is missing: slirp has no host device whose counters could be read."""
         record = self.require_running(ref)
-        return record, self.hv.stats(record.domain)
+        sample: dict[str, Any] = dict(self.hv.stats(record.domain))
+        networks = {guest_ifname(index): self.life.netns.nic_counters(endpoint.network_id, endpoint.tap)
+                    for index, endpoint in enumerate(record.networks) if endpoint.tap}
+        sample["networks"] = {name: counters for name, counters in networks.items() if counters}
+        return record, sample
 
     # ------------------------------------------------------------- stop, kill
     def kill(self, ref: str, signum: int = signal.SIGKILL) -> ContainerRecord:

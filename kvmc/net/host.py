@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import signal
 import struct
@@ -254,6 +255,22 @@ class NetnsHost:
                 return
         if Path(f"/sys/class/net/{tap}").exists():
             _ip("link", "del", "dev", tap, check=False)
+
+    def nic_counters(self, network_id: str, tap: str) -> dict[str, int]:
+        """Traffic of the VM NIC behind ``tap`` as Docker counts a container's interface, from
+        the guest's side (``rx_bytes``: what the guest received, which the tap sent); {} if the
+        tap is not in the network's namespace.
+
+        Read here, not through libvirt: libvirt's interface statistics look for the tap in the
+        host's /proc/net/dev, and kvmc moved it into the network's namespace (:meth:`plug`)."""
+        proc = _ip("-j", "-s", "link", "show", "dev", tap, netns=netns_name(network_id), check=False)
+        try:
+            host_view = json.loads(proc.stdout)[0]["stats64"]
+        except (ValueError, LookupError, TypeError):
+            return {}
+        guest_side = {"rx": host_view.get("tx", {}), "tx": host_view.get("rx", {})}
+        return {f"{side}_{field}": int(counters.get(field, 0))
+                for side, counters in guest_side.items() for field in ("bytes", "packets", "errors", "dropped")}
 
     def owned(self, network_id: str) -> bool:
         """The network's namespace was made for this state root."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal as signals
 import time
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping
 
 from kvmc.space import disk_full_errors
 from kvmc.errors import ImageNotFound, KvmcError, UsageError
@@ -233,7 +233,7 @@ class ContainerService:
     def is_paused(self, record: ContainerRecord) -> bool:
         return self.engine.is_paused(record)
 
-    def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, int]]:
+    def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, Any]]:
         return self.engine.stats(ref)
 
     def stop(self, ref: str, timeout_s: int | None = None, signal: str | int | None = None) -> tuple[ContainerRecord, bool]:

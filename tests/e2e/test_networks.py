@@ -152,6 +152,12 @@ def test_compose_services_reach_each_other_by_service_name(kvmc_serve: KvmcServe
         web = json.loads(run_docker(env, "inspect", "netproj-web-1", check=True).stdout)[0]
         endpoint = web["NetworkSettings"]["Networks"]["netproj_default"]
         assert "web" in endpoint["Aliases"] and endpoint["IPAddress"].startswith("172.")
+        # docker stats' NET I/O: the web VM's NIC on the network counts the exchange (its tap's
+        # counters, through libvirt)
+        net_io = run_docker(env, "stats", "--no-stream", "--format", "{{.NetIO}}", "netproj-web-1",
+                            check=True, timeout=60).stdout.decode().strip()
+        received, sent = (part.strip() for part in net_io.split("/"))
+        assert received != "0B" and sent != "0B", net_io
         network_id = network["Id"]
     finally:
         down = compose(env, project, "down", "-t", "1", timeout=240)

@@ -11,6 +11,7 @@ import io
 import json
 import threading
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -292,13 +293,13 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 
 # ------------------------------------------------------------------ stats
-def _stats_json(record: ContainerRecord, sample: dict[str, int], previous: dict[str, int] | None,
+def _stats_json(record: ContainerRecord, sample: dict[str, Any], previous: dict[str, Any] | None,
                 read_at: float, previous_at: float | None) -> dict:
     ncpu = sample["vcpus"]
     system_ns = int(read_at * 1e9) * ncpu
     memory = sample["rss_kib"] * 1024 or sample["memory_kib"] * 1024
 
-    def cpu(s: dict[str, int] | None, at: float | None) -> dict:
+    def cpu(s: dict[str, Any] | None, at: float | None) -> dict:
         return {"cpu_usage": {"total_usage": s["cpu_ns"] if s else 0, "usage_in_kernelmode": 0,
                               "usage_in_usermode": s["cpu_ns"] if s else 0},
                 "system_cpu_usage": int(at * 1e9) * ncpu if at else 0, "online_cpus": ncpu,
@@ -312,11 +313,14 @@ def _stats_json(record: ContainerRecord, sample: dict[str, int], previous: dict[
         "cpu_stats": {**cpu(sample, read_at), "system_cpu_usage": system_ns},
         "precpu_stats": cpu(previous, previous_at),
         "memory_stats": {"usage": memory, "limit": sample["memory_kib"] * 1024, "stats": {}},
-        "pids_stats": {}, "blkio_stats": _blkio(sample), "num_procs": 0, "networks": {},
+        "pids_stats": {}, "blkio_stats": _blkio(sample), "num_procs": 0,
+        # Per guest interface, as Docker's (the CLI's NET I/O sums them); the user-mode NIC
+        # (eth0) has no host device to count on, so a container on no kvmc network shows none.
+        "networks": sample.get("networks", {}),
     }
 
 
-def _blkio(sample: dict[str, int]) -> dict:
+def _blkio(sample: dict[str, Any]) -> dict:
     """The VM's disk traffic as Docker's cgroup v1 block I/O counters, which the docker CLI's
     BLOCK I/O column and docker-py read (ops "read"/"write", summed over entries): one entry
     each for all of the VM's disks, whose device numbers are the host's business (0:0)."""
