@@ -18,6 +18,7 @@ and must not import the API server; kvmc/api/shapes.py re-exports these.
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
@@ -590,3 +591,45 @@ def human_status(state: str, exit_code: int | None, started_at: str | None, fini
     return f"Exited ({exit_code or 0}) {human_duration(max(0.0, now - finished))} ago"
 
 
+# ------------------------------------------------------------------------ stats
+def container_stats(record: Any, sample: Mapping[str, Any], previous: Mapping[str, Any] | None,
+                    read_at: float, previous_at: float | None) -> dict[str, Any]:
+    """Docker's stats JSON of a running container from kvmc's samples (Runtime.stats): the
+    API's ``/containers/{id}/stats`` and ``kvmc stats`` both read this shape.
+
+    CPU: the VM's vCPU time; the "system" time is wall time times the vCPUs, so the docker
+    CLI's percentage (CPU delta / system delta x online CPUs) is the VM's share of one host
+    core per vCPU, as docker's is of a cgroup's. Memory: QEMU's resident memory (the guest's
+    size when libvirt cannot tell) against the guest's size."""
+    ncpu = sample["vcpus"]
+
+    def cpu(s: Mapping[str, Any] | None, at: float | None) -> dict[str, Any]:
+        return {"cpu_usage": {"total_usage": s["cpu_ns"] if s else 0, "usage_in_kernelmode": 0,
+                              "usage_in_usermode": s["cpu_ns"] if s else 0},
+                "system_cpu_usage": int(at * 1e9) * ncpu if at else 0, "online_cpus": ncpu,
+                "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}}
+
+    return {
+        "id": record.id, "name": f"/{record.name}",
+        "read": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(read_at)) + "Z",
+        "preread": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(previous_at)) + "Z" if previous_at
+        else ZERO_TIME,
+        "cpu_stats": cpu(sample, read_at),
+        "precpu_stats": cpu(previous, previous_at),
+        "memory_stats": {"usage": sample["rss_kib"] * 1024 or sample["memory_kib"] * 1024,
+                         "limit": sample["memory_kib"] * 1024, "stats": {}},
+        "pids_stats": {}, "blkio_stats": _blkio(sample), "num_procs": 0,
+        # Per guest interface, as Docker's (the CLI's NET I/O sums them); the user-mode NIC
+        # (eth0) has no host device to count on, so a container on no kvmc network shows none.
+        "networks": dict(sample.get("networks", {})),
+    }
+
+
+def _blkio(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """The VM's disk traffic as Docker's cgroup v1 block I/O counters, which the docker CLI's
+    BLOCK I/O column and docker-py read (ops "read"/"write", summed over entries): one entry
+    each for all of the VM's disks, whose device numbers are the host's business (0:0)."""
+    return {"io_service_bytes_recursive": [
+        {"major": 0, "minor": 0, "op": "read", "value": sample.get("block_read_bytes", 0)},
+        {"major": 0, "minor": 0, "op": "write", "value": sample.get("block_write_bytes", 0)},
+    ]}

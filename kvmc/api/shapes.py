@@ -22,8 +22,9 @@ from typing import Any, Mapping
 from kvmc import __version__ as KVMC_VERSION
 from kvmc.api import API_VERSION, ENGINE_VERSION, MIN_API_VERSION
 from kvmc.api.translate import ZERO_TIME
-from kvmc.views import (DRIVER, LOG_DRIVER, RUNNING_STATES, container_inspect, container_summary,  # noqa: F401
-                        docker_state, image_inspect, image_summary, is_paused, network_name, sha256_id)
+from kvmc.views import (DRIVER, LOG_DRIVER, RUNNING_STATES, container_inspect, container_stats,  # noqa: F401
+                        container_summary, docker_state, image_inspect, image_summary, is_paused, network_name,
+                        sha256_id)
 from kvmc.views import _attr
 
 

@@ -500,15 +500,13 @@ def test_system_and_event_shapes() -> None:
 
 def test_stats_json_carries_disk_and_network_traffic_as_docker_counts_it() -> None:
     """The docker CLI's BLOCK I/O sums blkio entries by op, its NET I/O the interfaces' rx/tx."""
-    from kvmc.api.routes.containers import _stats_json
-
     eth1 = {"rx_bytes": 1500, "rx_packets": 3, "rx_errors": 0, "rx_dropped": 0,
             "tx_bytes": 700, "tx_packets": 2, "tx_errors": 0, "tx_dropped": 0}
     sample = {"cpu_ns": 5 * 10**9, "memory_kib": 262144, "rss_kib": 65536, "vcpus": 2,
               "block_read_bytes": 4096, "block_write_bytes": 8192, "networks": {"eth1": eth1}}
-    body = _stats_json(make_record(), sample, None, T0 + 1, None)
+    body = shapes.container_stats(make_record(), sample, None, T0 + 1, None)
     assert body["networks"] == {"eth1": eth1}
     ops = {entry["op"]: entry["value"] for entry in body["blkio_stats"]["io_service_bytes_recursive"]}
     assert ops == {"read": 4096, "write": 8192}
     assert body["memory_stats"]["usage"] == 65536 * 1024 and body["cpu_stats"]["online_cpus"] == 2
-    assert _stats_json(make_record(), {**sample, "networks": {}}, None, T0 + 1, None)["networks"] == {}
+    assert shapes.container_stats(make_record(), {**sample, "networks": {}}, None, T0 + 1, None)["networks"] == {}

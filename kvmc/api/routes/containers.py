@@ -11,7 +11,6 @@ import io
 import json
 import threading
 import time
-from typing import Any
 
 from aiohttp import web
 
@@ -20,7 +19,7 @@ from kvmc.api.bridge import STDERR, STDOUT, ResponseOutput, Sink, StreamInput, S
 from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack, int_param, json_response,
                            read_json, until_client_gone)
 from kvmc.api.server import Api, PendingAttach, api_of
-from kvmc.api.translate import (ZERO_TIME, create_options, normalize_image_ref, parse_filters,
+from kvmc.api.translate import (create_options, normalize_image_ref, parse_filters,
                                 path_stat_header, run_options)
 from kvmc.agent import GuestOutput
 from kvmc.detach import parse_detach_keys
@@ -293,43 +292,6 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 
 # ------------------------------------------------------------------ stats
-def _stats_json(record: ContainerRecord, sample: dict[str, Any], previous: dict[str, Any] | None,
-                read_at: float, previous_at: float | None) -> dict:
-    ncpu = sample["vcpus"]
-    system_ns = int(read_at * 1e9) * ncpu
-    memory = sample["rss_kib"] * 1024 or sample["memory_kib"] * 1024
-
-    def cpu(s: dict[str, Any] | None, at: float | None) -> dict:
-        return {"cpu_usage": {"total_usage": s["cpu_ns"] if s else 0, "usage_in_kernelmode": 0,
-                              "usage_in_usermode": s["cpu_ns"] if s else 0},
-                "system_cpu_usage": int(at * 1e9) * ncpu if at else 0, "online_cpus": ncpu,
-                "throttling_data": {"periods": 0, "throttled_periods": 0, "throttled_time": 0}}
-
-    return {
-        "id": record.id, "name": f"/{record.name}",
-        "read": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(read_at)) + "Z",
-        "preread": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(previous_at)) + "Z" if previous_at
-        else ZERO_TIME,
-        "cpu_stats": {**cpu(sample, read_at), "system_cpu_usage": system_ns},
-        "precpu_stats": cpu(previous, previous_at),
-        "memory_stats": {"usage": memory, "limit": sample["memory_kib"] * 1024, "stats": {}},
-        "pids_stats": {}, "blkio_stats": _blkio(sample), "num_procs": 0,
-        # Per guest interface, as Docker's (the CLI's NET I/O sums them); the user-mode NIC
-        # (eth0) has no host device to count on, so a container on no kvmc network shows none.
-        "networks": sample.get("networks", {}),
-    }
-
-
-def _blkio(sample: dict[str, Any]) -> dict:
-    """The VM's disk traffic as Docker's cgroup v1 block I/O counters, which the docker CLI's
-    BLOCK I/O column and docker-py read (ops "read"/"write", summed over entries): one entry
-    each for all of the VM's disks, whose device numbers are the host's business (0:0)."""
-    return {"io_service_bytes_recursive": [
-        {"major": 0, "minor": 0, "op": "read", "value": sample.get("block_read_bytes", 0)},
-        {"major": 0, "minor": 0, "op": "write", "value": sample.get("block_write_bytes", 0)},
-    ]}
-
-
 async def stats(request: web.Request) -> web.StreamResponse:
     """libvirt's CPU time and memory of the VM, one sample (``stream=0``) or one a second."""
     api = api_of(request)
@@ -341,14 +303,14 @@ async def stats(request: web.Request) -> web.StreamResponse:
         previous, previous_at = sample, read_at
         await asyncio.sleep(0.5)  # the CLI computes CPU % from two samples
         record, sample = await api.call(api.services.containers.stats, ref)
-        return json_response(_stats_json(record, sample, previous, time.time(), previous_at))
+        return json_response(shapes.container_stats(record, sample, previous, time.time(), previous_at))
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
     previous, previous_at = None, None
     try:
         while True:
-            await response.write(json.dumps(_stats_json(record, sample, previous, read_at, previous_at)).encode()
-                                 + b"\n")
+            body = shapes.container_stats(record, sample, previous, read_at, previous_at)
+            await response.write(json.dumps(body).encode() + b"\n")
             previous, previous_at = sample, read_at
             await asyncio.sleep(1.0)
             record, sample = await api.call(api.services.containers.stats, ref)
