@@ -596,6 +596,63 @@ def ps(
 
 
 @app.command()
+def stats(
+    containers: Optional[List[str]] = typer.Argument(
+        None, help="Container names or id prefixes (default: every running container)."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print one table and exit (default: a new one "
+                                   "every second until interrupted)."),
+    format_: Optional[str] = typer.Option(None, "--format", help="docker's format: a Go template ({{.Name}}, "
+                                          "{{.CPUPerc}}, {{.MemUsage}}, {{.NetIO}}, {{.BlockIO}}, table ...) or json."),
+    no_trunc: bool = typer.Option(False, "--no-trunc", help="Do not truncate ids."),
+) -> None:
+    """Show containers' CPU, memory, network and disk use, as docker stats does.
+
+    The figures are the VM's: CPU is its vCPUs' time (100% is one host core), memory is QEMU's
+    resident memory against the guest's size, NET I/O counts the NICs on kvmc networks (the
+    default user-mode NIC has no host device to count on), BLOCK I/O the guest's disk reads and
+    writes. The same JSON as the API's /containers/{id}/stats."""
+    import time
+
+    from kvmc.errors import ContainerNotRunning
+    from kvmc.formatting import STATS_HEADERS, STATS_TABLE, StatsRow, render_rows
+    from kvmc.views import container_stats
+
+    service = _services().containers
+
+    def sample_all() -> dict[str, tuple[str, Any, dict, float]]:
+        refs = list(containers) if containers else [r.id for r in service.list(False, {})]
+        samples = {}
+        for ref in refs:
+            try:
+                record, sample = service.stats(ref)
+            except ContainerNotRunning:
+                if containers:
+                    raise
+                continue  # it ended since the listing
+            samples[record.id] = (ref, record, sample, time.time())
+        return samples
+
+    previous = sample_all()
+    clear = not no_stream and sys.stdout.isatty()
+    while True:
+        time.sleep(0.5 if no_stream else 1.0)  # CPU % is the use between two samples
+        current = sample_all()
+        rows = []
+        for ident, (ref, record, sample, read_at) in current.items():
+            _ref, _record, before, before_at = previous.get(ident, (ref, record, None, None))
+            rows.append(StatsRow(container_stats(record, sample, before, read_at, before_at),
+                                 container=ref if containers else "", trunc=not no_trunc))
+        lines = render_rows(format_, rows, STATS_TABLE, STATS_HEADERS)
+        if clear:
+            typer.echo("\033[2J\033[H", nl=False)
+        for line in lines:
+            typer.echo(line)
+        if no_stream:
+            return
+        previous = current
+
+
+@app.command()
 def rm(
     containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
     force: bool = typer.Option(False, "-f", "--force", help="Kill a running container first."),

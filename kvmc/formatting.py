@@ -1,4 +1,4 @@
-"""What ``kvmc ps`` and ``kvmc images`` print, as docker's CLI prints it: the same columns, the
+"""What ``kvmc ps``, ``kvmc images`` and ``kvmc stats`` print, as docker's CLI prints it: the same columns, the
 same ``--format`` placeholders (``{{.ID}}``, ``{{.Names}}``, ``{{.Status}}``, ``{{.Label "k"}}``,
 ``{{json .}}``, ``table ...``) and the same words.
 
@@ -26,19 +26,36 @@ PS_HEADERS = {"ID": "CONTAINER ID", "Image": "IMAGE", "Command": "COMMAND", "Cre
               "RunningFor": "CREATED", "Ports": "PORTS", "State": "STATE", "Status": "STATUS", "Size": "SIZE",
               "Names": "NAMES", "Labels": "LABELS", "Mounts": "MOUNTS", "Networks": "NETWORKS",
               "LocalVolumes": "LOCAL VOLUMES", "Label": "LABEL"}
+STATS_TABLE = "table {{.ID}}\t{{.Name}}\t{{.CPUPerc}}\t{{.MemUsage}}\t{{.MemPerc}}\t{{.NetIO}}\t{{.BlockIO}}\t{{.PIDs}}"
+STATS_HEADERS = {"Container": "CONTAINER", "ID": "CONTAINER ID", "Name": "NAME", "CPUPerc": "CPU %",
+                 "MemUsage": "MEM USAGE / LIMIT", "MemPerc": "MEM %", "NetIO": "NET I/O", "BlockIO": "BLOCK I/O",
+                 "PIDs": "PIDS"}
 IMAGES_HEADERS = {"ID": "IMAGE ID", "Repository": "REPOSITORY", "Tag": "TAG", "Digest": "DIGEST",
                   "CreatedSince": "CREATED", "CreatedAt": "CREATED AT", "Size": "SIZE", "Containers": "CONTAINERS",
                   "VirtualSize": "VIRTUAL SIZE", "SharedSize": "SHARED SIZE", "UniqueSize": "UNIQUE SIZE"}
 
 
-def human_size(size: float, precision: int = 3) -> str:
-    """go-units' HumanSizeWithPrecision: decimal units, ``%.3g`` (``1.23MB``, ``512B``)."""
-    units = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"]
+_DECIMAL_UNITS = ("B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB")
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB")
+
+
+def _custom_size(size: float, base: float, units: tuple[str, ...], precision: int) -> str:
+    """go-units' CustomSize: ``size`` in the largest unit under which it is below ``base``."""
     i = 0
-    while size >= 1000 and i < len(units) - 1:
-        size /= 1000.0
+    while size >= base and i < len(units) - 1:
+        size /= base
         i += 1
     return f"{size:.{precision}g}{units[i]}"
+
+
+def human_size(size: float, precision: int = 3) -> str:
+    """go-units' HumanSizeWithPrecision: decimal units, ``%.3g`` (``1.23MB``, ``512B``)."""
+    return _custom_size(size, 1000.0, _DECIMAL_UNITS, precision)
+
+
+def bytes_size(size: float) -> str:
+    """go-units' BytesSize: binary units, ``%.4g`` (``64.5MiB``, ``256MiB``): docker's memory."""
+    return _custom_size(size, 1024.0, _BINARY_UNITS, 4)
 
 
 def go_time(epoch: float) -> str:
@@ -213,6 +230,73 @@ class ImageRow:
         return {name: getattr(self, name) for name in ("Containers", "CreatedAt", "CreatedSince", "Digest", "ID",
                                                        "Repository", "SharedSize", "Size", "Tag", "UniqueSize",
                                                        "VirtualSize")}
+
+
+class StatsRow:
+    """One container's stats as docker stats' ``--format`` sees it (docker's statsContext),
+    computed from the stats JSON (kvmc/views.py container_stats) as the docker CLI computes it."""
+
+    def __init__(self, stats: dict[str, Any], *, container: str = "", trunc: bool = True) -> None:
+        self.s = stats
+        self.container = container
+        self.trunc = trunc
+
+    @property
+    def Container(self) -> str:  # noqa: N802 - docker's placeholder names
+        return self.container or self.ID
+
+    @property
+    def ID(self) -> str:  # noqa: N802
+        return self.s["id"][:12] if self.trunc else self.s["id"]
+
+    @property
+    def Name(self) -> str:  # noqa: N802
+        return self.s.get("name", "").lstrip("/")
+
+    def cpu_percent(self) -> float:
+        """The CPU time used between the two samples, per online CPU's system time (docker's)."""
+        cpu, pre = self.s["cpu_stats"], self.s["precpu_stats"]
+        cpu_delta = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
+        system_delta = cpu["system_cpu_usage"] - pre["system_cpu_usage"]
+        if not pre["system_cpu_usage"] or system_delta <= 0 or cpu_delta <= 0:
+            return 0.0
+        return cpu_delta / system_delta * cpu["online_cpus"] * 100.0
+
+    @property
+    def CPUPerc(self) -> str:  # noqa: N802
+        return f"{self.cpu_percent():.2f}%"
+
+    @property
+    def MemUsage(self) -> str:  # noqa: N802
+        memory = self.s["memory_stats"]
+        return f"{bytes_size(memory['usage'])} / {bytes_size(memory['limit'])}"
+
+    @property
+    def MemPerc(self) -> str:  # noqa: N802
+        memory = self.s["memory_stats"]
+        return f"{memory['usage'] / memory['limit'] * 100.0 if memory['limit'] else 0.0:.2f}%"
+
+    @property
+    def NetIO(self) -> str:  # noqa: N802
+        networks = self.s.get("networks") or {}
+        received = sum(n.get("rx_bytes", 0) for n in networks.values())
+        sent = sum(n.get("tx_bytes", 0) for n in networks.values())
+        return f"{human_size(received)} / {human_size(sent)}"
+
+    @property
+    def BlockIO(self) -> str:  # noqa: N802
+        entries = (self.s.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+        read = sum(e["value"] for e in entries if e.get("op", "").lower() == "read")
+        written = sum(e["value"] for e in entries if e.get("op", "").lower() == "write")
+        return f"{human_size(read)} / {human_size(written)}"
+
+    @property
+    def PIDs(self) -> str:  # noqa: N802
+        return str((self.s.get("pids_stats") or {}).get("current", 0))
+
+    def to_json(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in ("BlockIO", "CPUPerc", "Container", "ID", "MemPerc",
+                                                       "MemUsage", "Name", "NetIO", "PIDs")}
 
 
 def render_rows(fmt: str | None, rows: list[Any], default_table: str, headers: dict[str, str]) -> list[str]:

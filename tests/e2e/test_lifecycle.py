@@ -106,8 +106,15 @@ def test_signal_exit_code_and_restart(kvmc: Kvmc) -> None:
     kvmc("run", "-d", "--name", "sleeper", DEFAULT_IMAGE, "sleep", "300", check=True)
     kvmc("kill", "sleeper", check=True)  # SIGKILL by default
     assert kvmc("wait", "sleeper", check=True).stdout == b"137\n"
+    assert kvmc("stats", "--no-stream", "sleeper").returncode != 0  # not running
     kvmc("restart", "sleeper", check=True)
     assert _inspect(kvmc, "sleeper")["Kvmc"]["State"] == "running"
+    row = json.loads(kvmc("stats", "--no-stream", "--format", "json", "sleeper", check=True).stdout)
+    assert row["Name"] == row["Container"] == "sleeper" and row["CPUPerc"].endswith("%"), row
+    used, limit = row["MemUsage"].split(" / ")
+    assert used != "0B" and limit.endswith("MiB"), row  # QEMU's resident memory, the guest's size
+    table = kvmc("stats", "--no-stream", check=True).stdout.decode().splitlines()
+    assert table[0].split()[:3] == ["CONTAINER", "ID", "NAME"] and any(" sleeper " in line for line in table[1:])
     assert kvmc("rm", "sleeper").returncode != 0  # running: needs -f
     domain = _inspect(kvmc, "sleeper")["Kvmc"]["Domain"]
     kvmc("rm", "-f", "sleeper", check=True)

@@ -1,13 +1,13 @@
-"""kvmc ps / kvmc images rows as docker's CLI prints them (kvmc/formatting.py)."""
+"""kvmc ps / kvmc images / kvmc stats rows as docker's CLI prints them (kvmc/formatting.py)."""
 
 from __future__ import annotations
 
 import json
 
-from kvmc.formatting import (IMAGES_HEADERS, IMAGES_TABLE, PS_HEADERS, PS_TABLE, ContainerRow, ImageRow, human_size,
-                             image_filter, render_rows)
+from kvmc.formatting import (IMAGES_HEADERS, IMAGES_TABLE, PS_HEADERS, PS_TABLE, STATS_HEADERS, STATS_TABLE,
+                             ContainerRow, ImageRow, StatsRow, bytes_size, human_size, image_filter, render_rows)
 from kvmc.state import ContainerRecord
-from kvmc.views import container_summary
+from kvmc.views import container_stats, container_summary
 
 NOW = 1_800_000_000.0
 
@@ -63,3 +63,25 @@ def test_images_rows_and_filters() -> None:
     assert image_filter(summary, tags, {"reference": ["me/*"]}) == ["me/app:1"]
     assert image_filter(summary, tags, {"label": ["a=c"]}) == []
     assert human_size(512) == "512B" and human_size(1_234_567) == "1.23MB"
+
+
+def test_stats_rows_compute_as_the_docker_cli_does() -> None:
+    """Two samples 1 s apart, 0.5 s of vCPU time between them: 50% (of one host core); the
+    columns are the docker CLI's, with its units (binary for memory, decimal for I/O)."""
+    record = ContainerRecord(id="ab" * 32, name="web", image="kvmc/busybox", image_id="cd" * 32, domain="kvmc-x",
+                             accel="tcg", memory_mib=256, cpus=2, process={"args": ["sh"]}, state="running")
+    eth1 = {"rx_bytes": 1_500_000, "tx_bytes": 2_000, "rx_packets": 1, "tx_packets": 1, "rx_errors": 0,
+            "tx_errors": 0, "rx_dropped": 0, "tx_dropped": 0}
+    before = {"cpu_ns": 3 * 10**9, "memory_kib": 262144, "rss_kib": 65536, "vcpus": 2}
+    after = {**before, "cpu_ns": 3_500_000_000, "block_read_bytes": 1_860_000, "block_write_bytes": 4096,
+             "networks": {"eth1": eth1}}
+    row = StatsRow(container_stats(record, after, before, NOW + 1, NOW), container="web")
+    lines = render_rows(None, [row], STATS_TABLE, STATS_HEADERS)
+    assert lines[0].split() == ["CONTAINER", "ID", "NAME", "CPU", "%", "MEM", "USAGE", "/", "LIMIT", "MEM", "%",
+                                "NET", "I/O", "BLOCK", "I/O", "PIDS"]
+    assert lines[1].split() == ["abababababab", "web", "50.00%", "64MiB", "/", "256MiB", "25.00%",
+                                "1.5MB", "/", "2kB", "1.86MB", "/", "4.1kB", "0"]
+    assert json.loads(render_rows("json", [row], STATS_TABLE, STATS_HEADERS)[0])["Container"] == "web"
+    first = StatsRow(container_stats(record, before, None, NOW, None))
+    assert first.CPUPerc == "0.00%" and first.NetIO == "0B / 0B" and first.Container == "abababababab"
+    assert bytes_size(126.3 * 1024 * 1024) == "126.3MiB" and bytes_size(512) == "512B"
