@@ -188,6 +188,17 @@ class ContainerRecord:
         return self.state in LIVE_STATES
 
 
+def new_container_id() -> str:
+    """A random id of 64 hex digits whose short form, the container's default hostname, is not
+    all decimal digits: glibc's resolver takes such a name for a numeric address and answers
+    "unknown host" without looking it up (``hostname -i`` failed in a container with id
+    885052174032...; moby draws again for the same reason, its issue #3869)."""
+    while True:
+        container_id = secrets.token_hex(32)
+        if not container_id[:12].isdigit():
+            return container_id
+
+
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring a record.json of any earlier schema to :data:`SCHEMA_VERSION` (pure)."""
     data = dict(data)
@@ -238,7 +249,7 @@ class StateStore:
         """Reserve a fresh id, a unique name (given or generated) and the container's directory
         (created here, or left for the caller to rename into place: a claimed pool member)."""
         self.names.mkdir(parents=True, exist_ok=True)
-        container_id = secrets.token_hex(32)
+        container_id = new_container_id()
         if name is not None:
             if not valid_name(name):
                 raise UsageError(f'invalid container name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed')

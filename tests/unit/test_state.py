@@ -103,6 +103,15 @@ def test_generated_name_skips_a_name_in_use(store, monkeypatch):
     assert store.allocate(None)[1] == "swift_wirth"
 
 
+def test_no_container_gets_an_all_digit_short_id(store, monkeypatch):
+    """The short id is the default hostname, and glibc does not look an all-digit name up."""
+    drawn = iter(["885052174032" + "0" * 52, "88505217403a" + "0" * 52])
+    real = secrets.token_hex
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(drawn) if n == 32 else real(n))
+    container_id, _name, _directory = store.allocate("digits")
+    assert container_id == "88505217403a" + "0" * 52
+
+
 def test_concurrent_allocation_of_one_name(store):
     barrier = threading.Barrier(8)
     winners: list[str] = []
