@@ -653,6 +653,33 @@ def stats(
 
 
 @app.command()
+def pause(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
+    """Pause containers: their VMs stop running (libvirt suspends them) and keep their memory."""
+    service = _services().containers
+    _report_each(for_each(containers, service.pause))
+
+
+@app.command()
+def unpause(containers: List[str] = typer.Argument(..., help="Container names or id prefixes.")) -> None:
+    """Resume paused containers' VMs where they stopped."""
+    service = _services().containers
+    _report_each(for_each(containers, service.unpause))
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def top(
+    container: str = typer.Argument(..., help="Container name or id prefix."),
+    ps_args: Optional[List[str]] = typer.Argument(None, help="Options for the image's ps (as docker top's)."),
+) -> None:
+    """List a container's processes: the image's own ps, run in the guest (not the VM's kernel threads)."""
+    from kvmc.gotemplate import align
+
+    titles, processes = _services().containers.top(container, list(ps_args or []))
+    for line in align(["\t".join(titles), *("\t".join(row) for row in processes)]):
+        typer.echo(line)
+
+
+@app.command()
 def rm(
     containers: List[str] = typer.Argument(..., help="Container names or id prefixes."),
     force: bool = typer.Option(False, "-f", "--force", help="Kill a running container first."),

@@ -236,6 +236,26 @@ class ContainerService:
     def stats(self, ref: str) -> tuple[ContainerRecord, dict[str, Any]]:
         return self.engine.stats(ref)
 
+    def top(self, ref: str, ps_args: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+        """The container's processes as docker top gives them: (titles, rows), from the image's
+        own ``ps`` run in the guest as root (busybox's prints PID USER TIME COMMAND), without
+        the guest kernel's threads, which belong to the VM and not to the container."""
+        from kvmc.agent import GuestOutput
+        from kvmc.errors import GuestError
+
+        out = GuestOutput(1 << 20)  # the guest's ps: at most 1 MiB of it is kept
+        code = self.exec(ref, ProcessOptions(command=["ps", *(ps_args or [])], user="0"), None, out, GuestOutput(0))
+        if code != 0:
+            raise GuestError("the container's image has no working ps command"
+                             + (f" taking {' '.join(ps_args)}" if ps_args else ""))
+        lines = out.getvalue().decode(errors="replace").splitlines()
+        titles = lines[0].split() if lines else []
+        rows = [line.split(None, max(len(titles) - 1, 0)) for line in lines[1:] if line.strip()]
+        if titles and titles[-1] in ("COMMAND", "CMD", "ARGS"):
+            rows = [row for row in rows if not (len(row) == len(titles) and row[-1].startswith("[")
+                                                and row[-1].endswith("]"))]
+        return titles, rows
+
     def stop(self, ref: str, timeout_s: int | None = None, signal: str | int | None = None) -> tuple[ContainerRecord, bool]:
         """(record, whether it was running): docker answers 304 when it was not. ``signal``:
         docker's ``stop --signal`` instead of the container's stop signal."""

@@ -115,6 +115,13 @@ def test_signal_exit_code_and_restart(kvmc: Kvmc) -> None:
     assert used != "0B" and limit.endswith("MiB"), row  # QEMU's resident memory, the guest's size
     table = kvmc("stats", "--no-stream", check=True).stdout.decode().splitlines()
     assert table[0].split()[:3] == ["CONTAINER", "ID", "NAME"] and any(" sleeper " in line for line in table[1:])
+    top = kvmc("top", "sleeper", check=True).stdout.decode().splitlines()
+    assert top[0].split() == ["PID", "USER", "COMMAND"] and any(line.endswith("sleep 300") for line in top), top
+    assert not any(line.endswith("]") for line in top), top  # the guest kernel's threads are the VM's
+    kvmc("pause", "sleeper", check=True)
+    assert _inspect(kvmc, "sleeper")["State"]["Status"] == "paused"
+    kvmc("unpause", "sleeper", check=True)
+    assert _inspect(kvmc, "sleeper")["State"]["Status"] == "running"
     assert kvmc("rm", "sleeper").returncode != 0  # running: needs -f
     domain = _inspect(kvmc, "sleeper")["Kvmc"]["Domain"]
     kvmc("rm", "-f", "sleeper", check=True)

@@ -21,10 +21,8 @@ from kvmc.api.http import (ApiError, bool_param, early_headers, end_json, hijack
 from kvmc.api.server import Api, PendingAttach, api_of
 from kvmc.api.translate import (create_options, normalize_image_ref, parse_filters,
                                 path_stat_header, run_options)
-from kvmc.agent import GuestOutput
 from kvmc.detach import parse_detach_keys
 from kvmc.errors import ContainerRunning, ImageNotFound, KvmcError
-from kvmc.process import ProcessOptions
 from kvmc.state import ContainerRecord, State
 
 STREAM_TYPES = {"stdout": STDOUT, "stderr": STDERR}
@@ -322,21 +320,10 @@ async def stats(request: web.Request) -> web.StreamResponse:
 
 # -------------------------------------------------------------------- top
 async def top(request: web.Request) -> web.Response:
-    """``ps`` inside the guest (the image's own ps: busybox's prints PID USER TIME COMMAND)."""
+    """``ps`` inside the guest (ContainerService.top); ``ps_args`` are passed to it."""
     api = api_of(request)
-    out = GuestOutput(1 << 20)  # the guest's ps: at most 1 MiB of it is kept
-    code = await api.call(api.services.containers.exec, request.match_info["id"],
-                          ProcessOptions(command=["ps"], user="0"), None, out, GuestOutput(0))
-    if code != 0:
-        raise ApiError(500, "the container's image has no working ps command")
-    lines = out.getvalue().decode(errors="replace").splitlines()
-    titles = lines[0].split() if lines else []
-    processes = [line.split(None, max(len(titles) - 1, 0)) for line in lines[1:] if line.strip()]
-    if titles and titles[-1] in ("COMMAND", "CMD", "ARGS"):
-        # The guest kernel's own threads ([kthreadd], [ksoftirqd/0], ...) are the VM's, not
-        # processes of the container: docker top lists only the container's.
-        processes = [p for p in processes if not (len(p) == len(titles) and p[-1].startswith("[")
-                                                  and p[-1].endswith("]"))]
+    ps_args = request.query.get("ps_args", "").split()
+    titles, processes = await api.call(api.services.containers.top, request.match_info["id"], ps_args)
     return json_response({"Titles": titles, "Processes": processes})
 
 
