@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator, Mapping
 
 from kvmc.space import disk_full_errors
-from kvmc.errors import ImageNotFound, KvmcError, UsageError
+from kvmc.errors import GuestError, ImageNotFound, KvmcError, UsageError
 from kvmc.logs import LOG_FILE, LogEntry, parse_log_time, read_log
 from kvmc.options import PULL_POLICIES, check_platform, signal_number
 from kvmc.service.filters import check as check_filters
@@ -241,7 +241,6 @@ class ContainerService:
         own ``ps`` run in the guest as root (busybox's prints PID USER TIME COMMAND), without
         the guest kernel's threads, which belong to the VM and not to the container."""
         from kvmc.agent import GuestOutput
-        from kvmc.errors import GuestError
 
         out = GuestOutput(1 << 20)  # the guest's ps: at most 1 MiB of it is kept
         code = self.exec(ref, ProcessOptions(command=["ps", *(ps_args or [])], user="0"), None, out, GuestOutput(0))
