@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from kvmc.images import add_layer, build_busybox_layout
+from kvmc.pool.common import WARMING_PREFIX
+from kvmc.pool.template import TEMPLATES_DIR, template_domain
 
 SHARED_DATA = Path(os.environ.get("KVMC_TEST_SHARED_DATA", "/var/lib/kvmc"))
 TEST_ROOT = SHARED_DATA / "tests"
@@ -73,8 +75,8 @@ class Kvmc:
         VM is transient and lives only while its template is made: one still running is a leak)."""
         pool = self.data_dir / "pool"
         members = {json.loads(m.read_text())["domain"] for m in pool.glob("*/member.json")}
-        templates = {f"kvmc-tmpl-{p.name.removeprefix('.warming-')[:16]}"
-                     for p in (pool / "templates").glob("*") if p.is_dir()}
+        templates = {template_domain(p.name.removeprefix(WARMING_PREFIX))
+                     for p in (pool / TEMPLATES_DIR).glob("*") if p.is_dir()}
         return self._libvirt_domains() & (members | templates)
 
 
