@@ -620,6 +620,7 @@ def stats(
     service = _services().containers
 
     def sample_all() -> dict[str, tuple[str, Any, dict, float]]:
+        """(ref, record, sample, read at) by container id."""
         refs = list(containers) if containers else [r.id for r in service.list(False, {})]
         samples = {}
         for ref in refs:
@@ -639,13 +640,12 @@ def stats(
         current = sample_all()
         rows = []
         for ident, (ref, record, sample, read_at) in current.items():
-            _ref, _record, before, before_at = previous.get(ident, (ref, record, None, None))
+            before, before_at = previous[ident][2:] if ident in previous else (None, None)
             rows.append(StatsRow(container_stats(record, sample, before, read_at, before_at),
                                  container=ref if containers else "", trunc=not no_trunc))
-        lines = render_rows(format_, rows, STATS_TABLE, STATS_HEADERS)
         if clear:
             typer.echo("\033[2J\033[H", nl=False)
-        for line in lines:
+        for line in render_rows(format_, rows, STATS_TABLE, STATS_HEADERS):
             typer.echo(line)
         if no_stream:
             return

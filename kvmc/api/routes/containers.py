@@ -291,7 +291,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 # ------------------------------------------------------------------ stats
 async def stats(request: web.Request) -> web.StreamResponse:
-    """libvirt's CPU time and memory of the VM, one sample (``stream=0``) or one a second."""
+    """The VM's stats JSON (views.container_stats), one sample (``stream=0``) or one a second."""
     api = api_of(request)
     ref = request.match_info["id"]
     stream = bool_param(request, "stream", True) and not bool_param(request, "one-shot")
